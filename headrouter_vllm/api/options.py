@@ -1,0 +1,84 @@
+"""Per-request HeadRouter options and their validation (pydantic).
+
+A request names its options in ``vllm_xargs`` (which vLLM turns into ``SamplingParams.extra_args``), or
+in OpenAI ``metadata`` (string values), which the middleware moves into ``vllm_xargs``:
+
+    headrouter_task       a task name (see routing.tasks) or auto / semantic / acoustic / mixed
+    headrouter_retention  fraction of audio tokens kept, in (0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from headrouter_vllm.routing.tasks import check_task
+
+XARG_TASK = "headrouter_task"
+XARG_RETENTION = "headrouter_retention"
+OPTION_KEYS = (XARG_TASK, XARG_RETENTION)
+
+
+class OptionError(ValueError):
+    """A per-request option is malformed; ``param`` names the offending field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class RouteOptions(BaseModel):
+    """Validated per-request options; ``None`` means "use the server's default"."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: str | None = None
+    retention: float | None = None
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        return None if value is None else check_task(value)
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):  # OpenAI metadata values are strings
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"must be a number in (0, 1], got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"must be a number in (0, 1], got {value!r}")
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"must be in (0, 1], got {value!r}")
+        return float(value)
+
+
+def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "") -> RouteOptions:
+    """Read the HeadRouter keys of ``extra_args`` (other keys are left to vLLM); raise OptionError."""
+    extra_args = extra_args or {}
+    values = {"task": extra_args.get(XARG_TASK), "retention": extra_args.get(XARG_RETENTION)}
+    try:
+        return RouteOptions(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = {"task": XARG_TASK, "retention": XARG_RETENTION}[str(err["loc"][0])]
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise OptionError(prefix + field, message) from None
+
+
+def route_args(task: str | None = None, retention: float | None = None) -> dict[str, Any]:
+    """``extra_args`` for the offline API: ``SamplingParams(extra_args=route_args(task="asr", retention=0.5))``."""
+    options = RouteOptions(task=task, retention=retention)
+    out: dict[str, Any] = {}
+    if options.task is not None:
+        out[XARG_TASK] = options.task
+    if options.retention is not None:
+        out[XARG_RETENTION] = options.retention
+    return out

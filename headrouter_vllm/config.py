@@ -1,0 +1,118 @@
+"""The one configuration object of HeadRouter, and the one place that reads its environment.
+
+Engine-wide settings arrive through vLLM's ``--additional-config '{"headrouter": {...}}'`` (or the
+``headrouter-vllm serve`` flags, which build that JSON). Per-request options (task, retention) are
+in :mod:`headrouter_vllm.api.options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from typing import Any, Literal
+
+CONFIG_KEY = "headrouter"
+MODES = ("shared", "per_head")
+SEMANTICS = ("after_prompt", "in_prompt")
+
+
+class ConfigError(ValueError):
+    """A HeadRouter setting is unknown or has a bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadRouterConfig:
+    """Engine-wide HeadRouter settings.
+
+    Attributes:
+        retention: fraction of audio tokens kept for requests that name none, in (0, 1]. 1.0 keeps
+            everything (requests then run exactly as vanilla vLLM unless they ask for less).
+        mode: ``shared`` (one kept set for every head, the paper's). ``per_head`` budgets need the
+            head-sparse kernel and are not built yet.
+        probe_layer: decoder layer whose attention picks the kept tokens; ``None`` = the model
+            adapter's default.
+        semantics: ``after_prompt`` (the prompt step is dense, pruning applies from decode on; exact
+            under chunked prefill) or ``in_prompt`` (the text rows after the audio attend only to
+            the kept audio from layer ``probe_layer + 1`` on, as in the paper; needs those rows in
+            one prefill chunk).
+        default_task: task for requests that name none (``auto`` = routed from the input alone).
+        profiles: path of a calibrated head-profile file. Not supported yet: uniform head weights
+            are used until calibration exists.
+    """
+
+    retention: float = 0.7
+    mode: Literal["shared", "per_head"] = "shared"
+    probe_layer: int | None = None
+    semantics: Literal["after_prompt", "in_prompt"] = "after_prompt"
+    default_task: str = "auto"
+    profiles: str | None = None
+
+    def __post_init__(self) -> None:
+        check_retention(self.retention, "retention")
+        if self.mode not in MODES:
+            raise ConfigError(f"headrouter.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "per_head":
+            raise ConfigError("headrouter.mode 'per_head' is not implemented yet (it needs the head-sparse "
+                              "attention kernel); use 'shared'")
+        if self.probe_layer is not None and (isinstance(self.probe_layer, bool)
+                                             or not isinstance(self.probe_layer, int) or self.probe_layer < 0):
+            raise ConfigError(f"headrouter.probe_layer must be a non-negative integer, got {self.probe_layer!r}")
+        if self.semantics not in SEMANTICS:
+            raise ConfigError(f"headrouter.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
+        from headrouter_vllm.routing.tasks import check_task
+
+        try:
+            check_task(self.default_task)
+        except ValueError as e:
+            raise ConfigError(f"headrouter.default_task: {e}") from None
+        if self.profiles is not None:
+            raise ConfigError("headrouter.profiles: calibrated profile files are not supported yet; leave it unset "
+                              "(uniform head weights are used)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> HeadRouterConfig:
+        """Build from the ``headrouter`` section of vLLM's additional config; unknown keys are errors."""
+        values = dict(values or {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in fields:
+                hint = difflib.get_close_matches(key, fields, n=1)
+                raise ConfigError(f"unknown headrouter setting {key!r}"
+                                  + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                  + f"; known settings: {sorted(fields)}")
+        return cls(**values)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> HeadRouterConfig | None:
+        """The config of a vLLM engine, or ``None`` when HeadRouter is not configured for it."""
+        extra = getattr(vllm_config, "additional_config", None)
+        if not isinstance(extra, dict) or CONFIG_KEY not in extra:
+            return None
+        section = extra[CONFIG_KEY]
+        if not isinstance(section, dict):
+            raise ConfigError(f"additional_config.{CONFIG_KEY} must be an object, got {type(section).__name__}")
+        return cls.from_dict(section)
+
+
+def check_retention(value: Any, name: str) -> float:
+    """A retention is a real number in (0, 1]; returns it as float or raises ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    """Environment variables HeadRouter reads (all optional)."""
+
+    # Fill vacated and freed KV slots with this value after compaction (tests: proves they are never read).
+    poison_value: float | None
+
+
+def environment() -> Environment:
+    poison = os.environ.get("HEADROUTER_POISON_FREED_KV")
+    return Environment(poison_value=float(poison) if poison else None)

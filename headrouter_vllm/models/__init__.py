@@ -1,0 +1,62 @@
+"""Per-model-family facts HeadRouter needs: which vLLM attention layers are the decoder's, where the
+audio spans are, and the default probe layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelAdapter:
+    family: str
+    architectures: tuple[str, ...]
+    # matches the vLLM attention layer names of the language model's decoder layers; group 1 = index
+    decoder_layer_pattern: re.Pattern
+    default_probe_layer: int = 2
+
+    def decoder_layer_index(self, layer_name: str) -> int | None:
+        m = self.decoder_layer_pattern.search(layer_name)
+        return int(m.group(1)) if m else None
+
+
+QWEN2_AUDIO = ModelAdapter(
+    family="qwen2-audio",
+    architectures=("Qwen2AudioForConditionalGeneration",),
+    decoder_layer_pattern=re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$"),
+)
+
+ADAPTERS = (QWEN2_AUDIO,)
+
+
+def adapter_for(hf_config: Any) -> ModelAdapter:
+    archs = tuple(getattr(hf_config, "architectures", None) or ())
+    for adapter in ADAPTERS:
+        if any(a in adapter.architectures for a in archs):
+            return adapter
+    supported = sorted(a for ad in ADAPTERS for a in ad.architectures)
+    raise ValueError(f"HeadRouter does not support model architecture(s) {list(archs)}; supported: {supported}")
+
+
+def audio_spans(mm_features: Any) -> list[tuple[int, int]]:
+    """``(start, length)`` of each audio item's embedding tokens, in prompt order, from vLLM's
+    ``MultiModalFeatureSpec.mm_position`` (a ``PlaceholderRange``). Qwen2-Audio's range is exactly the
+    audio tokens (``is_embed`` is None); where ``is_embed`` is set, the span is its contiguous True run."""
+    spans = []
+    for feature in mm_features or ():
+        if feature.modality != "audio":
+            continue
+        rng = feature.mm_position
+        start, length = int(rng.offset), int(rng.length)
+        if rng.is_embed is not None:
+            idx = torch.nonzero(torch.as_tensor(rng.is_embed)).flatten()
+            if idx.numel() == 0:
+                continue
+            if idx.numel() != int(idx[-1] - idx[0] + 1):
+                raise ValueError("audio placeholder with non-contiguous embeddings is not supported")
+            start, length = start + int(idx[0]), int(idx.numel())
+        spans.append((start, length))
+    return sorted(spans)

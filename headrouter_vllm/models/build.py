@@ -1,0 +1,108 @@
+"""Local model builders (``headrouter-vllm make-model NAME DIR``): nothing is downloaded.
+
+* ``tiny-qwen2-audio``: Qwen2-Audio layout, random weights drawn peaky (std 0.2) so that pruning visibly
+  changes greedy output, ``lm_head`` tied in the checkpoint (vLLM ties it; transformers' Qwen2Audio does
+  not, and the two then disagree from the first token), fp32, about 1 MB, seconds to build.
+* ``qwen2-audio-7b-shape``: Qwen2-Audio-7B's real config with a local tokenizer and no weights, for
+  throughput runs with vLLM's ``load_format="dummy"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+AUDIO_SPECIALS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+
+
+def _save_processor(out: Path, tok) -> None:
+    from transformers import GenerationConfig, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
+    Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=tok.chat_template).save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
+
+
+def _qwen2_audio_config(tok, audio: dict, text: dict, dtype: str):
+    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2Config
+
+    text_cfg = Qwen2Config(tie_word_embeddings=True, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, **text)
+    cfg = Qwen2AudioConfig(audio_config=Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=1500, **audio),
+                           text_config=text_cfg, audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
+    cfg.dtype = dtype
+    cfg.architectures = ["Qwen2AudioForConditionalGeneration"]
+    return cfg
+
+
+def build_tiny_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from headrouter_vllm.models.tokenizer import build_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(AUDIO_SPECIALS)
+    cfg = _qwen2_audio_config(
+        tok, audio=dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64),
+        text=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  initializer_range=0.2),
+        dtype="float32")
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(cfg).to(torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # peaky LM: every LM/projector matrix and LM bias redrawn with std 0.2
+        for name, p in model.named_parameters():
+            in_lm = "language_model" in name or "multi_modal_projector" in name
+            if in_lm and (p.dim() >= 2 or ("language_model" in name and name.endswith("bias"))):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    # Write the checkpoint in the original Qwen2-Audio key layout that vLLM loads (transformers 5.x
+    # would write language_model.model.model.*), with lm_head tied as vLLM ties it.
+    state = {}
+    for name, p in model.state_dict().items():
+        key = name.replace("model.language_model.", "language_model.model.").replace(
+            "model.audio_tower.", "audio_tower.").replace("model.multi_modal_projector.", "multi_modal_projector.")
+        key = key.replace("lm_head.", "language_model.lm_head.") if key.startswith("lm_head.") else key
+        state[key] = p.detach().contiguous().clone()
+    state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"].clone()
+    cfg.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(out)
+    _save_processor(out, tok)
+    return out
+
+
+def build_qwen2_audio_7b_shape(out: str | Path) -> Path:
+    """Qwen2-Audio-7B's config (32 q / 32 kv heads, d 128, 32 layers) without weights: use load_format=dummy."""
+    from headrouter_vllm.models.tokenizer import build_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(AUDIO_SPECIALS)
+    cfg = _qwen2_audio_config(
+        tok, audio=dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
+        text=dict(vocab_size=156032, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
+                  rope_theta=10000.0, rms_norm_eps=1e-5),
+        dtype="bfloat16")
+    cfg.text_config.tie_word_embeddings = False
+    cfg.save_pretrained(out)
+    tok.save_pretrained(out)
+    _save_processor(out, tok)
+    (out / "HEADROUTER_DUMMY_WEIGHTS").write_text(json.dumps({"load_format": "dummy"}) + "\n")
+    return out
+
+
+BUILDERS = {
+    "tiny-qwen2-audio": build_tiny_qwen2_audio,
+    "qwen2-audio-7b-shape": build_qwen2_audio_7b_shape,
+}
+
+
+def make_model(name: str, out: str | Path) -> Path:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[name](out)

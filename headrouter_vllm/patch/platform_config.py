@@ -1,0 +1,58 @@
+"""Patch: configure the engine for HeadRouter when ``additional_config.headrouter`` is present.
+
+vLLM 0.32 calls ``current_platform.check_and_update_config(vllm_config)`` at the end of
+``VllmConfig.__post_init__``, in the process that builds the engine config (API server or ``LLM``). After
+the platform's own pass (which resolves ``worker_cls="auto"``) we validate the HeadRouter section (a bad
+key or value stops startup with a clear message), select our scheduler and worker unless the user chose
+them, and turn prefix caching off: routed requests rewrite their KV blocks, and vLLM's switch is
+engine-wide. Without the ``headrouter`` key nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from headrouter_vllm.config import ConfigError, HeadRouterConfig
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_CLS = "headrouter_vllm.scheduler.HeadRouterScheduler"
+CPU_WORKER_CLS = "headrouter_vllm.worker.HeadRouterCPUWorker"
+VLLM_CPU_WORKER_CLS = "vllm.v1.worker.cpu_worker.CPUWorker"
+
+
+def configure_engine(vllm_config) -> HeadRouterConfig | None:
+    config = HeadRouterConfig.from_vllm_config(vllm_config)
+    if config is None:
+        return None
+    from headrouter_vllm.models import adapter_for
+
+    adapter_for(vllm_config.model_config.hf_config)
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls in (None, "", SCHEDULER_CLS):
+        sched.scheduler_cls = SCHEDULER_CLS
+    elif not (isinstance(sched.scheduler_cls, type) and sched.scheduler_cls.__name__ == "HeadRouterScheduler"):
+        raise ConfigError(f"HeadRouter needs --scheduler-cls {SCHEDULER_CLS} (got {sched.scheduler_cls})")
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls in ("auto", VLLM_CPU_WORKER_CLS):
+        parallel.worker_cls = CPU_WORKER_CLS
+    elif parallel.worker_cls != CPU_WORKER_CLS:
+        raise ConfigError(f"HeadRouter needs --worker-cls {CPU_WORKER_CLS} (got {parallel.worker_cls})")
+    if vllm_config.cache_config.enable_prefix_caching:
+        vllm_config.cache_config.enable_prefix_caching = False
+        logger.warning("HeadRouter rewrites routed requests' KV blocks: prefix caching is turned off")
+    logger.info("HeadRouter configured: %s", config)
+    return config
+
+
+def apply():
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.__dict__["check_and_update_config"]
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original.__func__(cls, vllm_config)
+        configure_engine(vllm_config)
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    return lambda: setattr(CpuPlatform, "check_and_update_config", original)

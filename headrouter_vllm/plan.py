@@ -1,0 +1,71 @@
+"""The route plan of one request: which audio spans it has and how many tokens of each it keeps.
+
+A pure function of (request options, engine config, audio spans, prompt length), computed the same way
+by the scheduler (which needs only the removed count, to free blocks) and the model runner (which
+probes, selects and compacts). Nothing is sent between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from headrouter_vllm.api.options import RouteOptions
+from headrouter_vllm.config import HeadRouterConfig
+
+
+def keep_count(retention: float, n: int) -> int:
+    """Audio tokens kept of ``n``: round half up (not Python's banker's rounding), at least 1."""
+    return max(1, min(n, math.floor(retention * n + 0.5)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    start: int
+    length: int
+    keep: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    spans: tuple[Span, ...]
+    num_prompt_tokens: int
+    task: str
+    retention: float
+    semantics: str
+
+    @property
+    def audio_tokens(self) -> int:
+        return sum(s.length for s in self.spans)
+
+    @property
+    def kept_tokens(self) -> int:
+        return sum(s.keep for s in self.spans)
+
+    @property
+    def removed(self) -> int:
+        """KV slots the request gives back after its prompt step."""
+        return self.audio_tokens - self.kept_tokens
+
+    @property
+    def probe_start(self) -> int:
+        """First prompt position after the last audio span: the probe's query rows are [probe_start, L)."""
+        return self.spans[-1].end
+
+
+def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple[int, int]],
+              num_prompt_tokens: int) -> RoutePlan | None:
+    """The plan, or ``None`` when the request runs exactly as vanilla vLLM: no audio, retention 1.0
+    (or a retention that keeps every token), or no text after the audio to probe with."""
+    retention = options.retention if options.retention is not None else config.retention
+    task = options.task if options.task is not None else config.default_task
+    if not spans or retention >= 1.0:
+        return None
+    plan_spans = tuple(Span(s, n, keep_count(retention, n)) for s, n in spans)
+    if all(sp.keep == sp.length for sp in plan_spans) or plan_spans[-1].end >= num_prompt_tokens:
+        return None
+    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, config.semantics)

@@ -1,0 +1,298 @@
+"""HeadRouterCPUModelRunner: vLLM's V1 CPU model runner, plus probe, selection and "compact and shorten".
+
+Per routed request (its plan computed from the same inputs as the scheduler's):
+
+1. In every step that holds prompt rows after the audio, the probe layer's attention (wrapped
+   ``impl.forward``) adds those rows' per-head attention mass on each audio key to an accumulator
+   (chunked prefill: rows may straddle chunks; causality makes the sum exact).
+2. In the step that finishes the prompt the kept audio tokens are selected. With ``in_prompt`` semantics
+   the rows after the audio are then recomputed in every later layer with only the kept audio visible.
+3. After that step's forward, every layer's KV is compacted: kept audio and everything after the audio
+   move down to close the gaps, and the request's block list shrinks like the scheduler's.
+4. From then on the request is ``removed`` slots shorter: its tokens keep their logical positions
+   (RoPE), but their KV slot is ``position - removed`` and attention sees ``seq_len - removed``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import torch
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from headrouter_vllm.api.options import parse_route_options
+from headrouter_vllm.attention.cpu_kv import CpuKvPages
+from headrouter_vllm.config import HeadRouterConfig, environment
+from headrouter_vllm.kernels.probe_scores import probe_scores
+from headrouter_vllm.models import adapter_for, audio_spans
+from headrouter_vllm.patch.attention_forward import wrap_impl_forward
+from headrouter_vllm.plan import RoutePlan, make_plan
+from headrouter_vllm.routing import select_shared
+
+logger = logging.getLogger(__name__)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass
+class RouteState:
+    """Worker-side state of one routed request until it is compacted."""
+
+    plan: RoutePlan
+    head_mass: torch.Tensor | None = None  # [Hq, audio_tokens]: probe mass summed over the rows seen so far
+    kept: torch.Tensor | None = None  # kept audio positions (absolute, ascending), set in the final probe
+
+
+@dataclasses.dataclass
+class ProbeLog:
+    """One selection, for tests and logs."""
+
+    req_id: str
+    kept: list[int]
+    margin: float | None
+    probe_s: float
+    compact_s: float = 0.0
+
+
+@dataclasses.dataclass
+class ProbeItem:
+    """A routed request's share of the current step."""
+
+    req_id: str
+    state: RouteState
+    token_start: int  # index of the request's first query row in the flattened batch
+    computed: int  # tokens with KV before this step
+    num_tokens: int  # tokens scheduled in this step
+    block_ids: torch.Tensor
+    log: ProbeLog | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.computed + self.num_tokens >= self.state.plan.num_prompt_tokens
+
+
+class HeadRouterCPUModelRunner(CPUModelRunner):
+    def __init__(self, vllm_config, *args, **kwargs):
+        super().__init__(vllm_config, *args, **kwargs)
+        self.hr_config = HeadRouterConfig.from_vllm_config(vllm_config) or HeadRouterConfig()
+        self.hr_adapter = adapter_for(vllm_config.model_config.hf_config)
+        num_layers = vllm_config.model_config.hf_config.get_text_config().num_hidden_layers
+        self.hr_probe_layer = (self.hr_config.probe_layer if self.hr_config.probe_layer is not None
+                               else min(self.hr_adapter.default_probe_layer, num_layers - 1))
+        if self.hr_probe_layer >= num_layers:
+            raise ValueError(f"headrouter.probe_layer {self.hr_probe_layer} >= the model's {num_layers} layers")
+        self.hr_poison = environment().poison_value
+        self.hr_routes: dict[str, RouteState] = {}  # planned, not yet compacted
+        self.hr_removed: dict[str, int] = {}  # compacted: KV slots removed
+        self.hr_step: list[ProbeItem] = []
+        self.hr_log: collections.deque[ProbeLog] = collections.deque(maxlen=4096)
+        self._hr_installed = False
+
+    # ---- request state ---------------------------------------------------------------------------
+    def _update_states(self, scheduler_output):
+        cached = scheduler_output.scheduled_cached_reqs
+        gone = [*scheduler_output.finished_req_ids, *(getattr(scheduler_output, "preempted_req_ids", None) or ()),
+                *cached.resumed_req_ids, *(r.req_id for r in scheduler_output.scheduled_new_reqs)]
+        for req_id in gone:  # resumed requests are recomputed at full length and routed again
+            self.hr_removed.pop(req_id, None)
+            self.hr_routes.pop(req_id, None)
+        out = super()._update_states(scheduler_output)
+        for req_id in [*(r.req_id for r in scheduler_output.scheduled_new_reqs), *cached.resumed_req_ids]:
+            state = self.requests.get(req_id)
+            if state is None or state.sampling_params is None:
+                continue
+            plan = make_plan(parse_route_options(state.sampling_params.extra_args), self.hr_config,
+                             audio_spans(state.mm_features), state.num_prompt_tokens)
+            if plan is not None:
+                self.hr_routes[req_id] = RouteState(plan)
+        return out
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        self.hr_step = []
+        if self.hr_routes:
+            # built after super(): the batch row order and query_start_loc are final only now
+            starts = self.query_start_loc.cpu[:num_reqs + 1].tolist()
+            for row, req_id in enumerate(req_ids):
+                route = self.hr_routes.get(req_id)
+                if route is None:
+                    continue
+                state = self.requests[req_id]
+                computed, n = state.num_computed_tokens, int(num_scheduled_tokens[row])
+                if computed < route.plan.num_prompt_tokens and computed + n > route.plan.probe_start:
+                    self.hr_step.append(ProbeItem(req_id, route, starts[row], computed, n,
+                                                  torch.tensor(state.block_ids[0], dtype=torch.int64)))
+        if self.hr_removed:
+            self._shift_shortened(req_ids, num_scheduled_tokens)
+        return out
+
+    def _shift_shortened(self, req_ids, num_scheduled_tokens) -> None:
+        """Shortened requests: KV slot = position - removed, attention length = seq_len - removed."""
+        num_reqs = len(req_ids)
+        removed = np.fromiter((self.hr_removed.get(r, 0) for r in req_ids), dtype=np.int64, count=num_reqs)
+        if not removed.any():
+            return
+        removed_t = torch.from_numpy(removed)
+        self.seq_lens[:num_reqs] -= removed_t.to(self.seq_lens.dtype)
+        self.optimistic_seq_lens_cpu[:num_reqs] -= removed_t.to(self.optimistic_seq_lens_cpu.dtype)
+        total = int(num_scheduled_tokens.sum())
+        shift = torch.from_numpy(np.repeat(removed, num_scheduled_tokens))
+        self.input_batch.block_table.compute_slot_mapping(
+            num_reqs, self.query_start_loc.gpu[:num_reqs + 1], self.positions[:total] - shift)
+
+    # ---- attention hooks -------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        for name, layer in self.compilation_config.static_forward_context.items():
+            index = self.hr_adapter.decoder_layer_index(name)
+            if index is None or not hasattr(layer, "impl"):
+                continue
+            if index == self.hr_probe_layer:
+                wrap_impl_forward(layer.impl, before=self._probe)
+            elif index > self.hr_probe_layer and self.hr_config.semantics == "in_prompt":
+                wrap_impl_forward(layer.impl, after=self._attend_kept_only)
+        self._hr_installed = True
+
+    def _layer_keys(self, layer, item: ProbeItem, key, value, kv_cache, upto: int, values: bool = False):
+        """K (and V) ``[upto, Hkv, d]`` of prompt positions ``[0, upto)`` in this layer."""
+        if item.computed == 0:  # the whole prompt is in this step
+            rows = slice(item.token_start, item.token_start + upto)
+            return key[rows], (value[rows] if values else None)
+        # chunked prefill: earlier chunks' keys are in the pages (this step's were written before impl.forward)
+        pages = CpuKvPages(kv_cache, layer.isa, layer.impl.kv_cache_dtype)
+        slots = torch.arange(upto)
+        return pages.read(item.block_ids, slots), (pages.read(item.block_ids, slots, values=True) if values else None)
+
+    @torch.inference_mode()
+    def _probe(self, layer, query, key, value, kv_cache, attn_metadata) -> None:
+        if attn_metadata is None:
+            return
+        for item in self.hr_step:
+            t0 = time.perf_counter()
+            plan = item.state.plan
+            hi = min(item.computed + item.num_tokens, plan.num_prompt_tokens)
+            positions = torch.arange(max(plan.probe_start, item.computed), hi)
+            q = query[item.token_start + positions - item.computed]
+            k, _ = self._layer_keys(layer, item, key, value, kv_cache, upto=hi)
+            columns = torch.cat([torch.arange(sp.start, sp.end) for sp in plan.spans])
+            mass = probe_scores(q, k, positions, columns, layer.impl.scale)
+            route = item.state
+            route.head_mass = mass if route.head_mass is None else route.head_mass + mass
+            if not item.final:
+                continue
+            head_scores = route.head_mass / (plan.num_prompt_tokens - plan.probe_start)
+            kept, margins, offset = [], [], 0
+            for sp in plan.spans:
+                idx, margin = select_shared(head_scores[:, offset:offset + sp.length], sp.keep)
+                kept.append(sp.start + idx)
+                margins.append(margin)
+                offset += sp.length
+            route.kept = torch.cat(kept)
+            known = [m for m in margins if m is not None]
+            item.log = ProbeLog(item.req_id, route.kept.tolist(), min(known) if known else None,
+                                time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def _attend_kept_only(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
+        """``in_prompt``: recompute the prompt rows after the audio with the dropped audio keys masked."""
+        if attn_metadata is None:
+            return
+        for item in self.hr_step:
+            if not item.final:
+                continue
+            plan, kept = item.state.plan, item.state.kept
+            length = plan.num_prompt_tokens
+            assert item.computed <= plan.probe_start, "in_prompt: rows after the audio split across chunks"
+            positions = torch.arange(plan.probe_start, length)
+            q = query[item.token_start + positions - item.computed].float()
+            k, v = self._layer_keys(layer, item, key, value, kv_cache, upto=length, values=True)
+            group = q.shape[1] // k.shape[1]
+            k = k.float().repeat_interleave(group, dim=1)
+            v = v.float().repeat_interleave(group, dim=1)
+            visible = torch.arange(length)[None, :] <= positions[:, None]
+            dropped = torch.zeros(length, dtype=torch.bool)
+            for sp in plan.spans:
+                dropped[sp.start:sp.end] = True
+            dropped[kept] = False
+            visible &= ~dropped[None, :]
+            logits = torch.einsum("rhd,thd->hrt", q, k) * layer.impl.scale
+            logits.masked_fill_(~visible[None], float("-inf"))
+            attended = torch.einsum("hrt,thd->rhd", torch.softmax(logits, dim=-1), v)
+            rows = item.token_start + positions - item.computed
+            output[rows] = attended.reshape(len(positions), *output.shape[1:]).to(output.dtype)
+
+    # ---- step ------------------------------------------------------------------------------------
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        if not self._hr_installed:
+            self._install_hooks()
+        out = super().execute_model(scheduler_output, intermediate_tensors)
+        # This step's forward has written its KV; req_state.num_computed_tokens is still the pre-step value.
+        for item in self.hr_step:
+            if not item.final:
+                continue
+            if item.state.kept is None:
+                raise RuntimeError(f"HeadRouter: the probe did not run for request {item.req_id}")
+            t0 = time.perf_counter()
+            self._compact(item)
+            item.log.compact_s = time.perf_counter() - t0
+            self.hr_log.append(item.log)
+        self.hr_step = []
+        return out
+
+    @torch.inference_mode()
+    def _compact(self, item: ProbeItem) -> None:
+        plan, kept = item.state.plan, item.state.kept
+        state = self.requests[item.req_id]
+        computed = item.computed + item.num_tokens
+        first = plan.spans[0].start
+        # kept audio and every non-audio token from the first span on, in order, move down to close the gaps
+        keep = torch.ones(computed, dtype=torch.bool)
+        for sp in plan.spans:
+            keep[sp.start:sp.end] = False
+        keep[kept] = True
+        src = torch.nonzero(keep[first:]).flatten() + first
+        dst = torch.arange(first, first + src.numel())
+        assert dst.numel() + plan.removed == computed - first
+        moving = src != dst
+        src, dst = src[moving], dst[moving]
+        vacated = torch.arange(computed - plan.removed, computed)
+        seen = set()
+        row = self.input_batch.req_id_to_index.get(item.req_id)
+        for group_id, group in enumerate(self.kv_cache_config.kv_cache_groups):
+            block_size = group.kv_cache_spec.block_size
+            block_ids = state.block_ids[group_id]
+            table = torch.tensor(block_ids, dtype=torch.int64)
+            for name in group.layer_names:
+                layer = self.compilation_config.static_forward_context[name]
+                kv = layer.kv_cache
+                if not isinstance(kv, torch.Tensor) or kv.data_ptr() in seen:
+                    continue
+                seen.add(kv.data_ptr())
+                pages = CpuKvPages(kv, layer.isa, layer.impl.kv_cache_dtype)
+                if pages.block_size != block_size:
+                    raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
+                if src.numel():
+                    pages.move(table, src, dst)
+                if self.hr_poison is not None:  # tests: vacated slots, incl. the blocks about to be freed
+                    pages.fill(table, vacated, self.hr_poison)
+            # the worker's view of the request's blocks shrinks exactly like the scheduler's
+            keep_blocks = cdiv(computed - plan.removed, block_size)
+            old = len(block_ids)
+            del block_ids[keep_blocks:]
+            if row is not None:
+                block_table = self.input_batch.block_table[group_id]
+                block_table.block_table.np[row, keep_blocks:old] = 0
+                block_table.num_blocks_per_row[row] = keep_blocks
+        self.hr_routes.pop(item.req_id, None)
+        self.hr_removed[item.req_id] = plan.removed
+
+    # ---- introspection (tests, via collective_rpc or in-process) ------------------------------------
+    def headrouter_log(self) -> list[ProbeLog]:
+        return list(self.hr_log)

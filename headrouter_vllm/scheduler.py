@@ -1,0 +1,158 @@
+"""HeadRouterScheduler: vLLM's scheduler, plus the block side of "compact and shorten".
+
+The scheduler never sees which audio tokens are kept, only how many are removed (known from the plan at
+admission). After the step that finishes a routed request's prompt, the request's KV is ``removed`` slots
+shorter: block accounting subtracts that, and its surplus tail blocks go back to the pool as soon as that
+step's output is in, so admission sees them at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from headrouter_vllm.api.options import parse_route_options
+from headrouter_vllm.config import ConfigError, HeadRouterConfig
+from headrouter_vllm.models import adapter_for, audio_spans
+from headrouter_vllm.patch.kv_cache_coordinator import wrap_block_accounting
+from headrouter_vllm.plan import RoutePlan, make_plan
+
+logger = logging.getLogger(__name__)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteRecord:
+    """What was done to one routed request (kept for tests, the demo and logs)."""
+
+    request_id: str
+    task: str
+    retention: float
+    audio_tokens: int
+    kept_tokens: int
+    blocks_before: int
+    blocks_after: int
+
+    @property
+    def blocks_freed(self) -> int:
+        return self.blocks_before - self.blocks_after
+
+
+class HeadRouterScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hr_config = HeadRouterConfig.from_vllm_config(self.vllm_config) or HeadRouterConfig()
+        if self.cache_config.enable_prefix_caching:
+            raise ConfigError("HeadRouter rewrites the KV blocks of routed requests: prefix caching must be off "
+                              "(--no-enable-prefix-caching)")
+        adapter_for(self.vllm_config.model_config.hf_config)  # unsupported model -> clear error at startup
+        self.hr_plans: dict[str, RoutePlan] = {}
+        # request id -> KV slots removed; set at schedule time of the step that finishes the prompt
+        self.hr_removed: dict[str, int] = {}
+        # request id -> KV slots kept, for the tail free after that step's output is in
+        self._hr_tail_free: dict[str, int] = {}
+        self.hr_records: collections.deque[RouteRecord] = collections.deque(maxlen=4096)
+        wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed)
+        logger.info("HeadRouter on: %s", self.hr_config)
+
+    # ---- admission ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        plan = self._plan_of(request)
+        super().add_request(request)
+        if plan is not None:
+            self.hr_plans[request.request_id] = plan
+
+    def _plan_of(self, request: Request) -> RoutePlan | None:
+        if request.sampling_params is None:
+            return None
+        options = parse_route_options(request.sampling_params.extra_args)
+        plan = make_plan(options, self.hr_config, audio_spans(request.mm_features), request.num_prompt_tokens)
+        if plan is not None and plan.semantics == "in_prompt":
+            rows = plan.num_prompt_tokens - plan.probe_start
+            budget = self.scheduler_config.max_num_batched_tokens
+            if self.scheduler_config.enable_chunked_prefill and rows > budget:
+                raise ValueError(f"in_prompt semantics needs the {rows} prompt tokens after the audio in one "
+                                 f"prefill chunk, but max_num_batched_tokens is {budget}")
+        return plan
+
+    def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """``in_prompt``: every prompt row after the audio must be in one chunk (they are re-attended with only
+        the kept audio in the same forward that picks it), so a chunk may not end inside them."""
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        plan = self.hr_plans.get(request.request_id)
+        if plan is None or plan.semantics != "in_prompt" or request.request_id in self.hr_removed:
+            return num_new_tokens
+        end = num_computed_tokens + num_new_tokens
+        if plan.probe_start < end < plan.num_prompt_tokens:
+            num_new_tokens = max(0, plan.probe_start - num_computed_tokens)
+        return num_new_tokens
+
+    # ---- shortening -----------------------------------------------------------------------------
+    def _update_after_schedule(self, scheduler_output) -> None:
+        super()._update_after_schedule(scheduler_output)  # advances num_computed_tokens
+        # Marked at schedule time, so it stays right under async scheduling: from the next step on, this
+        # request's KV is shorter (the worker compacts right after this step's forward).
+        for req_id in scheduler_output.num_scheduled_tokens:
+            plan = self.hr_plans.get(req_id)
+            if plan is None or req_id in self.hr_removed:
+                continue
+            request = self.requests[req_id]
+            if request.num_computed_tokens >= request.num_prompt_tokens:
+                self.hr_removed[req_id] = plan.removed
+                self._hr_tail_free[req_id] = request.num_computed_tokens - plan.removed
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id in [r for r in self._hr_tail_free if r in scheduler_output.num_scheduled_tokens]:
+            keep_tokens = self._hr_tail_free.pop(req_id)
+            request = self.requests.get(req_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self._free_tail(request, keep_tokens)
+        return outputs
+
+    def _free_tail(self, request: Request, keep_tokens: int) -> None:
+        before = after = 0
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            blocks = manager.req_to_blocks.get(request.request_id)
+            if not blocks:
+                continue
+            keep = cdiv(keep_tokens, manager.block_size)
+            tail = blocks[keep:]
+            before, after = len(blocks), keep
+            del blocks[keep:]
+            manager.block_pool.free_blocks(reversed(tail))
+        plan = self.hr_plans[request.request_id]
+        record = RouteRecord(request.request_id, plan.task, plan.retention, plan.audio_tokens, plan.kept_tokens,
+                             before, after)
+        self.hr_records.append(record)
+        logger.debug("HeadRouter routed %s", record)
+
+    def _forget(self, request_id: str) -> None:
+        self.hr_removed.pop(request_id, None)
+        self._hr_tail_free.pop(request_id, None)
+
+    def _preempt_request(self, request: Request, *args, **kwargs):
+        # Recompute preemption frees every block; the request is re-prefilled at full length and compacted again.
+        self._forget(request.request_id)
+        return super()._preempt_request(request, *args, **kwargs)
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        out = super()._free_request(request, *args, **kwargs)
+        self._forget(request.request_id)
+        self.hr_plans.pop(request.request_id, None)
+        return out
+
+    # ---- introspection (tests, demo) -------------------------------------------------------------
+    def num_blocks_of(self, request_id: str) -> int:
+        return sum(len(m.req_to_blocks.get(request_id, ()))
+                   for m in self.kv_cache_manager.coordinator.single_type_managers)
+
+    def num_free_blocks(self) -> int:
+        return self.kv_cache_manager.block_pool.get_num_free_blocks()

@@ -1,0 +1,3 @@
+from .reference import probe_scores
+
+__all__ = ["probe_scores"]
