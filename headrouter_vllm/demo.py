@@ -41,7 +41,7 @@ def run_demo(model: str | None, retentions: list[float], max_tokens: int, semant
                   limit_mm_per_prompt={"audio": 1},
                   additional_config={"headrouter": {"retention": 1.0, "semantics": semantics}})
         scheduler = inprocess.scheduler(llm)
-        free_at_start = scheduler.num_free_blocks()
+        free_at_start = inprocess.num_free_blocks(llm)
         rows = []
         for r in retentions:
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
@@ -56,7 +56,7 @@ def run_demo(model: str | None, retentions: list[float], max_tokens: int, semant
                              kept=record.kept_tokens if record else None,
                              blocks_freed=record.blocks_freed if record else 0,
                              seconds=elapsed, text=out.outputs[0].text, tokens=list(out.outputs[0].token_ids)))
-        assert scheduler.num_free_blocks() == free_at_start, "KV blocks leaked"
+        assert inprocess.num_free_blocks(llm) == free_at_start, "KV blocks leaked"
         return rows
 
 

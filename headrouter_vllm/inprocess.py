@@ -17,3 +17,7 @@ def scheduler(llm):
 
 def model_runner(llm):
     return engine_core(llm).model_executor.driver_worker.worker.model_runner
+
+
+def num_free_blocks(llm) -> int:
+    return scheduler(llm).kv_cache_manager.block_pool.get_num_free_blocks()

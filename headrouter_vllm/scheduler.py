@@ -153,6 +153,3 @@ class HeadRouterScheduler(Scheduler):
     def num_blocks_of(self, request_id: str) -> int:
         return sum(len(m.req_to_blocks.get(request_id, ()))
                    for m in self.kv_cache_manager.coordinator.single_type_managers)
-
-    def num_free_blocks(self) -> int:
-        return self.kv_cache_manager.block_pool.get_num_free_blocks()

@@ -1,0 +1,96 @@
+"""An HF-transformers reference of HeadRouter on Qwen2-Audio (eager attention, fp32), independent of the
+engine: full prefill, probe from ``output_attentions[probe_layer]`` (the rows after the audio, mean over rows
+and heads, at the audio columns), keep the top ``round(r*N)``, delete the other audio KV from every layer,
+greedy decode with the original positions. ``in_prompt``: the prefill is re-run with the rows after the
+audio masked from the dropped audio in layers above the probe layer."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+@functools.cache
+def load(model_dir: str):
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def keep_count(r: float, n: int) -> int:
+    return max(1, min(n, math.floor(r * n + 0.5)))
+
+
+@torch.no_grad()
+def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
+              semantics: str = "after_prompt") -> dict:
+    model, processor = load(model_dir)
+    if wave is None:
+        inputs = processor.tokenizer(prompt, return_tensors="pt")
+    else:
+        inputs = processor(text=prompt, audio=[wave], sampling_rate=16000, return_tensors="pt")
+    ids = inputs["input_ids"]
+    length = ids.shape[1]
+    kwargs = dict(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=True)
+    if wave is not None:
+        kwargs.update(input_features=inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])
+    info: dict = dict(prompt_ids=ids[0].tolist(), length=length)
+    kept = None
+    if wave is not None:
+        pos = (ids[0] == model.config.audio_token_id).nonzero().flatten()
+        start, n = int(pos[0]), int(pos.numel())
+        info.update(start=start, audio_tokens=n)
+    if wave is not None and retention < 1.0:
+        out = model(**kwargs, output_attentions=True)
+        attn = out.attentions[probe_layer][0]  # [Hq, L, L] softmax probabilities
+        score = attn[:, start + n:length, start:start + n].mean(dim=1).mean(dim=0)
+        keep = keep_count(retention, n)
+        top = torch.topk(score, min(keep + 1, n))
+        kept = top.indices[:keep].sort().values
+        info.update(kept=(start + kept).tolist(), keep=keep,
+                    margin=float(top.values[keep - 1] - top.values[keep]) if keep < n else None)
+        if semantics == "in_prompt":
+            out = _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer)
+    else:
+        out = model(**kwargs)
+    cache = out.past_key_values
+    if kept is not None:
+        keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, length)])
+        for layer in cache.layers:  # [B, Hkv, T, d]
+            layer.keys = layer.keys[:, :, keep_idx].contiguous()
+            layer.values = layer.values[:, :, keep_idx].contiguous()
+    logits = out.logits[0, -1]
+    tokens = []
+    for i in range(max_tokens):
+        token = int(logits.argmax())
+        tokens.append(token)
+        o = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[length + i]]),
+                  attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long),
+                  past_key_values=cache, use_cache=True)
+        cache, logits = o.past_key_values, o.logits[0, -1]
+    info["tokens"] = tokens
+    return info
+
+
+def _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer):
+    dropped = torch.ones(n, dtype=torch.bool)
+    dropped[kept] = False
+    allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    allowed[start + n:, start:start + n] &= ~dropped[None, :]
+    mask = torch.zeros(1, 1, length, length).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    hooks = []
+    for index, layer in enumerate(model.model.language_model.layers):
+        if index > probe_layer:
+            def pre(module, args, kw):
+                kw["attention_mask"] = mask
+                return args, kw
+            hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        return model(**kwargs)
+    finally:
+        for h in hooks:
+            h.remove()

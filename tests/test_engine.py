@@ -1,0 +1,196 @@
+"""The engine path on CPU, against vanilla vLLM and an HF reference, in one test run.
+
+Every engine configuration runs the same cases, one request at a time and then all together as one mixed
+batch; each engine is started once per module and its results are shared by the tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+from headrouter_vllm.demo import audio_prompt
+from tests.hf_reference import keep_count, reference
+
+BLOCK = 32
+NEW_TOKENS = 16
+PROBE_LAYER = 2  # the Qwen2-Audio adapter's default
+TEXT_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+               "The quick brown fox jumps over the lazy dog. Please answer the question.<|im_end|>\n"
+               "<|im_start|>assistant\n")
+PROMPTS = {"short": audio_prompt("What is said in this audio clip?"),
+           "long": audio_prompt("Transcribe the audio. Please answer the question.")}
+RETENTIONS = (1.0, 0.7, 0.5, 0.3)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def make_cases(speech):
+    """(name, prompt, wave, retention); retention None = no HeadRouter options at all."""
+    cases = [(f"{clip}_r{r}", PROMPTS[clip], speech[clip], r) for clip in PROMPTS for r in RETENTIONS]
+    cases.append(("short_no_options", PROMPTS["short"], speech["short"], None))
+    cases.append(("text_only", TEXT_PROMPT, None, 0.5))  # names a retention, has no audio: runs as vanilla
+    return cases
+
+
+ENGINES = {
+    "vanilla": dict(headrouter=None),
+    "after_prompt": dict(headrouter={}),
+    "after_prompt_chunked": dict(headrouter={}, enable_chunked_prefill=True, max_num_batched_tokens=64),
+    "after_prompt_poisoned": dict(headrouter={}, poison=1e4),
+    "in_prompt": dict(headrouter={"semantics": "in_prompt"}),
+    "in_prompt_chunked": dict(headrouter={"semantics": "in_prompt"}, enable_chunked_prefill=True,
+                              max_num_batched_tokens=64),
+}
+
+
+def run_engine(model: str, cases, headrouter: dict | None, poison: float | None = None, **engine_kwargs) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm import inprocess
+    from headrouter_vllm.api.options import route_args
+
+    if poison is not None:
+        os.environ["HEADROUTER_POISON_FREED_KV"] = str(poison)
+    try:
+        extra = {} if headrouter is None else {"additional_config": {"headrouter": {"retention": 1.0, **headrouter}}}
+        llm = LLM(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
+                  max_num_seqs=16, enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1},
+                  **extra, **engine_kwargs)
+    finally:
+        os.environ.pop("HEADROUTER_POISON_FREED_KV", None)
+    scheduler = inprocess.scheduler(llm)
+    result = {"free_at_start": inprocess.num_free_blocks(llm), "single": {}, "batch": {}}
+
+    def inputs(prompt, wave):
+        return {"prompt": prompt, "multi_modal_data": {"audio": (wave, 16000)}} if wave is not None else prompt
+
+    def params(r):
+        return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                              extra_args=None if r is None else route_args(retention=r))
+
+    singles = [llm.generate(inputs(p, w), params(r), use_tqdm=False)[0] for _, p, w, r in cases]
+    batch = llm.generate([inputs(p, w) for _, p, w, r in cases], [params(r) for *_, r in cases], use_tqdm=False)
+    records = {rec.request_id: rec for rec in getattr(scheduler, "hr_records", ())}
+    logs = {}
+    if headrouter is not None:
+        logs = {log.req_id: log for log in inprocess.model_runner(llm).hr_log}
+    for phase, outputs in (("single", singles), ("batch", batch)):
+        for (name, *_), out in zip(cases, outputs):
+            rid = next((k for k in {**records, **logs} if k.split("-")[0] == out.request_id.split("-")[0]), None)
+            result[phase][name] = dict(tokens=list(out.outputs[0].token_ids), prompt_ids=list(out.prompt_token_ids),
+                                       record=records.get(rid), log=logs.get(rid))
+    result["free_at_end"] = inprocess.num_free_blocks(llm)
+    del scheduler, llm
+    gc.collect()
+    return result
+
+
+@pytest.fixture(scope="module")
+def cases(speech):
+    return make_cases(speech)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, cases):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = run_engine(tiny_model, cases, **ENGINES[name])
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model, cases):
+    cache = {}
+
+    def get(name, semantics="after_prompt"):
+        key = (name, semantics)
+        if key not in cache:
+            _, prompt, wave, r = next(c for c in cases if c[0] == name)
+            cache[key] = reference(tiny_model, prompt, wave, 1.0 if r is None else r, NEW_TOKENS,
+                                   probe_layer=PROBE_LAYER, semantics=semantics)
+        return cache[key]
+
+    return get
+
+
+UNROUTED = ["short_r1.0", "long_r1.0", "short_no_options", "text_only"]
+ROUTED = [f"{clip}_r{r}" for clip in PROMPTS for r in RETENTIONS if r < 1.0]
+PHASES = ["single", "batch"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", UNROUTED)
+def test_unrouted_requests_equal_vanilla(engine, hf, name, phase):
+    """Retention 1.0, no options, and text-only requests: byte-identical greedy output to vanilla vLLM."""
+    ours, vanilla = engine("after_prompt")[phase][name], engine("vanilla")[phase][name]
+    assert ours["tokens"] == vanilla["tokens"]
+    assert ours["prompt_ids"] == vanilla["prompt_ids"]
+    assert ours["record"] is None and ours["log"] is None  # nothing was probed or freed
+    assert vanilla["tokens"] == hf(name)["tokens"]  # and vanilla itself agrees with HF
+
+
+@pytest.mark.parametrize("mode", ["after_prompt", "after_prompt_chunked", "after_prompt_poisoned"])
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", ROUTED)
+def test_routed_requests_equal_hf_reference(engine, hf, mode, name, phase):
+    """The engine keeps the same audio tokens as the HF reference (fp32) and decodes the same tokens. Chunked
+    prefill (64-token budget) splits the audio span and the rows after it; the poisoned engine fills every
+    vacated and freed KV slot with 1e4, so any read of them would change the output."""
+    got, ref = engine(mode)[phase][name], hf(name)
+    assert got["prompt_ids"] == ref["prompt_ids"]
+    assert got["log"] is not None and got["log"].kept == ref["kept"]
+    assert got["tokens"] == ref["tokens"]
+
+
+@pytest.mark.parametrize("mode", ["in_prompt", "in_prompt_chunked"])
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", ROUTED)
+def test_in_prompt_semantics_equal_hf_reference(engine, hf, mode, name, phase):
+    got, ref = engine(mode)[phase][name], hf(name, "in_prompt")
+    assert got["log"] is not None and got["log"].kept == ref["kept"]
+    assert got["tokens"] == ref["tokens"]
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_kept_count_and_freed_blocks_follow_the_plan(engine, hf, name):
+    ref = hf(name)
+    r = float(name.rsplit("_r", 1)[1])
+    n, length = ref["audio_tokens"], ref["length"]
+    keep = keep_count(r, n)
+    for phase in PHASES:
+        got = engine("after_prompt")[phase][name]
+        record = got["record"]
+        assert len(got["log"].kept) == keep and record.kept_tokens == keep and record.audio_tokens == n
+        # blocks held right after the prompt step, read from vLLM's block pool bookkeeping
+        assert record.blocks_before == cdiv(length, BLOCK)
+        assert record.blocks_after == cdiv(length - (n - keep), BLOCK)
+
+
+@pytest.mark.parametrize("mode", list(ENGINES))
+def test_block_pool_returns_to_start(engine, mode):
+    result = engine(mode)
+    assert result["free_at_end"] == result["free_at_start"]
+
+
+def test_pruning_changes_the_answer(engine):
+    """The tiny model is peaky enough that pruning is visible: otherwise the tests above prove little."""
+    result = engine("after_prompt")["single"]
+    changed = [n for n in ROUTED if result[n]["tokens"] != result[n.rsplit("_r", 1)[0] + "_r1.0"]["tokens"]]
+    assert len(changed) == len(ROUTED)
+    freed = sum(result[n]["record"].blocks_freed for n in ROUTED)
+    assert freed > 0
+
+
+def test_in_prompt_differs_from_after_prompt(engine):
+    """The two semantics are really different computations (the first answer token may already differ)."""
+    after, inside = engine("after_prompt")["single"], engine("in_prompt")["single"]
+    assert any(after[n]["tokens"] != inside[n]["tokens"] for n in ROUTED)
