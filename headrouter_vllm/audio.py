@@ -28,11 +28,11 @@ def speak(text: str, voice: str = "en") -> np.ndarray:
     return wave
 
 
-def to_wav_bytes(wave: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+def to_wav_bytes(wave: np.ndarray, rate: int = SAMPLE_RATE, subtype: str = "PCM_16") -> bytes:
     import io
 
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, wave, rate, format="WAV")
+    sf.write(buf, wave, rate, format="WAV", subtype=subtype)
     return buf.getvalue()

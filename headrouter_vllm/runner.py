@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import time
 
 import numpy as np
@@ -28,12 +27,13 @@ from headrouter_vllm.api.options import parse_route_options
 from headrouter_vllm.attention.cpu_kv import CpuKvPages
 from headrouter_vllm.config import HeadRouterConfig, environment
 from headrouter_vllm.kernels.probe_scores import probe_scores
+from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans
 from headrouter_vllm.patch.attention_forward import wrap_impl_forward
 from headrouter_vllm.plan import RoutePlan, make_plan
 from headrouter_vllm.routing import select_shared
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def cdiv(a: int, b: int) -> int:

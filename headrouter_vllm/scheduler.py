@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from headrouter_vllm.api.options import parse_route_options
 from headrouter_vllm.config import ConfigError, HeadRouterConfig
+from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans
 from headrouter_vllm.patch.kv_cache_coordinator import wrap_block_accounting
 from headrouter_vllm.plan import RoutePlan, make_plan
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -132,7 +132,9 @@ class HeadRouterScheduler(Scheduler):
         record = RouteRecord(request.request_id, plan.task, plan.retention, plan.audio_tokens, plan.kept_tokens,
                              before, after)
         self.hr_records.append(record)
-        logger.debug("HeadRouter routed %s", record)
+        logger.info("headrouter routed request_id=%s task=%s retention=%.3f audio_tokens=%d kept_tokens=%d "
+                    "blocks_before=%d blocks_after=%d", record.request_id, record.task, record.retention,
+                    record.audio_tokens, record.kept_tokens, record.blocks_before, record.blocks_after)
 
     def _forget(self, request_id: str) -> None:
         self.hr_removed.pop(request_id, None)

@@ -19,8 +19,10 @@ ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 class RequestError(Exception):
-    def __init__(self, param: str | None, message: str):
-        super().__init__(message)
+    """A malformed request; the message starts with the offending field's name."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message if message.startswith(param) else f"{param}: {message}")
         self.param = param
 
 
@@ -64,7 +66,7 @@ def rewrite_body(body: Any) -> Any:
     return {**body, "vllm_xargs": merged}
 
 
-def error_body(param: str | None, message: str) -> bytes:
+def error_body(param: str, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param,
                                  "code": 400}}).encode()
 

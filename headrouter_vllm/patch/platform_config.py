@@ -10,11 +10,10 @@ engine-wide. Without the ``headrouter`` key nothing changes.
 
 from __future__ import annotations
 
-import logging
-
 from headrouter_vllm.config import ConfigError, HeadRouterConfig
+from headrouter_vllm.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 SCHEDULER_CLS = "headrouter_vllm.scheduler.HeadRouterScheduler"
 CPU_WORKER_CLS = "headrouter_vllm.worker.HeadRouterCPUWorker"

@@ -1,0 +1,140 @@
+"""A real server on 127.0.0.1 (``headrouter-vllm serve``), driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from headrouter_vllm.audio import to_wav_bytes
+from tests.hf_reference import keep_count, reference
+
+QUESTION = "What is said in this audio clip?"
+MODEL_NAME = "tiny"
+NEW_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "headrouter_vllm.cli", "serve", tiny_model, "--retention", "1.0",
+           "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "1024", "--block-size", "32", "--enforce-eager", "--limit-mm-per-prompt",
+           '{"audio": 1}']
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not start:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine-core process
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def audio_message(wave):
+    data = base64.b64encode(to_wav_bytes(wave, subtype="FLOAT")).decode()
+    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                                         {"type": "text", "text": QUESTION}]}]
+
+
+def chat(server, wave, **kwargs):
+    extra_body = {"ignore_eos": True, "return_token_ids": True, **kwargs.pop("extra_body", {})}
+    return server["client"].chat.completions.create(model=MODEL_NAME, messages=audio_message(wave), temperature=0,
+                                                    max_tokens=NEW_TOKENS, extra_body=extra_body, **kwargs)
+
+
+def routed_log_lines(server) -> list[str]:
+    return re.findall(r"headrouter routed .*", server["log"].read_text())
+
+
+def test_metadata_routes_and_prunes(server, speech, tiny_model):
+    from headrouter_vllm.demo import audio_prompt
+
+    wave = speech["long"]
+    before = len(routed_log_lines(server))
+    response = chat(server, wave, metadata={"headrouter_task": "asr", "headrouter_retention": "0.5"})
+    ref = reference(tiny_model, audio_prompt(QUESTION), wave, 0.5, NEW_TOKENS)
+    assert response.choices[0].token_ids == ref["tokens"]
+    assert response.usage.prompt_tokens == ref["length"]
+    lines = routed_log_lines(server)[before:]
+    assert len(lines) == 1
+    fields = dict(kv.split("=") for kv in lines[0].split()[2:])
+    n, keep = ref["audio_tokens"], keep_count(0.5, ref["audio_tokens"])
+    assert (fields["task"], int(fields["audio_tokens"]), int(fields["kept_tokens"])) == ("asr", n, keep)
+    assert int(fields["blocks_before"]) == -(-ref["length"] // 32)
+    assert int(fields["blocks_after"]) == -(-(ref["length"] - (n - keep)) // 32)
+
+
+def test_vllm_xargs_and_unrouted_requests(server, speech, tiny_model):
+    from headrouter_vllm.demo import audio_prompt
+
+    wave = speech["short"]
+    ref = reference(tiny_model, audio_prompt(QUESTION), wave, 0.3, NEW_TOKENS)
+    got = chat(server, wave, extra_body={"vllm_xargs": {"headrouter_retention": 0.3}})
+    assert got.choices[0].token_ids == ref["tokens"]
+    unpruned = reference(tiny_model, audio_prompt(QUESTION), wave, 1.0, NEW_TOKENS)
+    assert chat(server, wave).choices[0].token_ids == unpruned["tokens"]  # server default retention 1.0
+    text_only = server["client"].chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+        metadata={"headrouter_retention": "0.5"})  # no audio: served as vanilla, not an error
+    assert text_only.choices[0].message.content is not None
+
+
+BAD_REQUESTS = [
+    ("unknown_task", {"metadata": {"headrouter_task": "karaoke"}}, "headrouter_task"),
+    ("retention_text", {"metadata": {"headrouter_retention": "abc"}}, "headrouter_retention"),
+    ("retention_zero", {"metadata": {"headrouter_retention": "0"}}, "headrouter_retention"),
+    ("retention_above_one", {"extra_body": {"vllm_xargs": {"headrouter_retention": 1.5}}}, "headrouter_retention"),
+    ("retention_negative", {"extra_body": {"vllm_xargs": {"headrouter_retention": -1}}}, "headrouter_retention"),
+    ("metadata_not_string", {"extra_body": {"metadata": {"headrouter_retention": 0.5}}}, "headrouter_retention"),
+    ("conflict", {"metadata": {"headrouter_retention": "0.5"},
+                  "extra_body": {"vllm_xargs": {"headrouter_retention": 0.7}}}, "headrouter_retention"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_options_are_400_and_server_keeps_serving(server, speech, kwargs, field):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(server, speech["short"], **kwargs)
+    assert info.value.status_code == 400
+    assert field in str(info.value)
+    assert chat(server, speech["short"]).choices[0].token_ids  # the next good request still succeeds
+
+
+def test_kv_pool_is_empty_after_requests(server):
+    metrics = httpx.get(server["base"] + "/metrics", timeout=10).text
+    usage = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:kv_cache_usage_perc")]
+    assert usage and all(u == 0.0 for u in usage)
