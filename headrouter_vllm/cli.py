@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from headrouter_vllm.config import SEMANTICS, ConfigError, HeadRouterConfig
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             cmd = serve_command(args, rest)
             if args.print_command:
-                print(" ".join(cmd))
+                print(shlex.join(cmd))
                 return 0
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
             os.execv(cmd[0], cmd)  # the server keeps this pid: stop it with kill PID

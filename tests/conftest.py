@@ -7,7 +7,9 @@ import os
 import tempfile
 
 # vLLM reads these at import: set them before anything imports vllm.
-_SCRATCH = os.environ.get("HEADROUTER_TEST_SCRATCH") or tempfile.mkdtemp(prefix="headrouter-tests-")
+# Scratch lives inside the checkout (git-ignored): nothing is written outside it.
+_SCRATCH = os.environ.get("HEADROUTER_TEST_SCRATCH") or os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".scratch", "tests")
 for _name, _value in {
     "VLLM_CACHE_ROOT": os.path.join(_SCRATCH, "vllm-cache"),
     "VLLM_RPC_BASE_PATH": os.path.join(_SCRATCH, "rpc"),

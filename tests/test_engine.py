@@ -42,6 +42,7 @@ ENGINES = {
     "after_prompt": dict(headrouter={}),
     "after_prompt_chunked": dict(headrouter={}, enable_chunked_prefill=True, max_num_batched_tokens=64),
     "after_prompt_poisoned": dict(headrouter={}, poison=1e4),
+    "after_prompt_compiled": dict(headrouter={}, enforce_eager=False),  # the probe hook must survive torch.compile
     "in_prompt": dict(headrouter={"semantics": "in_prompt"}),
     "in_prompt_chunked": dict(headrouter={"semantics": "in_prompt"}, enable_chunked_prefill=True,
                               max_num_batched_tokens=64),
@@ -58,9 +59,9 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
         os.environ["HEADROUTER_POISON_FREED_KV"] = str(poison)
     try:
         extra = {} if headrouter is None else {"additional_config": {"headrouter": {"retention": 1.0, **headrouter}}}
-        llm = LLM(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
-                  max_num_seqs=16, enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1},
-                  **extra, **engine_kwargs)
+        kwargs = dict(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
+                      max_num_seqs=16, enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1})
+        llm = LLM(**{**kwargs, **extra, **engine_kwargs})
     finally:
         os.environ.pop("HEADROUTER_POISON_FREED_KV", None)
     scheduler = inprocess.scheduler(llm)
@@ -80,7 +81,7 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
     if headrouter is not None:
         logs = {log.req_id: log for log in inprocess.model_runner(llm).hr_log}
     for phase, outputs in (("single", singles), ("batch", batch)):
-        for (name, *_), out in zip(cases, outputs):
+        for (name, *_), out in zip(cases, outputs, strict=True):
             rid = next((k for k in {**records, **logs} if k.split("-")[0] == out.request_id.split("-")[0]), None)
             result[phase][name] = dict(tokens=list(out.outputs[0].token_ids), prompt_ids=list(out.prompt_token_ids),
                                        record=records.get(rid), log=logs.get(rid))
@@ -138,7 +139,8 @@ def test_unrouted_requests_equal_vanilla(engine, hf, name, phase):
     assert vanilla["tokens"] == hf(name)["tokens"]  # and vanilla itself agrees with HF
 
 
-@pytest.mark.parametrize("mode", ["after_prompt", "after_prompt_chunked", "after_prompt_poisoned"])
+@pytest.mark.parametrize("mode", ["after_prompt", "after_prompt_chunked", "after_prompt_poisoned",
+                                  "after_prompt_compiled"])
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("name", ROUTED)
 def test_routed_requests_equal_hf_reference(engine, hf, mode, name, phase):
@@ -194,3 +196,26 @@ def test_in_prompt_differs_from_after_prompt(engine):
     """The two semantics are really different computations (the first answer token may already differ)."""
     after, inside = engine("after_prompt")["single"], engine("in_prompt")["single"]
     assert any(after[n]["tokens"] != inside[n]["tokens"] for n in ROUTED)
+
+
+def test_offline_api_rejects_bad_options(tiny_model, speech):
+    """Bad options fail where vLLM checks sampling parameters, with an error naming the field."""
+    from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True,
+              limit_mm_per_prompt={"audio": 1}, additional_config={"headrouter": {}})
+    inputs = {"prompt": PROMPTS["short"], "multi_modal_data": {"audio": (speech["short"], 16000)}}
+    for extra, field in (({"headrouter_retention": 2.0}, "headrouter_retention"),
+                         ({"headrouter_task": "karaoke"}, "headrouter_task")):
+        with pytest.raises(VLLMValidationError, match=f"vllm_xargs.{field}"):
+            llm.generate(inputs, SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
+    # the engine default (0.7) applies to a request that names no retention
+    out = llm.generate(inputs, SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    from headrouter_vllm import inprocess
+
+    record = inprocess.scheduler(llm).hr_records[-1]
+    assert record.request_id.split("-")[0] == out.request_id.split("-")[0]
+    assert record.kept_tokens == keep_count(0.7, record.audio_tokens)
+    del llm
+    gc.collect()

@@ -1,0 +1,133 @@
+"""HeadRouterConfig, the platform hook that configures an engine, and the CLI's serve command."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import types
+
+import pytest
+
+from headrouter_vllm.config import ConfigError, HeadRouterConfig
+
+
+def test_defaults():
+    config = HeadRouterConfig.from_dict({})
+    assert (config.retention, config.mode, config.semantics, config.default_task) == (0.7, "shared", "after_prompt",
+                                                                                      "auto")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"retension": 0.5}, "did you mean 'retention'"),
+    ({"colour": 1}, "unknown headrouter setting 'colour'"),
+    ({"retention": 0}, "retention must be in (0, 1]"),
+    ({"retention": 1.5}, "retention must be in (0, 1]"),
+    ({"retention": "0.5"}, "retention must be a number"),
+    ({"retention": True}, "retention must be a number"),
+    ({"retention": float("nan")}, "retention must be a number"),
+    ({"mode": "both"}, "mode must be one of"),
+    ({"mode": "per_head"}, "not implemented yet"),
+    ({"semantics": "fastv"}, "semantics must be one of"),
+    ({"probe_layer": -1}, "probe_layer must be a non-negative integer"),
+    ({"probe_layer": 1.5}, "probe_layer must be a non-negative integer"),
+    ({"default_task": "karaoke"}, "unknown task 'karaoke'"),
+    ({"profiles": "p.json"}, "not supported yet"),
+], ids=lambda v: str(v)[:40])
+def test_bad_settings_are_clear_errors(values, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        HeadRouterConfig.from_dict(values)
+    assert message in str(info.value)
+
+
+def fake_vllm_config(additional_config, scheduler_cls=None, worker_cls="vllm.v1.worker.cpu_worker.CPUWorker",
+                     prefix_caching=True, architectures=("Qwen2AudioForConditionalGeneration",)):
+    return types.SimpleNamespace(
+        additional_config=additional_config,
+        model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(architectures=list(architectures))),
+        scheduler_config=types.SimpleNamespace(scheduler_cls=scheduler_cls),
+        parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
+        cache_config=types.SimpleNamespace(enable_prefix_caching=prefix_caching))
+
+
+def test_engine_without_headrouter_is_untouched():
+    from headrouter_vllm.patch.platform_config import configure_engine
+
+    config = fake_vllm_config({})
+    assert configure_engine(config) is None
+    assert config.scheduler_config.scheduler_cls is None
+    assert config.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
+    assert config.cache_config.enable_prefix_caching is True
+
+
+def test_headrouter_section_selects_scheduler_worker_and_disables_prefix_caching():
+    from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS, configure_engine
+
+    config = fake_vllm_config({"headrouter": {"retention": 0.5}})
+    assert configure_engine(config).retention == 0.5
+    assert config.scheduler_config.scheduler_cls == SCHEDULER_CLS
+    assert config.parallel_config.worker_cls == CPU_WORKER_CLS
+    assert config.cache_config.enable_prefix_caching is False
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(additional_config={"headrouter": {"retension": 0.5}}), "did you mean"),
+    (dict(additional_config={"headrouter": 0.5}), "must be an object"),
+    (dict(additional_config={"headrouter": {}}, scheduler_cls="my.Scheduler"), "--scheduler-cls"),
+    (dict(additional_config={"headrouter": {}}, worker_cls="my.Worker"), "--worker-cls"),
+    (dict(additional_config={"headrouter": {}}, architectures=("LlamaForCausalLM",)), "does not support"),
+])
+def test_misconfigured_engine_stops_with_a_clear_error(kwargs, message):
+    from headrouter_vllm.patch.platform_config import configure_engine
+
+    with pytest.raises(ValueError) as info:
+        configure_engine(fake_vllm_config(**kwargs))
+    assert message in str(info.value)
+
+
+def test_register_is_idempotent_and_reversible():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.sampling_params import SamplingParams
+
+    from headrouter_vllm import patch
+    from headrouter_vllm.plugin import register
+
+    register()  # vLLM's plugin loader has usually run it already
+    patched = (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args)
+    register()
+    assert (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args) == patched
+    assert patch.applied() == ["platform_config", "sampling_params"]
+    patch.revert_all()
+    try:
+        assert SamplingParams._verify_extra_args is not patched[1]
+        assert CpuPlatform.__dict__["check_and_update_config"] is not patched[0]
+    finally:
+        register()
+    assert patch.applied() == ["platform_config", "sampling_params"]
+
+
+def test_plugin_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "headrouter"]
+    assert ep.value == "headrouter_vllm.plugin:register"
+
+
+def test_serve_command(capsys):
+    from headrouter_vllm.cli import main
+
+    assert main(["serve", "/models/m", "--retention", "0.5", "--print-command", "--port", "8001"]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    config = json.loads(cmd[cmd.index("--additional-config") + 1])
+    assert config == {"headrouter": {"retention": 0.5, "semantics": "after_prompt", "default_task": "auto"}}
+    assert cmd[cmd.index("--middleware") + 1] == "headrouter_vllm.api.middleware.HeadRouterMiddleware"
+    assert "--no-enable-prefix-caching" in cmd and cmd[-2:] == ["--port", "8001"]
+
+
+def test_serve_rejects_bad_settings_before_starting(capsys):
+    from headrouter_vllm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "/models/m", "--retention", "2"])
+    assert info.value.code == 2
+    assert "retention must be in (0, 1]" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Per-request options: the pydantic validation and the metadata → vllm_xargs rewrite."""
+
+from __future__ import annotations
+
+import pytest
+
+from headrouter_vllm.api.middleware import RequestError, rewrite_body
+from headrouter_vllm.api.options import OptionError, parse_route_options, route_args
+
+
+@pytest.mark.parametrize("extra,task,retention", [
+    (None, None, None),
+    ({}, None, None),
+    ({"other": 1}, None, None),
+    ({"headrouter_task": "asr"}, "asr", None),
+    ({"headrouter_retention": "0.5"}, None, 0.5),
+    ({"headrouter_retention": 1}, None, 1.0),
+    ({"headrouter_retention": " 0.25 "}, None, 0.25),
+    ({"headrouter_task": "auto", "headrouter_retention": 0.7}, "auto", 0.7),
+])
+def test_good_options(extra, task, retention):
+    options = parse_route_options(extra)
+    assert (options.task, options.retention) == (task, retention)
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"headrouter_task": "karaoke"}, "headrouter_task"),
+    ({"headrouter_task": 3}, "headrouter_task"),
+    ({"headrouter_retention": 0}, "headrouter_retention"),
+    ({"headrouter_retention": "0"}, "headrouter_retention"),
+    ({"headrouter_retention": 1.5}, "headrouter_retention"),
+    ({"headrouter_retention": -1}, "headrouter_retention"),
+    ({"headrouter_retention": "abc"}, "headrouter_retention"),
+    ({"headrouter_retention": [0.5]}, "headrouter_retention"),
+    ({"headrouter_retention": True}, "headrouter_retention"),
+    ({"headrouter_retention": "nan"}, "headrouter_retention"),
+    ({"headrouter_retention": "inf"}, "headrouter_retention"),
+], ids=lambda v: str(v)[:40])
+def test_bad_options_name_the_field(extra, field):
+    with pytest.raises(OptionError) as info:
+        parse_route_options(extra, prefix="vllm_xargs.")
+    assert info.value.param == "vllm_xargs." + field
+    assert str(info.value).startswith("vllm_xargs." + field)
+
+
+def test_route_args():
+    assert route_args(task="asr", retention=0.5) == {"headrouter_task": "asr", "headrouter_retention": 0.5}
+    assert route_args() == {}
+    with pytest.raises(ValueError):
+        route_args(retention=2)
+
+
+def test_metadata_moves_into_vllm_xargs():
+    body = {"model": "m", "metadata": {"headrouter_task": "asr", "headrouter_retention": "0.5", "user": "x"},
+            "vllm_xargs": {"other": 1}}
+    out = rewrite_body(body)
+    assert out["vllm_xargs"] == {"other": 1, "headrouter_task": "asr", "headrouter_retention": 0.5}
+    assert out["metadata"] == body["metadata"] and body["vllm_xargs"] == {"other": 1}  # input not mutated
+
+
+@pytest.mark.parametrize("body", [{"model": "m"}, {"metadata": {"user": "x"}}, {"metadata": None}, [1, 2], "s"])
+def test_bodies_without_options_pass_unchanged(body):
+    assert rewrite_body(body) is body
+
+
+def test_same_value_in_both_places_is_fine():
+    out = rewrite_body({"metadata": {"headrouter_retention": "0.5"}, "vllm_xargs": {"headrouter_retention": "0.5"}})
+    assert out["vllm_xargs"] == {"headrouter_retention": 0.5}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"metadata": "asr"}, "metadata"),
+    ({"metadata": [1]}, "metadata"),
+    ({"vllm_xargs": "x"}, "vllm_xargs"),
+    ({"metadata": {"headrouter_retention": 0.5}}, "metadata.headrouter_retention"),
+    ({"metadata": {"headrouter_task": ["asr"]}}, "metadata.headrouter_task"),
+    ({"metadata": {"headrouter_retention": "0.5"}, "vllm_xargs": {"headrouter_retention": 0.7}},
+     "metadata.headrouter_retention"),
+    ({"metadata": {"headrouter_task": "karaoke"}}, "metadata.headrouter_task"),
+    ({"vllm_xargs": {"headrouter_retention": 2}}, "vllm_xargs.headrouter_retention"),
+], ids=lambda v: str(v)[:50])
+def test_bad_bodies(body, param):
+    with pytest.raises(RequestError) as info:
+        rewrite_body(body)
+    assert info.value.param == param and str(info.value).startswith(param)
