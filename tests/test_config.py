@@ -131,3 +131,18 @@ def test_serve_rejects_bad_settings_before_starting(capsys):
         main(["serve", "/models/m", "--retention", "2"])
     assert info.value.code == 2
     assert "retention must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_dockerfile_entrypoint_builds_a_server_command(capsys):
+    """No container engine here: check the command line the image runs."""
+    from pathlib import Path
+
+    from headrouter_vllm.cli import main
+
+    dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text()
+    entry = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT")).split(" ", 1)[1])
+    assert entry[0] == "headrouter-vllm" and "headrouter-vllm = headrouter_vllm.cli:main" in (
+        Path(__file__).parents[1] / "setup.py").read_text()
+    assert main([*entry[1:], "/models/m", "--host", "0.0.0.0", "--retention", "0.7", "--print-command"]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    assert cmd[cmd.index("--model") + 1] == "/models/m" and cmd[-2:] == ["--host", "0.0.0.0"]
