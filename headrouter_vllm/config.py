@@ -38,8 +38,12 @@ class HeadRouterConfig:
             the kept audio from layer ``probe_layer + 1`` on, as in the paper; needs those rows in
             one prefill chunk).
         default_task: task for requests that name none (``auto`` = routed from the input alone).
-        profiles: path of a calibrated head-profile file. Not supported yet: uniform head weights
-            are used until calibration exists.
+        policy: how kept tokens are chosen for requests that name none: ``headrouter`` or a baseline
+            (``oracle``, ``fastv``, ``random``, ``uniform``, ``similarity``).
+        profiles: path of a calibrated head-profile file (``headrouter-vllm calibrate``); without one,
+            ``headrouter`` debiases with the built-in position prior and weights every head equally.
+        seed: seed of the ``random`` policy.
+        record_probes: keep each routed request's probe measurements in the runner (calibration).
     """
 
     retention: float = 0.7
@@ -47,7 +51,10 @@ class HeadRouterConfig:
     probe_layer: int | None = None
     semantics: Literal["after_prompt", "in_prompt"] = "after_prompt"
     default_task: str = "auto"
+    policy: str = "headrouter"
     profiles: str | None = None
+    seed: int = 0
+    record_probes: bool = False
 
     def __post_init__(self) -> None:
         check_retention(self.retention, "retention")
@@ -61,15 +68,34 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.probe_layer must be a non-negative integer, got {self.probe_layer!r}")
         if self.semantics not in SEMANTICS:
             raise ConfigError(f"headrouter.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
-        from headrouter_vllm.routing.tasks import check_task
+        from headrouter_vllm.routing.policies import POLICIES
+        from headrouter_vllm.routing.tasks import check_task, register_operator_tasks
 
+        if self.policy not in POLICIES:
+            raise ConfigError(f"headrouter.policy must be one of {POLICIES}, got {self.policy!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"headrouter.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.record_probes, bool):
+            raise ConfigError(f"headrouter.record_probes must be true or false, got {self.record_probes!r}")
+        if self.profiles is not None:
+            register_operator_tasks(self.load_profiles().task_names())
         try:
             check_task(self.default_task)
         except ValueError as e:
             raise ConfigError(f"headrouter.default_task: {e}") from None
-        if self.profiles is not None:
-            raise ConfigError("headrouter.profiles: calibrated profile files are not supported yet; leave it unset "
-                              "(uniform head weights are used)")
+
+    def load_profiles(self):
+        """The profile file's contents, or ``None`` without one; a bad file is a ConfigError."""
+        if self.profiles is None:
+            return None
+        from headrouter_vllm.routing.profiles import ProfileError, ProfileSet
+
+        if not isinstance(self.profiles, str):
+            raise ConfigError(f"headrouter.profiles must be a path, got {self.profiles!r}")
+        try:
+            return ProfileSet.load(self.profiles)
+        except ProfileError as e:
+            raise ConfigError(f"headrouter.profiles: {e}") from None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> HeadRouterConfig:

@@ -37,6 +37,7 @@ class RoutePlan:
     task: str
     retention: float
     semantics: str
+    policy: str
 
     @property
     def audio_tokens(self) -> int:
@@ -63,9 +64,10 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     (or a retention that keeps every token), or no text after the audio to probe with."""
     retention = options.retention if options.retention is not None else config.retention
     task = options.task if options.task is not None else config.default_task
+    policy = options.policy if options.policy is not None else config.policy
     if not spans or retention >= 1.0:
         return None
     plan_spans = tuple(Span(s, n, keep_count(retention, n)) for s, n in spans)
     if all(sp.keep == sp.length for sp in plan_spans) or plan_spans[-1].end >= num_prompt_tokens:
         return None
-    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, config.semantics)
+    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, config.semantics, policy)

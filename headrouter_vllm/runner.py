@@ -28,10 +28,10 @@ from headrouter_vllm.attention.cpu_kv import CpuKvPages
 from headrouter_vllm.config import HeadRouterConfig, environment
 from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.log import get_logger
-from headrouter_vllm.models import adapter_for, audio_spans
+from headrouter_vllm.models import adapter_for, audio_spans, resolve_probe_layer
 from headrouter_vllm.patch.attention_forward import wrap_impl_forward
 from headrouter_vllm.plan import RoutePlan, make_plan
-from headrouter_vllm.routing import select_shared
+from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
 logger = get_logger(__name__)
 
@@ -58,6 +58,8 @@ class ProbeLog:
     margin: float | None
     probe_s: float
     compact_s: float = 0.0
+    alpha: list[dict[str, float] | None] | None = None  # routing mix per span
+    probes: list[SpanProbe] | None = None  # what the probe measured per span (record_probes)
 
 
 @dataclasses.dataclass
@@ -81,12 +83,10 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
         self.hr_config = HeadRouterConfig.from_vllm_config(vllm_config) or HeadRouterConfig()
-        self.hr_adapter = adapter_for(vllm_config.model_config.hf_config)
-        num_layers = vllm_config.model_config.hf_config.get_text_config().num_hidden_layers
-        self.hr_probe_layer = (self.hr_config.probe_layer if self.hr_config.probe_layer is not None
-                               else min(self.hr_adapter.default_probe_layer, num_layers - 1))
-        if self.hr_probe_layer >= num_layers:
-            raise ValueError(f"headrouter.probe_layer {self.hr_probe_layer} >= the model's {num_layers} layers")
+        hf_config = vllm_config.model_config.hf_config
+        self.hr_adapter = adapter_for(hf_config)
+        self.hr_profiles = self.hr_config.load_profiles()
+        self.hr_probe_layer = resolve_probe_layer(self.hr_config, hf_config, self.hr_profiles)
         self.hr_poison = environment().poison_value
         self.hr_routes: dict[str, RouteState] = {}  # planned, not yet compacted
         self.hr_removed: dict[str, int] = {}  # compacted: KV slots removed
@@ -176,28 +176,38 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
             return
         for item in self.hr_step:
             t0 = time.perf_counter()
-            plan = item.state.plan
+            plan, route = item.state.plan, item.state
             hi = min(item.computed + item.num_tokens, plan.num_prompt_tokens)
             positions = torch.arange(max(plan.probe_start, item.computed), hi)
             q = query[item.token_start + positions - item.computed]
-            k, _ = self._layer_keys(layer, item, key, value, kv_cache, upto=hi)
+            k, v = self._layer_keys(layer, item, key, value, kv_cache, upto=hi, values=plan.policy == "similarity")
             columns = torch.cat([torch.arange(sp.start, sp.end) for sp in plan.spans])
             mass = probe_scores(q, k, positions, columns, layer.impl.scale)
-            route = item.state
             route.head_mass = mass if route.head_mass is None else route.head_mass + mass
-            if not item.final:
-                continue
-            head_scores = route.head_mass / (plan.num_prompt_tokens - plan.probe_start)
-            kept, margins, offset = [], [], 0
-            for sp in plan.spans:
-                idx, margin = select_shared(head_scores[:, offset:offset + sp.length], sp.keep)
-                kept.append(sp.start + idx)
-                margins.append(margin)
-                offset += sp.length
-            route.kept = torch.cat(kept)
-            known = [m for m in margins if m is not None]
-            item.log = ProbeLog(item.req_id, route.kept.tolist(), min(known) if known else None,
-                                time.perf_counter() - t0)
+            if item.final:
+                # the last prompt row is in the final step (FastV's signal)
+                last_row = probe_scores(q[-1:], k, positions[-1:], columns, layer.impl.scale)
+                self._select(item, route.head_mass / (plan.num_prompt_tokens - plan.probe_start), last_row,
+                             None if v is None else v[columns], k.shape[1], time.perf_counter() - t0)
+
+    def _select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float) -> None:
+        plan = item.state.plan
+        settings = RouteSettings(policy=plan.policy, task=plan.task, seed=self.hr_config.seed)
+        kept, margins, alphas, probes, offset = [], [], [], [], 0
+        for sp in plan.spans:
+            cols = slice(offset, offset + sp.length)
+            probe = SpanProbe(head_scores[:, cols], last_row[:, cols], num_kv_heads,
+                              None if values is None else values[cols])
+            selection = select(probe, sp.keep, settings, self.hr_profiles)
+            kept.append(sp.start + selection.kept)
+            margins.append(selection.margin)
+            alphas.append(selection.alpha)
+            probes.append(probe)
+            offset += sp.length
+        item.state.kept = torch.cat(kept)
+        known = [m for m in margins if m is not None]
+        item.log = ProbeLog(item.req_id, item.state.kept.tolist(), min(known) if known else None, probe_s,
+                            alpha=alphas, probes=probes if self.hr_config.record_probes else None)
 
     @torch.inference_mode()
     def _attend_kept_only(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:

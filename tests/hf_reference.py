@@ -1,8 +1,9 @@
 """An HF-transformers reference of HeadRouter on Qwen2-Audio (eager attention, fp32), independent of the
-engine: full prefill, probe from ``output_attentions[probe_layer]`` (the rows after the audio, mean over rows
-and heads, at the audio columns), keep the top ``round(r*N)``, delete the other audio KV from every layer,
-greedy decode with the original positions. ``in_prompt``: the prefill is re-run with the rows after the
-audio masked from the dropped audio in layers above the probe layer."""
+engine's attention code: full prefill; the probe from ``output_attentions[probe_layer]`` (the rows after the
+audio, mean over rows, at the audio columns; the last row for FastV; value vectors from ``v_proj`` for the
+similarity policy); the kept set from the same routing policy the engine calls; the other audio KV deleted
+from every layer; greedy decode with the original positions. ``in_prompt``: the prefill is re-run with the
+rows after the audio masked from the dropped audio in layers above the probe layer."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def keep_count(r: float, n: int) -> int:
 
 @torch.no_grad()
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
-              semantics: str = "after_prompt") -> dict:
+              semantics: str = "after_prompt", policy: str = "headrouter", task: str = "auto", seed: int = 0,
+              profiles=None) -> dict:
     model, processor = load(model_dir)
     if wave is None:
         inputs = processor.tokenizer(prompt, return_tensors="pt")
@@ -45,14 +47,24 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
         start, n = int(pos[0]), int(pos.numel())
         info.update(start=start, audio_tokens=n)
     if wave is not None and retention < 1.0:
-        out = model(**kwargs, output_attentions=True)
+        from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
+
+        values = []
+        attn_module = model.model.language_model.layers[probe_layer].self_attn
+        hook = attn_module.v_proj.register_forward_hook(lambda mod, args, out: values.append(out[0]))
+        try:
+            out = model(**kwargs, output_attentions=True)
+        finally:
+            hook.remove()
         attn = out.attentions[probe_layer][0]  # [Hq, L, L] softmax probabilities
-        score = attn[:, start + n:length, start:start + n].mean(dim=1).mean(dim=0)
+        num_kv = model.config.text_config.num_key_value_heads
+        probe = SpanProbe(head_scores=attn[:, start + n:length, start:start + n].mean(dim=1),
+                          last_row=attn[:, length - 1, start:start + n], num_kv_heads=num_kv,
+                          values=values[0][start:start + n].view(n, num_kv, -1))
         keep = keep_count(retention, n)
-        top = torch.topk(score, min(keep + 1, n))
-        kept = top.indices[:keep].sort().values
-        info.update(kept=(start + kept).tolist(), keep=keep,
-                    margin=float(top.values[keep - 1] - top.values[keep]) if keep < n else None)
+        selection = select(probe, keep, RouteSettings(policy=policy, task=task, seed=seed), profiles)
+        kept = selection.kept
+        info.update(kept=(start + kept).tolist(), keep=keep, margin=selection.margin, alpha=selection.alpha)
         if semantics == "in_prompt":
             out = _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer)
     else:

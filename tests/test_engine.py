@@ -6,6 +6,7 @@ batch; each engine is started once per module and its results are shared by the 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 
@@ -29,11 +30,32 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def make_cases(speech):
-    """(name, prompt, wave, retention); retention None = no HeadRouter options at all."""
-    cases = [(f"{clip}_r{r}", PROMPTS[clip], speech[clip], r) for clip in PROMPTS for r in RETENTIONS]
-    cases.append(("short_no_options", PROMPTS["short"], speech["short"], None))
-    cases.append(("text_only", TEXT_PROMPT, None, 0.5))  # names a retention, has no audio: runs as vanilla
+BASELINES = ("fastv", "random", "uniform", "similarity", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    prompt: str
+    wave: object
+    retention: float | None  # None: the request names no HeadRouter option at all
+    policy: str | None = None
+    task: str | None = None
+
+    def route_args(self):
+        from headrouter_vllm.api.options import route_args
+
+        if self.retention is None:
+            return None
+        return route_args(retention=self.retention, policy=self.policy, task=self.task)
+
+
+def make_cases(speech) -> list[Case]:
+    cases = [Case(f"{clip}_r{r}", PROMPTS[clip], speech[clip], r) for clip in PROMPTS for r in RETENTIONS]
+    cases += [Case(f"long_r0.5_{policy}", PROMPTS["long"], speech["long"], 0.5, policy, "asr")
+              for policy in BASELINES]
+    cases.append(Case("short_no_options", PROMPTS["short"], speech["short"], None))
+    cases.append(Case("text_only", TEXT_PROMPT, None, 0.5))  # names a retention, has no audio: runs as vanilla
     return cases
 
 
@@ -54,7 +76,6 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
 
     if poison is not None:
         os.environ["HEADROUTER_POISON_FREED_KV"] = str(poison)
@@ -71,18 +92,17 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
     def inputs(prompt, wave):
         return {"prompt": prompt, "multi_modal_data": {"audio": (wave, 16000)}} if wave is not None else prompt
 
-    def params(r):
-        return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                              extra_args=None if r is None else route_args(retention=r))
+    def params(case):
+        return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=case.route_args())
 
-    singles = [llm.generate(inputs(p, w), params(r), use_tqdm=False)[0] for _, p, w, r in cases]
-    batch = llm.generate([inputs(p, w) for _, p, w, r in cases], [params(r) for *_, r in cases], use_tqdm=False)
+    singles = [llm.generate(inputs(c.prompt, c.wave), params(c), use_tqdm=False)[0] for c in cases]
+    batch = llm.generate([inputs(c.prompt, c.wave) for c in cases], [params(c) for c in cases], use_tqdm=False)
     records = {rec.request_id: rec for rec in getattr(scheduler, "hr_records", ())}
     logs = {}
     if headrouter is not None:
         logs = {log.req_id: log for log in inprocess.model_runner(llm).hr_log}
     for phase, outputs in (("single", singles), ("batch", batch)):
-        for (name, *_), out in zip(cases, outputs, strict=True):
+        for name, out in zip([c.name for c in cases], outputs, strict=True):
             rid = next((k for k in {**records, **logs} if k.split("-")[0] == out.request_id.split("-")[0]), None)
             result[phase][name] = dict(tokens=list(out.outputs[0].token_ids), prompt_ids=list(out.prompt_token_ids),
                                        record=records.get(rid), log=logs.get(rid))
@@ -116,16 +136,17 @@ def hf(tiny_model, cases):
     def get(name, semantics="after_prompt", probe_layer=PROBE_LAYER):
         key = (name, semantics, probe_layer)
         if key not in cache:
-            _, prompt, wave, r = next(c for c in cases if c[0] == name)
-            cache[key] = reference(tiny_model, prompt, wave, 1.0 if r is None else r, NEW_TOKENS,
-                                   probe_layer=probe_layer, semantics=semantics)
+            c = next(c for c in cases if c.name == name)
+            cache[key] = reference(tiny_model, c.prompt, c.wave, 1.0 if c.retention is None else c.retention,
+                                   NEW_TOKENS, probe_layer=probe_layer, semantics=semantics,
+                                   policy=c.policy or "headrouter", task=c.task or "auto")
         return cache[key]
 
     return get
 
 
 UNROUTED = ["short_r1.0", "long_r1.0", "short_no_options", "text_only"]
-ROUTED = [f"{clip}_r{r}" for clip in PROMPTS for r in RETENTIONS if r < 1.0]
+ROUTED = [f"{clip}_r{r}" for clip in PROMPTS for r in RETENTIONS if r < 1.0] + [f"long_r0.5_{p}" for p in BASELINES]
 PHASES = ["single", "batch"]
 
 
@@ -164,9 +185,9 @@ def test_in_prompt_semantics_equal_hf_reference(engine, hf, mode, name, phase):
 
 
 @pytest.mark.parametrize("name", ROUTED)
-def test_kept_count_and_freed_blocks_follow_the_plan(engine, hf, name):
+def test_kept_count_and_freed_blocks_follow_the_plan(engine, hf, cases, name):
     ref = hf(name)
-    r = float(name.rsplit("_r", 1)[1])
+    r = next(c.retention for c in cases if c.name == name)
     n, length = ref["audio_tokens"], ref["length"]
     keep = keep_count(r, n)
     for phase in PHASES:
@@ -187,7 +208,7 @@ def test_block_pool_returns_to_start(engine, mode):
 def test_pruning_changes_the_answer(engine):
     """The tiny model is peaky enough that pruning is visible: otherwise the tests above prove little."""
     result = engine("after_prompt")["single"]
-    changed = [n for n in ROUTED if result[n]["tokens"] != result[n.rsplit("_r", 1)[0] + "_r1.0"]["tokens"]]
+    changed = [n for n in ROUTED if result[n]["tokens"] != result[n.split("_r")[0] + "_r1.0"]["tokens"]]
     assert len(changed) == len(ROUTED)
     freed = sum(result[n]["record"].blocks_freed for n in ROUTED)
     assert freed > 0

@@ -5,6 +5,8 @@ in OpenAI ``metadata`` (string values), which the middleware moves into ``vllm_x
 
     headrouter_task       a task name (see routing.tasks) or auto / semantic / acoustic / mixed
     headrouter_retention  fraction of audio tokens kept, in (0, 1]
+    headrouter_policy     how kept tokens are chosen: headrouter, or a baseline (oracle, fastv, random, uniform,
+                          similarity), for side-by-side comparisons through the same engine
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from headrouter_vllm.routing.tasks import check_task
 
 XARG_TASK = "headrouter_task"
 XARG_RETENTION = "headrouter_retention"
-OPTION_KEYS = (XARG_TASK, XARG_RETENTION)
+XARG_POLICY = "headrouter_policy"
+OPTION_KEYS = (XARG_TASK, XARG_RETENTION, XARG_POLICY)
+FIELD_TO_KEY = {"task": XARG_TASK, "retention": XARG_RETENTION, "policy": XARG_POLICY}
 
 
 class OptionError(ValueError):
@@ -37,6 +41,16 @@ class RouteOptions(BaseModel):
 
     task: str | None = None
     retention: float | None = None
+    policy: str | None = None
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy(cls, value: Any) -> Any:
+        from headrouter_vllm.routing.policies import POLICIES
+
+        if value is not None and value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICIES)}")
+        return value
 
     @field_validator("task", mode="before")
     @classmethod
@@ -63,22 +77,17 @@ class RouteOptions(BaseModel):
 def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "") -> RouteOptions:
     """Read the HeadRouter keys of ``extra_args`` (other keys are left to vLLM); raise OptionError."""
     extra_args = extra_args or {}
-    values = {"task": extra_args.get(XARG_TASK), "retention": extra_args.get(XARG_RETENTION)}
+    values = {field: extra_args.get(key) for field, key in FIELD_TO_KEY.items()}
     try:
         return RouteOptions(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        field = {"task": XARG_TASK, "retention": XARG_RETENTION}[str(err["loc"][0])]
+        field = FIELD_TO_KEY[str(err["loc"][0])]
         message = str(err["msg"]).removeprefix("Value error, ")
         raise OptionError(prefix + field, message) from None
 
 
-def route_args(task: str | None = None, retention: float | None = None) -> dict[str, Any]:
+def route_args(task: str | None = None, retention: float | None = None, policy: str | None = None) -> dict[str, Any]:
     """``extra_args`` for the offline API: ``SamplingParams(extra_args=route_args(task="asr", retention=0.5))``."""
-    options = RouteOptions(task=task, retention=retention)
-    out: dict[str, Any] = {}
-    if options.task is not None:
-        out[XARG_TASK] = options.task
-    if options.retention is not None:
-        out[XARG_RETENTION] = options.retention
-    return out
+    options = RouteOptions(task=task, retention=retention, policy=policy)
+    return {key: getattr(options, field) for field, key in FIELD_TO_KEY.items() if getattr(options, field) is not None}

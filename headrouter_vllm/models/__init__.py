@@ -60,3 +60,22 @@ def audio_spans(mm_features: Any) -> list[tuple[int, int]]:
             start, length = start + int(idx[0]), int(idx.numel())
         spans.append((start, length))
     return sorted(spans)
+
+
+def resolve_probe_layer(config: Any, hf_config: Any, profiles: Any = None) -> int:
+    """The probe layer an engine uses: the config's, else the profile file's, else the adapter's default; checked
+    against the model (and against the profile file, which is only valid at the layer it was calibrated at)."""
+    num_layers = hf_config.get_text_config().num_hidden_layers
+    if config.probe_layer is not None:
+        layer = config.probe_layer
+    elif profiles is not None:
+        layer = profiles.probe_layer
+    else:
+        layer = min(adapter_for(hf_config).default_probe_layer, num_layers - 1)
+    if layer >= num_layers:
+        raise ValueError(f"headrouter.probe_layer {layer} >= the model's {num_layers} layers")
+    if profiles is not None:
+        from headrouter_vllm.routing.profiles import ModelIdentity
+
+        profiles.check_model(ModelIdentity.of(hf_config), layer)
+    return layer

@@ -24,9 +24,14 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     config = HeadRouterConfig.from_vllm_config(vllm_config)
     if config is None:
         return None
-    from headrouter_vllm.models import adapter_for
+    from headrouter_vllm.models import adapter_for, resolve_probe_layer
 
-    adapter_for(vllm_config.model_config.hf_config)
+    hf_config = vllm_config.model_config.hf_config
+    adapter_for(hf_config)
+    try:
+        resolve_probe_layer(config, hf_config, config.load_profiles())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     sched = vllm_config.scheduler_config
     if sched.scheduler_cls in (None, "", SCHEDULER_CLS):
         sched.scheduler_cls = SCHEDULER_CLS

@@ -30,3 +30,23 @@ def select_shared(head_scores: torch.Tensor, keep: int,
     kept = top.indices[:keep].sort().values
     margin = float(top.values[keep - 1] - top.values[keep]) if keep < n else None
     return kept, margin
+
+
+def select_per_head(head_scores: torch.Tensor, budgets: torch.Tensor, head_weights: torch.Tensor | None = None,
+                    ) -> list[torch.Tensor]:
+    """``per_head`` selection: KV head g keeps its own top ``budgets[g]`` tokens, scored by the weighted sum of
+    the query heads that share it (GQA). Returns one ascending index tensor per KV head."""
+    num_heads, n = head_scores.shape
+    num_kv = budgets.numel()
+    group = num_heads // num_kv
+    weights = torch.full((num_heads,), 1.0 / num_heads) if head_weights is None else head_weights.float()
+    per_query = weights[:, None] * head_scores.float()
+    kept = []
+    for g in range(num_kv):
+        rows = slice(g * group, (g + 1) * group)
+        score = per_query[rows].sum(dim=0)
+        if float(weights[rows].sum()) == 0.0:  # a head the router switched off still ranks by attention
+            score = head_scores[rows].float().mean(dim=0)
+        b = int(budgets[g])
+        kept.append(torch.topk(score, b).indices.sort().values if b else torch.empty(0, dtype=torch.long))
+    return kept

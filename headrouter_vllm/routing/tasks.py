@@ -1,8 +1,9 @@
-"""Task names a request may route by.
+"""Task names a request may route by, and the routing prior each one gives the router.
 
-Built-in names follow AudioMarathon's task groups. Until calibrated profiles exist every task routes
-with uniform head weights (see ``docs``/README "Known limits"); the names are validated now so
-clients can send them from day one.
+Built-in names follow AudioMarathon's task groups (semantic: asr, ser, scr; acoustic: the rest). A named task
+supplies a prior over the three head-weight profiles that is combined with the input's own behaviour; ``auto``
+supplies none (the input alone decides); a group name (``semantic``, ``acoustic``, ``mixed``) pins the prior to
+that group. A profile file may add tasks of its own (see :mod:`headrouter_vllm.routing.profiles`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,21 @@ BUILTIN_TASKS: dict[str, str] = {
     "emotion": "acoustic",
 }
 
+# How strongly a named task leans to its group; the rest is spread evenly (a prior, not a hard switch).
+TASK_PRIOR_WEIGHT = 0.8
+
+
+# Tasks an operator added in the loaded profile file (set when the engine config is built, in each process).
+_operator_tasks: tuple[str, ...] = ()
+
+
+def register_operator_tasks(names: tuple[str, ...]) -> None:
+    global _operator_tasks
+    _operator_tasks = tuple(n for n in names if n not in BUILTIN_TASKS and n not in GROUPS and n != AUTO)
+
 
 def known_tasks() -> list[str]:
-    return [AUTO, *GROUPS, *BUILTIN_TASKS]
+    return [AUTO, *GROUPS, *BUILTIN_TASKS, *_operator_tasks]
 
 
 def check_task(task: object) -> str:
@@ -35,3 +48,21 @@ def check_task(task: object) -> str:
     if task not in known_tasks():
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(known_tasks())}")
     return task
+
+
+def group_prior(group: str, weight: float = TASK_PRIOR_WEIGHT) -> dict[str, float]:
+    rest = (1.0 - weight) / (len(GROUPS) - 1)
+    return {g: (weight if g == group else rest) for g in GROUPS}
+
+
+def task_prior(task: str, table: dict[str, dict[str, float]] | None = None) -> dict[str, float] | None:
+    """The prior over profiles that ``task`` names, or ``None`` for ``auto`` (input only)."""
+    if task == AUTO:
+        return None
+    if table and task in table:
+        return dict(table[task])
+    if task in GROUPS:
+        return group_prior(task, weight=1.0)
+    if task in BUILTIN_TASKS:
+        return group_prior(BUILTIN_TASKS[task])
+    raise ValueError(f"unknown task {task!r}")

@@ -1,0 +1,136 @@
+"""The head-profile file: versioned JSON written by ``headrouter-vllm calibrate``, loaded at startup.
+
+```json
+{"format": "headrouter-profiles", "version": 1,
+ "model": {"architecture": "Qwen2AudioForConditionalGeneration", "num_layers": 4, "num_heads": 4,
+           "num_kv_heads": 2, "head_dim": 32},
+ "probe_layer": 2, "tau": 0.1,
+ "profiles": {"semantic": {"prototype": [...], "weights": [...]}, "acoustic": {...}, "mixed": {...}},
+ "position_prior": [[...], ...],            // [num_heads][bins], or null
+ "tasks": {"asr": {"semantic": 0.8, "acoustic": 0.1, "mixed": 0.1}, ...},
+ "calibration": {...}}                      // free-form provenance
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headrouter_vllm.routing.router import Profile
+from headrouter_vllm.routing.tasks import GROUPS
+
+FORMAT = "headrouter-profiles"
+VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A profile file is malformed or does not match the served model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, hf_config: Any) -> ModelIdentity:
+        text = hf_config.get_text_config()
+        return cls(architecture=(hf_config.architectures or ["?"])[0], num_layers=text.num_hidden_layers,
+                   num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
+                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSet:
+    model: ModelIdentity
+    probe_layer: int
+    tau: float
+    profiles: dict[str, Profile]
+    position_prior: torch.Tensor | None  # [Hq, bins]
+    tasks: dict[str, dict[str, float]]
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self.tasks)
+
+    def check_model(self, model: ModelIdentity, probe_layer: int) -> None:
+        if model != self.model:
+            raise ProfileError(f"profile file was calibrated for {self.model}, but the served model is {model}")
+        if probe_layer != self.probe_layer:
+            raise ProfileError(f"profile file was calibrated at probe layer {self.probe_layer}, "
+                               f"but the engine probes layer {probe_layer}")
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(self.model),
+                "probe_layer": self.probe_layer, "tau": self.tau,
+                "profiles": {g: {"prototype": p.prototype.tolist(), "weights": p.weights.tolist()}
+                             for g, p in self.profiles.items()},
+                "position_prior": None if self.position_prior is None else self.position_prior.tolist(),
+                "tasks": self.tasks, "calibration": self.calibration}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProfileSet:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ProfileError(f"profile file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"profile file {path} is not JSON: {e}") from None
+        try:
+            return cls.from_json(data)
+        except ProfileError as e:
+            raise ProfileError(f"profile file {path}: {e}") from None
+
+    @classmethod
+    def from_json(cls, data: Any) -> ProfileSet:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"not a {FORMAT} file")
+        if data.get("version") != VERSION:
+            raise ProfileError(f"version {data.get('version')!r} is not supported (this release reads {VERSION})")
+        try:
+            model = ModelIdentity(**data["model"])
+            num_heads = model.num_heads
+            profiles = {}
+            for group in GROUPS:
+                entry = data["profiles"][group]
+                prototype = _vector(entry["prototype"], num_heads, f"profiles.{group}.prototype")
+                weights = _vector(entry["weights"], num_heads, f"profiles.{group}.weights")
+                if bool((weights < 0).any()) or not math.isclose(float(weights.sum()), 1.0, rel_tol=1e-4):
+                    raise ProfileError(f"profiles.{group}.weights must be non-negative and sum to 1")
+                profiles[group] = Profile(prototype, weights)
+            prior = data.get("position_prior")
+            prior_t = None
+            if prior is not None:
+                prior_t = torch.tensor(prior, dtype=torch.float32)
+                if prior_t.dim() != 2 or prior_t.shape[0] != num_heads or bool((prior_t <= 0).any()):
+                    raise ProfileError("position_prior must be [num_heads][bins] of positive numbers")
+            tasks = {}
+            for name, mix in (data.get("tasks") or {}).items():
+                if set(mix) - set(GROUPS) or any(not isinstance(v, (int, float)) or v < 0 for v in mix.values()):
+                    raise ProfileError(f"tasks.{name} must map {GROUPS} to non-negative numbers")
+                tasks[name] = {g: float(mix.get(g, 0.0)) for g in GROUPS}
+            tau = float(data["tau"])
+            if not tau > 0:
+                raise ProfileError("tau must be positive")
+            return cls(model, int(data["probe_layer"]), tau, profiles, prior_t, tasks, data.get("calibration", {}))
+        except (KeyError, TypeError) as e:
+            raise ProfileError(f"missing or malformed field: {e}") from None
+
+
+def _vector(values: Any, n: int, name: str) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float32)
+    if t.shape != (n,) or not bool(torch.isfinite(t).all()):
+        raise ProfileError(f"{name} must be {n} finite numbers")
+    return t
