@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
 from headrouter_vllm.api.options import RouteOptions
 from headrouter_vllm.config import HeadRouterConfig
 
@@ -71,3 +73,24 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     if all(sp.keep == sp.length for sp in plan_spans) or plan_spans[-1].end >= num_prompt_tokens:
         return None
     return RoutePlan(plan_spans, num_prompt_tokens, task, retention, config.semantics, policy)
+
+
+def compaction_moves(plan: RoutePlan, kept: torch.Tensor, computed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot moves that close the gaps left by dropped audio, for a request with ``computed`` tokens of KV.
+
+    ``kept``: the kept audio positions (absolute, ascending, inside the spans). Every token from the first span
+    on that is not dropped audio (kept audio, text between and after spans, generated tokens) moves down, in
+    order, to close the gaps. Returns ``(src, dst)`` with unmoved slots left out; afterwards the request holds
+    ``computed - plan.removed`` slots.
+    """
+    first = plan.spans[0].start
+    survives = torch.ones(computed, dtype=torch.bool)
+    for sp in plan.spans:
+        survives[sp.start:sp.end] = False
+    survives[kept] = True
+    src = torch.nonzero(survives[first:]).flatten() + first
+    dst = torch.arange(first, first + src.numel())
+    if dst.numel() + plan.removed != computed - first:
+        raise ValueError("kept set does not match the plan")
+    moving = src != dst
+    return src[moving], dst[moving]

@@ -30,7 +30,7 @@ from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans, resolve_probe_layer
 from headrouter_vllm.patch.attention_forward import wrap_impl_forward
-from headrouter_vllm.plan import RoutePlan, make_plan
+from headrouter_vllm.plan import RoutePlan, compaction_moves, make_plan
 from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
 logger = get_logger(__name__)
@@ -261,17 +261,7 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
         plan, kept = item.state.plan, item.state.kept
         state = self.requests[item.req_id]
         computed = item.computed + item.num_tokens
-        first = plan.spans[0].start
-        # kept audio and every non-audio token from the first span on, in order, move down to close the gaps
-        keep = torch.ones(computed, dtype=torch.bool)
-        for sp in plan.spans:
-            keep[sp.start:sp.end] = False
-        keep[kept] = True
-        src = torch.nonzero(keep[first:]).flatten() + first
-        dst = torch.arange(first, first + src.numel())
-        assert dst.numel() + plan.removed == computed - first
-        moving = src != dst
-        src, dst = src[moving], dst[moving]
+        src, dst = compaction_moves(plan, kept, computed)
         vacated = torch.arange(computed - plan.removed, computed)
         seen = set()
         row = self.input_batch.req_id_to_index.get(item.req_id)

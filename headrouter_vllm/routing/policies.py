@@ -11,7 +11,7 @@ the offline references call the same :func:`select`.
 | ``fastv`` | the last prompt row's attention | no | uniform |
 | ``random`` | seeded permutation | - | - |
 | ``uniform`` | evenly spaced tokens | - | - |
-| ``similarity`` | drop near-duplicates (cosine of value vectors, DART-like pivots) | - | - |
+| ``similarity`` | drop near-duplicates first (cosine of value vectors, DART-like) | - | - |
 """
 
 from __future__ import annotations
@@ -119,16 +119,22 @@ def _routed(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Prof
 
 
 def _dissimilar(probe: SpanProbe, keep: int) -> torch.Tensor:
-    """DART-like: pivots are the tokens with the largest value-vector L1 norm; the rest are ranked by how unlike
-    every pivot they are (lowest max cosine similarity), so near-duplicates of kept tokens go first."""
+    """Duplicate removal (DART-like): start from the pivot with the largest value-vector L1 norm, then repeatedly
+    add the token least similar (cosine of value vectors) to everything kept so far. Near-duplicates of kept
+    tokens are therefore the last to be kept. O(keep * N * d)."""
     if probe.values is None:
         raise ValueError("the similarity policy needs the probe layer's value vectors")
     v = probe.values.float().reshape(probe.values.shape[0], -1)
     n = v.shape[0]
-    num_pivots = max(1, min(keep, keep // 8 or 1))
-    pivots = torch.topk(v.abs().sum(dim=1), num_pivots).indices
+    if keep >= n:
+        return torch.arange(n)
     unit = torch.nn.functional.normalize(v, dim=1)
-    redundancy = (unit @ unit[pivots].T).max(dim=1).values
-    redundancy[pivots] = float("-inf")  # pivots are always kept
-    order = torch.argsort(redundancy, stable=True)
-    return order[:keep].sort().values if keep < n else torch.arange(n)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    pivot = int(torch.argmax(v.abs().sum(dim=1)))
+    closest = torch.full((n,), float("-inf"))
+    for _ in range(keep):
+        chosen[pivot] = True
+        closest = torch.maximum(closest, unit @ unit[pivot])
+        closest[chosen] = float("inf")
+        pivot = int(torch.argmin(closest))
+    return torch.nonzero(chosen).flatten()

@@ -1,0 +1,225 @@
+"""One invariant matrix over every selection policy, plus the routing pieces: debias, router, budgets, profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from headrouter_vllm.api.options import RouteOptions
+from headrouter_vllm.config import HeadRouterConfig
+from headrouter_vllm.plan import compaction_moves, make_plan
+from headrouter_vllm.routing.budgets import per_head_budgets
+from headrouter_vllm.routing.policies import POLICIES, RouteSettings, SpanProbe, select, uniform_indices
+from headrouter_vllm.routing.profiles import ModelIdentity, ProfileError, ProfileSet
+from headrouter_vllm.routing.router import Profile, route
+from headrouter_vllm.routing.tasks import GROUPS
+
+HEADS, KV_HEADS = 8, 2
+
+
+def make_probe(n: int, seed: int = 0, heads: int = HEADS, kv: int = KV_HEADS) -> SpanProbe:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(heads, n, generator=g) ** 3 / n
+    return SpanProbe(scores, torch.rand(heads, n, generator=g) / n, kv, torch.randn(n, kv, 4, generator=g))
+
+
+def make_profiles(heads: int = HEADS, kv: int = KV_HEADS) -> ProfileSet:
+    semantic = torch.full((heads,), 0.5)
+    acoustic = torch.zeros(heads)
+    acoustic[:2] = 1.0
+    mixed = (semantic + acoustic) / 2
+    profiles = {g: Profile(p, p / p.sum()) for g, p in zip(GROUPS, (semantic, acoustic, mixed), strict=True)}
+    return ProfileSet(ModelIdentity("X", 4, heads, kv, 4), 2, 0.1, profiles, None, {"karaoke": {"acoustic": 1.0}})
+
+
+SETTINGS = [RouteSettings(policy=p) for p in POLICIES] + [
+    RouteSettings(policy=p, mode="per_head", b_min_fraction=0.0, b_max_fraction=1.0) for p in ("headrouter", "oracle")]
+SIZES = [(1, 1), (3, 1), (3, 3), (7, 4), (50, 1), (50, 17), (50, 35), (50, 50), (301, 90)]
+
+
+@pytest.mark.parametrize("with_profiles", [False, True], ids=["no_profiles", "profiles"])
+@pytest.mark.parametrize("n,keep", SIZES, ids=[f"N{n}_keep{k}" for n, k in SIZES])
+@pytest.mark.parametrize("settings", SETTINGS, ids=[f"{s.policy}-{s.mode}" for s in SETTINGS])
+def test_policy_invariants(settings, n, keep, with_profiles):
+    probe = make_probe(n, seed=n * 31 + keep)
+    profiles = make_profiles() if with_profiles else None
+    sel = select(probe, keep, dataclasses.replace(settings, task="asr"), profiles)
+    again = select(probe, keep, dataclasses.replace(settings, task="asr"), profiles)
+    assert torch.equal(sel.kept, again.kept)  # deterministic
+    if settings.mode == "shared":
+        assert sel.kept.numel() == keep
+        heads_kept = [sel.kept]
+    else:
+        heads_kept = sel.per_head
+        assert len(heads_kept) == KV_HEADS and sum(h.numel() for h in heads_kept) == keep * KV_HEADS
+    for kept in heads_kept:
+        assert kept.dtype == torch.long
+        assert torch.equal(kept, torch.unique(kept))  # sorted and unique
+        assert kept.numel() == 0 or (int(kept[0]) >= 0 and int(kept[-1]) < n)
+    if keep == n:
+        assert all(torch.equal(h, torch.arange(n)) for h in heads_kept)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_bad_keep_is_an_error(policy):
+    with pytest.raises(ValueError):
+        select(make_probe(5), 0, RouteSettings(policy=policy))
+    with pytest.raises(ValueError):
+        select(make_probe(5), 6, RouteSettings(policy=policy))
+
+
+def test_baselines_have_no_per_head_mode():
+    with pytest.raises(ValueError, match="per-head"):
+        select(make_probe(5), 2, RouteSettings(policy="fastv", mode="per_head"))
+
+
+def test_uniform_is_evenly_spaced():
+    assert uniform_indices(10, 5).tolist() == [1, 3, 5, 7, 9]
+    assert uniform_indices(10, 10).tolist() == list(range(10))
+    gaps = uniform_indices(1000, 300).diff()
+    assert int(gaps.min()) >= 3 and int(gaps.max()) <= 4
+
+
+def test_random_depends_on_seed_only():
+    probe = make_probe(100)
+    a = select(probe, 30, RouteSettings(policy="random", seed=1)).kept
+    assert torch.equal(a, select(make_probe(100, seed=9), 30, RouteSettings(policy="random", seed=1)).kept)
+    assert not torch.equal(a, select(probe, 30, RouteSettings(policy="random", seed=2)).kept)
+
+
+def test_similarity_drops_duplicates_first():
+    values = torch.randn(12, 1, 8, generator=torch.Generator().manual_seed(0))
+    values[6:] = values[:6] * 1.001  # tokens 6..11 repeat 0..5
+    probe = SpanProbe(torch.ones(2, 12), torch.ones(2, 12), 1, values)
+    kept = select(probe, 6, RouteSettings(policy="similarity")).kept.tolist()
+    originals = {k % 6 for k in kept}
+    assert len(originals) == 6  # one copy of each distinct token
+
+
+def tail_biased_probe(n: int = 200, seed: int = 0) -> SpanProbe:
+    """Audio that is the same all the way through, seen through attention that piles up at the span's tail."""
+    g = torch.Generator().manual_seed(seed)
+    trend = 1.0 + 8.0 * (torch.arange(n) / n) ** 4
+    noisy = trend * (1.0 + 0.3 * torch.rand(HEADS, n, generator=g))
+    return SpanProbe(noisy / noisy.sum(dim=1, keepdim=True), noisy / noisy.sum(dim=1, keepdim=True), KV_HEADS)
+
+
+def tail_fraction(kept: torch.Tensor, n: int) -> float:
+    return float((kept >= 3 * n // 4).float().mean())
+
+
+def test_debias_spreads_the_kept_set_where_fastv_piles_at_the_tail():
+    n, keep = 200, 40
+    probe = tail_biased_probe(n)
+    fastv = tail_fraction(select(probe, keep, RouteSettings(policy="fastv")).kept, n)
+    routed = tail_fraction(select(probe, keep, RouteSettings(policy="headrouter")).kept, n)
+    assert fastv > 0.9  # nearly everything from the last quarter
+    assert routed < 0.45  # close to the 0.25 an unbiased choice gives
+
+
+def test_router_sends_behaviour_to_the_nearest_profile():
+    profiles = make_profiles()
+    semantic_like = torch.full((HEADS,), 0.5) + 0.02 * torch.arange(HEADS)
+    acoustic_like = torch.zeros(HEADS)
+    acoustic_like[:2] = 0.9
+    in_between = (semantic_like + acoustic_like) / 2
+    for behaviour, group in ((semantic_like, "semantic"), (acoustic_like, "acoustic"), (in_between, "mixed")):
+        alpha, weights = route(behaviour, profiles.profiles, None, tau=0.05)
+        assert max(alpha, key=alpha.get) == group
+        assert torch.isclose(weights.sum(), torch.tensor(1.0)) and bool((weights >= 0).all())
+
+
+def test_task_prior_pulls_the_mix():
+    profiles = make_profiles()
+    behaviour = (profiles.profiles["semantic"].prototype + profiles.profiles["acoustic"].prototype) / 2
+    auto, _ = route(behaviour, profiles.profiles, None, tau=0.1)
+    asr, _ = route(behaviour, profiles.profiles, {"semantic": 0.98, "acoustic": 0.01, "mixed": 0.01}, tau=0.1)
+    assert asr["semantic"] > auto["semantic"]
+
+
+@pytest.mark.parametrize("weights,total,b_min,b_max", [
+    ([1, 1, 1, 1], 40, 0, 100), ([5, 1, 1, 1], 40, 2, 20), ([1, 0, 0, 0], 12, 1, 9), ([0, 0], 7, 0, 7),
+    ([3, 2, 1], 30, 10, 10), ([0.2, 0.7, 0.1], 1, 0, 1), ([1, 2, 3, 4, 5, 6, 7], 123, 3, 40)])
+def test_budgets_sum_and_bounds(weights, total, b_min, b_max):
+    budgets = per_head_budgets(torch.tensor(weights, dtype=torch.float), total, b_min, b_max)
+    assert int(budgets.sum()) == total
+    assert int(budgets.min()) >= b_min and int(budgets.max()) <= b_max
+
+
+def test_budgets_follow_weights():
+    budgets = per_head_budgets(torch.tensor([4.0, 2.0, 1.0, 1.0]), 80, 0, 80)
+    assert budgets.tolist() == [40, 20, 10, 10]
+    with pytest.raises(ValueError):
+        per_head_budgets(torch.tensor([1.0, 1.0]), 30, 0, 10)
+
+
+def test_profile_file_round_trip_and_checks(tmp_path):
+    profiles = make_profiles()
+    path = tmp_path / "p.json"
+    profiles.save(path)
+    loaded = ProfileSet.load(path)
+    assert loaded.model == profiles.model and loaded.tasks == {"karaoke": {"semantic": 0.0, "acoustic": 1.0,
+                                                                          "mixed": 0.0}}
+    assert all(torch.equal(loaded.profiles[g].weights, profiles.profiles[g].weights) for g in GROUPS)
+    loaded.check_model(profiles.model, 2)
+    with pytest.raises(ProfileError, match="calibrated for"):
+        loaded.check_model(dataclasses.replace(profiles.model, num_heads=16), 2)
+    with pytest.raises(ProfileError, match="probe layer"):
+        loaded.check_model(profiles.model, 1)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(format="x"), "not a headrouter-profiles file"),
+    (lambda d: d.update(version=99), "version 99"),
+    (lambda d: d["profiles"]["semantic"].update(weights=[1.0]), "must be 8 finite numbers"),
+    (lambda d: d["profiles"]["acoustic"].update(weights=[0.5] * 8), "sum to 1"),
+    (lambda d: d["profiles"].pop("mixed"), "missing or malformed"),
+    (lambda d: d.update(tau=0), "tau must be positive"),
+    (lambda d: d.update(position_prior=[[1.0, -1.0]] * 8), "position_prior"),
+    (lambda d: d.update(tasks={"x": {"loud": 1.0}}), "tasks.x"),
+])
+def test_malformed_profile_files(mutate, message):
+    data = make_profiles().to_json()
+    mutate(data)
+    with pytest.raises(ProfileError, match=message):
+        ProfileSet.from_json(data)
+
+
+def test_profile_tasks_become_valid_request_tasks(tmp_path):
+    from headrouter_vllm.api.options import parse_route_options
+    from headrouter_vllm.routing import tasks
+
+    path = tmp_path / "p.json"
+    make_profiles().save(path)
+    try:
+        assert HeadRouterConfig(profiles=str(path)).load_profiles().task_names() == ("karaoke",)
+        assert parse_route_options({"headrouter_task": "karaoke"}).task == "karaoke"
+    finally:
+        tasks.register_operator_tasks(())
+    with pytest.raises(ValueError):
+        parse_route_options({"headrouter_task": "karaoke"})
+
+
+SPAN_LAYOUTS = [[(5, 1)], [(5, 20)], [(0, 10)], [(3, 4), (10, 6)], [(2, 7), (9, 3), (20, 5)]]
+
+
+@pytest.mark.parametrize("spans", SPAN_LAYOUTS, ids=lambda s: str(s))
+@pytest.mark.parametrize("retention", [0.3, 0.7, 1.0])
+def test_compaction_never_drops_text(spans, retention):
+    length = spans[-1][0] + spans[-1][1] + 6
+    plan = make_plan(RouteOptions(retention=retention), HeadRouterConfig(), spans, length)
+    if plan is None:
+        return  # nothing removed: runs as vanilla
+    kept = torch.cat([sp.start + uniform_indices(sp.length, sp.keep) for sp in plan.spans])
+    computed = length + 3  # prompt plus a few generated tokens
+    src, dst = compaction_moves(plan, kept, computed)
+    kv = torch.arange(computed)
+    kv[dst] = kv[src].clone()
+    survivors = kv[:computed - plan.removed].tolist()
+    audio = {p for s, n in spans for p in range(s, s + n)}
+    text = [p for p in range(computed) if p not in audio]
+    assert [p for p in survivors if p not in audio] == text  # every text token, in order
+    assert sorted(p for p in survivors if p in audio) == kept.tolist()
+    assert bool((dst < src).all())  # moves only go down
