@@ -60,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-tokens", type=int, default=12)
     demo.add_argument("--semantics", choices=SEMANTICS, default="after_prompt")
 
+    cal = sub.add_parser("calibrate", help="labelled calibration audio -> head-profile file (see calibrate.py for the "
+                                           "manifest format)")
+    cal.add_argument("--model", required=True, help="model directory")
+    cal.add_argument("--data", required=True, help="manifest: JSON Lines of {audio, task, [group], [question]}")
+    cal.add_argument("--out", required=True, help="profile file to write (JSON)")
+    cal.add_argument("--probe-layer", type=int, default=None)
+    cal.add_argument("--bins", type=int, default=16, help="relative-position bins of the position prior")
+    cal.add_argument("--tau", type=float, default=0.1, help="router temperature written to the file")
+    cal.add_argument("--dtype", default="auto")
+
     make = sub.add_parser("make-model", help="build a local model (no download)")
     from headrouter_vllm.models.build import BUILDERS
 
@@ -81,11 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             from headrouter_vllm.demo import print_rows, run_demo
 
             print_rows(run_demo(args.model, args.retentions, args.max_tokens, args.semantics))
+        elif args.command == "calibrate":
+            from headrouter_vllm.calibrate import calibrate
+
+            profiles = calibrate(args.model, args.data, args.out, bins=args.bins, tau=args.tau,
+                                 probe_layer=args.probe_layer, dtype=args.dtype)
+            print(f"wrote {args.out}: {len(profiles.tasks)} tasks, probe layer {profiles.probe_layer}")
         elif args.command == "make-model":
             from headrouter_vllm.models.build import make_model
 
             print(make_model(args.name, args.out))
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         parser.exit(2, f"headrouter-vllm: error: {e}\n")
     return 0
 

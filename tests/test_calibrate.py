@@ -1,0 +1,132 @@
+"""Calibration through the engine's own probe, and serving with the profile file it writes."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from headrouter_vllm.demo import audio_prompt
+from tests.hf_reference import reference
+
+QUESTION = "What is said in this audio clip?"
+
+
+def tone(seconds: float, freq: float, noise: float, seed: int) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    rng = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * freq * t) + noise * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, speech):
+    folder = tmp_path_factory.mktemp("calibration")
+    lines = []
+    clips = [("speech_short.wav", speech["short"], "asr", None), ("speech_long.wav", speech["long"], "ser", None),
+             ("tone.wav", tone(3.0, 440, 0.05, 0), "scene", None), ("noise.wav", tone(2.5, 90, 0.3, 1), "sed", None),
+             ("beeps.wav", tone(2.0, 1000, 0.1, 2), "beep_count", "acoustic")]
+    for name, wave, task, group in clips:
+        sf.write(folder / name, wave, 16000)
+        lines.append(json.dumps({"audio": name, "task": task, "question": QUESTION, **({"group": group} if group
+                                                                                        else {})}))
+    path = folder / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def profile_file(tiny_model, manifest, tmp_path_factory):
+    from headrouter_vllm.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("profiles") / "profiles.json"
+    calibrate(tiny_model, manifest, out, dtype="float32")
+    gc.collect()
+    return out
+
+
+def test_calibration_writes_a_valid_deterministic_file(tiny_model, manifest, profile_file, tmp_path):
+    from headrouter_vllm.calibrate import calibrate
+    from headrouter_vllm.routing.profiles import ProfileSet
+
+    profiles = ProfileSet.load(profile_file)
+    assert (profiles.model.num_heads, profiles.model.num_kv_heads, profiles.probe_layer) == (4, 2, 2)
+    assert set(profiles.tasks) == {"asr", "ser", "scene", "sed", "beep_count"}
+    assert profiles.tasks["beep_count"]["acoustic"] > 0.5 and profiles.tasks["asr"]["semantic"] > 0.5
+    assert profiles.position_prior.shape == (4, 16)
+    again = tmp_path / "again.json"
+    calibrate(tiny_model, manifest, again, dtype="float32")
+    gc.collect()
+    first, second = json.loads(profile_file.read_text()), json.loads(again.read_text())
+    first["calibration"].pop("manifest"), second["calibration"].pop("manifest")
+    assert first == second
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"audio": "missing.wav", "task": "asr"}', "does not exist"),
+    ('{"audio": "tone.wav", "task": "karaoke"}', "needs a 'group'"),
+    ('{"task": "asr"}', "audio"),
+    ("not json", "Expecting value"),
+])
+def test_bad_manifests(manifest, tmp_path, line, message):
+    from headrouter_vllm.calibrate import read_manifest
+
+    bad = manifest.parent / "bad.jsonl"
+    bad.write_text(manifest.read_text() + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_manifest(bad)
+
+
+def test_manifest_needs_both_groups(manifest):
+    from headrouter_vllm.calibrate import read_manifest
+
+    only_speech = manifest.parent / "speech.jsonl"
+    only_speech.write_text("\n".join(x for x in manifest.read_text().splitlines() if "speech" in x) + "\n")
+    with pytest.raises(ValueError, match="acoustic"):
+        read_manifest(only_speech)
+
+
+def test_engine_routes_with_the_profiles_like_the_reference(tiny_model, profile_file, speech):
+    """With a profile file, the engine's kept sets and tokens equal the offline reference's, for a named task,
+    an operator-added task and auto."""
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm import inprocess
+    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.routing.profiles import ProfileSet
+    from headrouter_vllm.routing.tasks import register_operator_tasks
+
+    profiles = ProfileSet.load(profile_file)
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"audio": 1},
+              additional_config={"headrouter": {"retention": 0.5, "profiles": str(profile_file)}})
+    try:
+        runner = inprocess.model_runner(llm)
+        for task in ("asr", "beep_count", "auto"):
+            out = llm.generate({"prompt": audio_prompt(QUESTION), "multi_modal_data": {"audio": (speech["long"],
+                                                                                                  16000)}},
+                               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                              extra_args=route_args(task=task)), use_tqdm=False)[0]
+            ref = reference(tiny_model, audio_prompt(QUESTION), speech["long"], 0.5, 12, task=task, profiles=profiles)
+            log = runner.hr_log[-1]
+            assert log.kept == ref["kept"] and list(out.outputs[0].token_ids) == ref["tokens"]
+            assert log.alpha[0] == pytest.approx(ref["alpha"], rel=1e-4)
+            assert sum(log.alpha[0].values()) == pytest.approx(1)
+    finally:
+        register_operator_tasks(())
+        del llm
+        gc.collect()
+
+
+def test_profile_for_another_model_stops_startup(tiny_model, profile_file, tmp_path):
+    from vllm import LLM
+
+    data = json.loads(profile_file.read_text())
+    data["model"]["num_layers"] = 28
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(Exception, match="calibrated for"):
+        LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
+            additional_config={"headrouter": {"profiles": str(other)}})
