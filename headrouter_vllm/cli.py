@@ -19,8 +19,9 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS
 
     section = {"retention": args.retention, "semantics": args.semantics, "default_task": args.default_task}
-    if args.probe_layer is not None:
-        section["probe_layer"] = args.probe_layer
+    for key in ("probe_layer", "profiles", "policy"):
+        if getattr(args, key) is not None:
+            section[key] = getattr(args, key)
     HeadRouterConfig.from_dict(section)  # fail here, before a 30 s server start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
            "--additional-config", json.dumps({"headrouter": section}),
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--semantics", choices=SEMANTICS, default=HeadRouterConfig.semantics)
     serve.add_argument("--default-task", default=HeadRouterConfig.default_task)
     serve.add_argument("--probe-layer", type=int, default=None)
+    serve.add_argument("--profiles", default=None, help="head-profile file from `headrouter-vllm calibrate`")
+    serve.add_argument("--policy", default=None, help="selection policy for requests that name none "
+                                                      "(default headrouter)")
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
 
     demo = sub.add_parser("demo", help="prune one spoken-audio request at several retentions (in-process, CPU)")
