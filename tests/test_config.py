@@ -31,7 +31,9 @@ def test_defaults():
     ({"probe_layer": -1}, "probe_layer must be a non-negative integer"),
     ({"probe_layer": 1.5}, "probe_layer must be a non-negative integer"),
     ({"default_task": "karaoke"}, "unknown task 'karaoke'"),
-    ({"profiles": "p.json"}, "not supported yet"),
+    ({"profiles": "p.json"}, "profile file p.json does not exist"),
+    ({"policy": "best"}, "policy must be one of"),
+    ({"seed": "1"}, "seed must be an integer"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_settings_are_clear_errors(values, message):
     with pytest.raises(ConfigError, match=None) as info:
@@ -43,7 +45,8 @@ def fake_vllm_config(additional_config, scheduler_cls=None, worker_cls="vllm.v1.
                      prefix_caching=True, architectures=("Qwen2AudioForConditionalGeneration",)):
     return types.SimpleNamespace(
         additional_config=additional_config,
-        model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(architectures=list(architectures))),
+        model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(
+            architectures=list(architectures), get_text_config=lambda: types.SimpleNamespace(num_hidden_layers=4))),
         scheduler_config=types.SimpleNamespace(scheduler_cls=scheduler_cls),
         parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
         cache_config=types.SimpleNamespace(enable_prefix_caching=prefix_caching))
@@ -75,6 +78,7 @@ def test_headrouter_section_selects_scheduler_worker_and_disables_prefix_caching
     (dict(additional_config={"headrouter": {}}, scheduler_cls="my.Scheduler"), "--scheduler-cls"),
     (dict(additional_config={"headrouter": {}}, worker_cls="my.Worker"), "--worker-cls"),
     (dict(additional_config={"headrouter": {}}, architectures=("LlamaForCausalLM",)), "does not support"),
+    (dict(additional_config={"headrouter": {"probe_layer": 4}}), "probe_layer 4 >= the model's 4 layers"),
 ])
 def test_misconfigured_engine_stops_with_a_clear_error(kwargs, message):
     from headrouter_vllm.patch.platform_config import configure_engine
