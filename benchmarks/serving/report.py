@@ -1,0 +1,144 @@
+"""Summaries, the physical ceiling, and the table / CSV / JSON / plots of a benchmark run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+
+from headrouter_vllm.benchmarks.serving.run import RunResult
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def machine_slug(info: dict) -> str:
+    name = info.get("gpu") or info["cpu"]
+    return re.sub(r"[^a-z0-9]+", "-", f"{name}-{info['cores']}core".lower()).strip("-")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarise(run: RunResult, audio_tokens: dict[int, int]) -> dict:
+    reqs = run.requests
+    n = len(reqs)
+    kv_tokens = []  # KV slots a request needs at its end: ideal model of what pruning can save
+    for r in reqs:
+        audio = audio_tokens.get(r.index, 0)
+        kept = audio if run.retention is None else (r.kept_tokens if r.kept_tokens is not None else audio)
+        kv_tokens.append(r.prompt_tokens - audio + kept + r.output_tokens)
+    return {
+        "label": run.label, "retention": run.retention, "requests": n, "duration_s": run.duration,
+        "request_throughput": n / run.duration,
+        "output_throughput": sum(r.output_tokens for r in reqs) / run.duration,
+        "ttft_p50_ms": pct([r.ttft * 1e3 for r in reqs], 50), "ttft_p99_ms": pct([r.ttft * 1e3 for r in reqs], 99),
+        "tpot_p50_ms": pct([r.tpot * 1e3 for r in reqs], 50), "tpot_p99_ms": pct([r.tpot * 1e3 for r in reqs], 99),
+        "latency_p50_s": pct([r.latency for r in reqs], 50), "latency_p99_s": pct([r.latency for r in reqs], 99),
+        "kv_blocks_per_request": float(np.mean([r.peak_blocks for r in reqs])),
+        "kv_tokens_per_request": float(np.mean(kv_tokens)),
+        "max_running": run.max_running, "preemptions": run.preemptions, "pool_blocks": run.pool_blocks,
+        "audio_tokens_mean": float(np.mean([audio_tokens.get(r.index, 0) for r in reqs])),
+        "audio_kept_mean": (float(np.mean([r.kept_tokens for r in reqs if r.kept_tokens is not None]))
+                            if run.retention is not None else None),
+        "probe_ms_mean": float(np.mean(run.probe_ms)) if run.probe_ms else None,
+        "compact_ms_mean": float(np.mean(run.compact_ms)) if run.compact_ms else None,
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Gains over vanilla: measured, and the ceiling (vanilla KV per request / pruned KV per request)."""
+    base = next(r for r in rows if r["retention"] is None)
+    for row in rows:
+        row["ideal_gain"] = base["kv_tokens_per_request"] / row["kv_tokens_per_request"]
+        row["held_gain"] = row["max_running"] / base["max_running"]
+        row["throughput_gain"] = row["request_throughput"] / base["request_throughput"]
+        row["held_vs_ideal"] = row["held_gain"] / row["ideal_gain"]
+        row["throughput_vs_ideal"] = row["throughput_gain"] / row["ideal_gain"]
+
+
+COLUMNS = [("label", "run", "{}"), ("request_throughput", "req/s", "{:.2f}"), ("output_throughput", "tok/s", "{:.1f}"),
+           ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"), ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
+           ("latency_p99_s", "e2e p99 s", "{:.2f}"), ("kv_blocks_per_request", "KV blk/req", "{:.1f}"),
+           ("max_running", "held", "{}"), ("preemptions", "preempt", "{}"), ("ideal_gain", "ideal x", "{:.2f}"),
+           ("held_gain", "held x", "{:.2f}"), ("throughput_gain", "req/s x", "{:.2f}")]
+
+
+def table(rows: list[dict]) -> str:
+    cells = [[h for _, h, _ in COLUMNS]] + [[fmt.format(row[k]) for k, _, fmt in COLUMNS] for row in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells)
+
+
+def write(out_dir: Path, rows: list[dict], runs: list[RunResult], meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "summary.json").write_text(json.dumps({**meta, "runs": rows}, indent=1) + "\n")
+    with open(out_dir / "requests.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "index", "prompt_tokens", "output_tokens", "ttft_s", "tpot_s", "latency_s",
+                         "peak_kv_blocks", "audio_tokens", "kept_tokens"])
+        for run in runs:
+            for r in run.requests:
+                writer.writerow([run.label, r.index, r.prompt_tokens, r.output_tokens, f"{r.ttft:.6f}",
+                                 f"{r.tpot:.6f}", f"{r.latency:.6f}", r.peak_blocks, r.audio_tokens, r.kept_tokens])
+    plot(out_dir, rows, runs)
+
+
+def plot(out_dir: Path, rows: list[dict], runs: list[RunResult]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    pruned = [r for r in rows if r["retention"] is not None]
+    xs = [r["retention"] for r in pruned]
+    base = next(r for r in rows if r["retention"] is None)
+    axes[0].plot(xs, [r["request_throughput"] for r in pruned], "o-", label="HeadRouter")
+    axes[0].plot(xs, [base["request_throughput"] * r["ideal_gain"] for r in pruned], "k--", label="ceiling")
+    axes[0].axhline(base["request_throughput"], color="gray", label="vanilla")
+    axes[0].set(xlabel="retention", ylabel="requests / s", title="throughput vs retention")
+    axes[0].legend()
+    for run in runs:
+        lat = np.sort([r.latency for r in run.requests])
+        axes[1].plot(lat, np.arange(1, lat.size + 1) / lat.size, label=run.label)
+    axes[1].set(xlabel="end-to-end latency (s)", ylabel="fraction of requests", title="latency CDF")
+    axes[1].legend()
+    axes[2].bar([r["label"] for r in rows], [r["kv_blocks_per_request"] for r in rows])
+    axes[2].set(ylabel="peak KV blocks per request", title="KV per request")
+    axes[2].tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(out_dir / "plots.png", dpi=100)
+    plt.close(fig)

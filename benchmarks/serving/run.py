@@ -1,0 +1,150 @@
+"""Drive one in-process vLLM engine through a workload and measure it.
+
+The engine is stepped by hand (``LLMEngine.add_request`` / ``step``) so every request's arrival, first token and
+finish are timed here, and the scheduler is read after every step: requests running at once, KV blocks held,
+preemptions. Vanilla and HeadRouter engines run the same requests one after the other in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import time
+
+import numpy as np
+
+from headrouter_vllm.benchmarks.serving.workload import SAMPLE_RATE, BenchRequest
+
+
+@dataclasses.dataclass
+class RequestResult:
+    index: int
+    prompt_tokens: int
+    output_tokens: int
+    arrival: float
+    first_token: float
+    finish: float
+    peak_blocks: int
+    audio_tokens: int | None = None
+    kept_tokens: int | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float:
+        return (self.finish - self.first_token) / max(1, self.output_tokens - 1)
+
+    @property
+    def latency(self) -> float:
+        return self.finish - self.arrival
+
+
+@dataclasses.dataclass
+class RunResult:
+    label: str
+    retention: float | None  # None: vanilla vLLM
+    requests: list[RequestResult]
+    duration: float
+    max_running: int
+    preemptions: int
+    pool_blocks: int
+    block_size: int
+    probe_ms: list[float] = dataclasses.field(default_factory=list)
+    compact_ms: list[float] = dataclasses.field(default_factory=list)
+
+
+def audio_prompt(question: str) -> str:
+    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
+               policy: str = "headrouter", progress=None) -> RunResult:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm import inprocess
+    from headrouter_vllm.api.options import route_args
+
+    extra = {}
+    if retention is not None:
+        extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy}}
+    llm = LLM(model=model, seed=0, enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1},
+              **engine_kwargs, **extra)
+    engine = llm.llm_engine
+    scheduler = inprocess.scheduler(llm)
+    block_manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    pool_blocks = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    preemptions = [0]
+    original_preempt = scheduler._preempt_request
+
+    def counting_preempt(request, *args, **kwargs):
+        preemptions[0] += 1
+        return original_preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting_preempt
+    label = "vanilla" if retention is None else f"headrouter r={retention:g}"
+
+    def params(r: BenchRequest):
+        args = None if retention is None else route_args(task=r.task, retention=retention)
+        return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True, extra_args=args)
+
+    # warm up (first-request costs are not part of the measurement)
+    engine.add_request("warmup", {"prompt": audio_prompt("hi"), "multi_modal_data": {
+        "audio": (np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)}}, params(workload[0]))
+    while engine.has_unfinished_requests():
+        engine.step()
+
+    pending = sorted(workload, key=lambda r: r.arrival_s)
+    results: dict[str, RequestResult] = {}
+    max_running = 0
+    start = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending and pending[0].arrival_s <= now:
+            r = pending.pop(0)
+            rid = f"req{r.index}"
+            engine.add_request(rid, {"prompt": audio_prompt(r.question),
+                                     "multi_modal_data": {"audio": (r.wave, SAMPLE_RATE)}}, params(r))
+            results[rid] = RequestResult(r.index, 0, 0, start + max(r.arrival_s, now), 0.0, 0.0, 0)
+        if not engine.has_unfinished_requests():
+            time.sleep(min(0.01, max(0.0, pending[0].arrival_s - now)))
+            continue
+        outputs = engine.step()
+        t = time.perf_counter()
+        max_running = max(max_running, len(scheduler.running))
+        for rid, blocks in block_manager.req_to_blocks.items():
+            key = rid.split("-")[0]
+            if key in results:
+                results[key].peak_blocks = max(results[key].peak_blocks, len(blocks))
+        for out in outputs:
+            res = results.get(out.request_id.split("-")[0])
+            if res is None:
+                continue
+            n = len(out.outputs[0].token_ids)
+            if n and not res.first_token:
+                res.first_token = t
+            if out.finished:
+                res.finish, res.output_tokens, res.prompt_tokens = t, n, len(out.prompt_token_ids)
+                if progress is not None:
+                    progress.update(1)
+    duration = time.perf_counter() - start
+    run = RunResult(label, retention, [results[k] for k in sorted(results, key=lambda k: results[k].index)],
+                    duration, max_running, preemptions[0], pool_blocks, block_manager.block_size)
+    if retention is not None:
+        records = {rec.request_id.split("-")[0]: rec for rec in scheduler.hr_records}
+        for key, res in results.items():
+            rec = records.get(key)
+            if rec is not None:
+                res.audio_tokens, res.kept_tokens = rec.audio_tokens, rec.kept_tokens
+        logs = list(inprocess.model_runner(llm).hr_log)[1:]  # the warm-up request first
+        run.probe_ms = [log.probe_s * 1e3 for log in logs]
+        run.compact_ms = [log.compact_s * 1e3 for log in logs]
+    if inprocess.num_free_blocks(llm) != pool_blocks:
+        raise RuntimeError(f"{label}: KV blocks leaked ({inprocess.num_free_blocks(llm)} free of {pool_blocks})")
+    del scheduler, engine, llm
+    gc.collect()
+    return run

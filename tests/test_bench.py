@@ -1,0 +1,29 @@
+"""``headrouter-vllm bench`` end to end on a tiny workload: vanilla and HeadRouter on the same requests."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+
+def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
+    from headrouter_vllm.cli import main
+
+    args = ["bench", "--model", tiny_model, "--num-requests", "6", "--clip-seconds", "10", "20",
+            "--output-tokens", "4", "--retentions", "0.5", "--kv-blocks", "64", "--out", str(tmp_path),
+            "--name", "t", "--export-workload", str(tmp_path / "workload")]
+    assert main(args) == 0
+    (run_dir,) = [p for p in tmp_path.glob("*/t")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    vanilla, pruned = summary["runs"]
+    assert vanilla["retention"] is None and pruned["retention"] == 0.5
+    assert vanilla["requests"] == pruned["requests"] == 6
+    # the same requests: 10 s and 20 s clips are 250 and 500 audio tokens; r=0.5 keeps half
+    assert pruned["audio_tokens_mean"] == 375 and pruned["audio_kept_mean"] == 187.5
+    assert pruned["kv_blocks_per_request"] < vanilla["kv_blocks_per_request"]
+    assert pruned["ideal_gain"] > 1.5 and summary["machine"]["cores"] >= 1 and "bench" in summary["command"]
+    rows = list(csv.DictReader((run_dir / "requests.csv").read_text().splitlines()))
+    assert len(rows) == 12 and all(int(r["output_tokens"]) == 4 for r in rows)
+    assert (run_dir / "plots.png").stat().st_size > 10_000
+    lines = (tmp_path / "workload" / "workload.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and {"prompt", "audio", "output_tokens"} <= set(json.loads(lines[0]))
