@@ -138,3 +138,40 @@ def test_kv_pool_is_empty_after_requests(server):
     metrics = httpx.get(server["base"] + "/metrics", timeout=10).text
     usage = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:kv_cache_usage_perc")]
     assert usage and all(u == 0.0 for u in usage)
+
+
+def _raw_audio_chat(server, data: str):
+    return server["client"].chat.completions.create(
+        model=MODEL_NAME, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+            {"type": "text", "text": QUESTION}]}])
+
+
+def _b64(wave) -> str:
+    return base64.b64encode(to_wav_bytes(wave)).decode()
+
+
+BAD_AUDIO = [
+    ("too_long", lambda: _b64(__import__("numpy").zeros(16000 * 31, dtype="float32")), "at most 30 s"),
+    ("corrupt", lambda: base64.b64encode(b"RIFF garbage" * 50).decode(), "could not decode"),
+    ("not_base64", lambda: "%%%%", "not valid base64"),
+    ("empty", lambda: "", "non-empty"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_AUDIO], ids=[b[0] for b in BAD_AUDIO])
+def test_bad_audio_is_400_and_server_keeps_serving(server, speech, make, message):
+    with pytest.raises(openai.BadRequestError) as info:
+        _raw_audio_chat(server, make())
+    assert info.value.status_code == 400 and message in str(info.value)
+    assert "messages[0].content[0]" in str(info.value)
+    assert chat(server, speech["short"]).choices[0].token_ids
+
+
+def test_too_many_audio_parts_is_400(server, speech):
+    part = audio_message(speech["short"])[0]["content"][0]
+    with pytest.raises(openai.BadRequestError) as info:
+        server["client"].chat.completions.create(model=MODEL_NAME, max_tokens=2, messages=[
+            {"role": "user", "content": [part, part, {"type": "text", "text": QUESTION}]}])
+    assert info.value.status_code == 400
+    assert chat(server, speech["short"]).choices[0].token_ids

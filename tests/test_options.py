@@ -83,3 +83,54 @@ def test_bad_bodies(body, param):
     with pytest.raises(RequestError) as info:
         rewrite_body(body)
     assert info.value.param == param and str(info.value).startswith(param)
+
+
+def _audio_body(data: str, kind: str = "input_audio") -> dict:
+    part = ({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}} if kind == "input_audio"
+            else {"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{data}"}})
+    return {"messages": [{"role": "system", "content": "hi"}, {"role": "user", "content": [{"type": "text",
+                                                                                              "text": "q"}, part]}]}
+
+
+def _wav_b64(seconds: float) -> str:
+    import base64
+
+    import numpy as np
+
+    from headrouter_vllm.audio import to_wav_bytes
+
+    return base64.b64encode(to_wav_bytes(np.zeros(int(16000 * seconds), dtype=np.float32))).decode()
+
+
+@pytest.fixture
+def thirty_second_model():
+    from headrouter_vllm.api import limits
+
+    limits.set_max_audio_seconds(30.0)
+    yield
+    limits.set_max_audio_seconds(None)
+
+
+@pytest.mark.parametrize("kind", ["input_audio", "audio_url"])
+def test_audio_within_the_limit_passes(thirty_second_model, kind):
+    body = _audio_body(_wav_b64(29.9), kind)
+    assert rewrite_body(body) is body
+
+
+@pytest.mark.parametrize("kind", ["input_audio", "audio_url"])
+@pytest.mark.parametrize("data,message", [
+    (None, "longer"),  # filled in below: 31 s of audio
+    ("", "non-empty base64"),
+    ("!!!not-base64!!!", "not valid base64"),
+    ("Z2FyYmFnZWdhcmJhZ2VnYXJiYWdl", "could not decode"),
+    ("UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA=", "empty"),  # a valid WAV with no samples
+], ids=["too_long", "empty_string", "bad_base64", "corrupt", "no_samples"])
+def test_bad_audio_is_refused(thirty_second_model, kind, data, message):
+    body = _audio_body(_wav_b64(31.0) if data is None else data, kind)
+    with pytest.raises(RequestError) as info:
+        rewrite_body(body)
+    assert info.value.param.startswith("messages[1].content[1]")
+    if message == "longer":
+        assert "31.0 s long" in str(info.value) and "at most 30 s" in str(info.value)
+    else:
+        assert message in str(info.value)

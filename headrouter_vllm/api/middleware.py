@@ -1,8 +1,11 @@
-"""ASGI middleware: OpenAI ``metadata`` → ``vllm_xargs``, and per-request option validation.
+"""ASGI middleware: OpenAI ``metadata`` → ``vllm_xargs``, per-request option validation, audio checks.
 
 vLLM accepts OpenAI's ``metadata`` field but drops it. This middleware reads the HeadRouter keys from it,
 checks them (and the same keys in ``vllm_xargs``), and moves them into ``vllm_xargs`` where the engine sees
-them. A bad value gets an HTTP 400 in OpenAI's error format naming the field; the server keeps serving.
+them. Inline audio parts (``input_audio``, ``data:`` URLs) are decoded with vLLM's own loader and refused
+when they cannot be decoded, are empty, or are longer than the model takes (Qwen2-Audio's processor would
+silently cut them at 30 s). A bad request gets an HTTP 400 in OpenAI's error format naming the field; the
+server keeps serving. Remote audio URLs are fetched by vLLM later and are not checked here.
 
 Load it with vLLM's own flag: ``--middleware headrouter_vllm.api.middleware.HeadRouterMiddleware``
 (``headrouter-vllm serve`` does this for you).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from headrouter_vllm.api import limits
 from headrouter_vllm.api.options import OPTION_KEYS, OptionError, parse_route_options
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -26,13 +30,67 @@ class RequestError(Exception):
         self.param = param
 
 
+def check_audio(body: dict) -> None:
+    """Decode every inline audio part of a chat request; raise RequestError for audio the model cannot take."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                continue
+            where = f"messages[{i}].content[{j}]"
+            data = None
+            if part.get("type") == "input_audio" and isinstance(part.get("input_audio"), dict):
+                data = part["input_audio"].get("data")
+                where += ".input_audio.data"
+            elif part.get("type") == "audio_url" and isinstance(part.get("audio_url"), dict):
+                url = part["audio_url"].get("url")
+                if isinstance(url, str) and url.startswith("data:"):
+                    data = url.split(",", 1)[1] if "," in url else ""
+                    where += ".audio_url.url"
+            if data is None:
+                continue
+            seconds = _decoded_seconds(data, where)
+            limit = limits.max_audio_seconds()
+            if limit is not None and seconds > limit + 1e-6:
+                raise RequestError(where, f"audio is {seconds:.1f} s long; this model takes at most {limit:g} s "
+                                          "(longer audio would be cut silently)")
+
+
+def _decoded_seconds(data: Any, where: str) -> float:
+    import binascii
+
+    import pybase64
+    from vllm.multimodal.media.audio import AudioMediaIO
+
+    if not isinstance(data, str) or not data:
+        raise RequestError(where, "audio data must be a non-empty base64 string")
+    try:
+        raw = pybase64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(where, "audio data is not valid base64") from None
+    try:
+        wave, rate = AudioMediaIO().load_bytes(raw)
+    except Exception as e:  # any decoder failure is the client's audio, not a server error
+        raise RequestError(where, f"could not decode the audio ({type(e).__name__}: {str(e)[:200]})") from None
+    if wave.size == 0 or not rate:
+        raise RequestError(where, "audio is empty")
+    return wave.shape[-1] / float(rate)
+
+
 def rewrite_body(body: Any) -> Any:
     """Return the request body with HeadRouter options moved from ``metadata`` into ``vllm_xargs``.
 
-    Raises RequestError for malformed or conflicting options. Other fields are left untouched.
+    Raises RequestError for malformed or conflicting options and for audio the model cannot take. Other
+    fields are left untouched.
     """
     if not isinstance(body, dict):
         return body
+    check_audio(body)
     metadata = body.get("metadata")
     xargs = body.get("vllm_xargs")
     if metadata is not None and not isinstance(metadata, dict):

@@ -17,6 +17,8 @@ class ModelAdapter:
     # matches the vLLM attention layer names of the language model's decoder layers; group 1 = index
     decoder_layer_pattern: re.Pattern
     default_probe_layer: int = 2
+    # longest audio clip the model takes; the processor would silently cut longer audio, we refuse it (400)
+    max_audio_seconds: float | None = None
 
     def decoder_layer_index(self, layer_name: str) -> int | None:
         m = self.decoder_layer_pattern.search(layer_name)
@@ -27,6 +29,7 @@ QWEN2_AUDIO = ModelAdapter(
     family="qwen2-audio",
     architectures=("Qwen2AudioForConditionalGeneration",),
     decoder_layer_pattern=re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$"),
+    max_audio_seconds=30.0,
 )
 
 ADAPTERS = (QWEN2_AUDIO,)

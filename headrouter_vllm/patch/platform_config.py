@@ -27,7 +27,9 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     from headrouter_vllm.models import adapter_for, resolve_probe_layer
 
     hf_config = vllm_config.model_config.hf_config
-    adapter_for(hf_config)
+    from headrouter_vllm.api import limits
+
+    limits.set_max_audio_seconds(adapter_for(hf_config).max_audio_seconds)
     try:
         resolve_probe_layer(config, hf_config, config.load_profiles())
     except ValueError as e:
