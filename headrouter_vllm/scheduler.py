@@ -88,14 +88,22 @@ class HeadRouterScheduler(Scheduler):
         return plan
 
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
-        """``in_prompt``: every prompt row after the audio must be in one chunk (they are re-attended with only
-        the kept audio in the same forward that picks it), so a chunk may not end inside them."""
+        """Where a routed request's prefill chunk may end.
+
+        * A request re-prefilled after preemption (prompt and generated tokens recomputed) stops its chunk at
+          the end of the prompt, so it is probed and compacted there, and its generated tokens are recomputed
+          over the kept audio only, as they first were. Otherwise they would attend to all the audio and drift.
+        * ``in_prompt``: every prompt row after the audio must be in one chunk (they are re-attended with only the
+          kept audio in the same forward that picks it), so a chunk may not end inside them.
+        """
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
         plan = self.hr_plans.get(request.request_id)
-        if plan is None or plan.semantics != "in_prompt" or request.request_id in self.hr_removed:
+        if plan is None or request.request_id in self.hr_removed:
             return num_new_tokens
         end = num_computed_tokens + num_new_tokens
-        if plan.probe_start < end < plan.num_prompt_tokens:
+        if num_computed_tokens < plan.num_prompt_tokens < end:
+            num_new_tokens = plan.num_prompt_tokens - num_computed_tokens
+        elif plan.semantics == "in_prompt" and plan.probe_start < end < plan.num_prompt_tokens:
             num_new_tokens = max(0, plan.probe_start - num_computed_tokens)
         return num_new_tokens
 

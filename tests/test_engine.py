@@ -240,3 +240,40 @@ def test_offline_api_rejects_bad_options(tiny_model, speech):
     assert record.kept_tokens == keep_count(0.7, record.audio_tokens)
     del llm
     gc.collect()
+
+
+@pytest.mark.parametrize("semantics", ["after_prompt", "in_prompt"])
+def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speech, semantics):
+    """A KV pool too small for the batch forces recompute preemptions; preempted routed requests are re-prefilled,
+    re-probed and compacted at the prompt's end before their generated tokens are recomputed, so every request
+    gives exactly the tokens it gives alone, and no block leaks."""
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm import inprocess
+    from headrouter_vllm.api.options import route_args
+
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=448, block_size=BLOCK, enforce_eager=True, seed=0,
+              num_gpu_blocks_override=16, max_num_seqs=8, limit_mm_per_prompt={"audio": 1},
+              additional_config={"headrouter": {"retention": 1.0, "semantics": semantics, "probe_layer": 1}})
+    scheduler = inprocess.scheduler(llm)
+    preempted = []
+    original = scheduler._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting
+    free = inprocess.num_free_blocks(llm)
+    clips = [("long", 0.5), ("short", 0.3), ("long", 0.7), ("short", 1.0), ("long", 0.3)]
+    inputs = [{"prompt": PROMPTS[c], "multi_modal_data": {"audio": (speech[c], 16000)}} for c, _ in clips]
+    params = [SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True, extra_args=route_args(retention=r))
+              for _, r in clips]
+    alone = [llm.generate(i, p, use_tqdm=False)[0].outputs[0].token_ids for i, p in zip(inputs, params, strict=True)]
+    assert not preempted
+    together = [o.outputs[0].token_ids for o in llm.generate(inputs, params, use_tqdm=False)]
+    assert preempted, "the pool was meant to force preemptions"
+    assert [list(t) for t in together] == [list(t) for t in alone]
+    assert inprocess.num_free_blocks(llm) == free
+    del scheduler, llm
+    gc.collect()
