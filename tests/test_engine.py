@@ -277,3 +277,44 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speec
     assert inprocess.num_free_blocks(llm) == free
     del scheduler, llm
     gc.collect()
+
+
+@pytest.mark.parametrize("abort_after_steps", [0, 1, 2, 3])
+def test_abort_at_any_point_leaks_nothing(abort_engine, speech, abort_after_steps):
+    """Abort a routed request before its prompt step, mid chunked prefill (probe sums half accumulated), right
+    after the prompt step (tail free queued) or in decode: every block returns and no route state is left."""
+    from vllm import SamplingParams
+
+    from headrouter_vllm import inprocess
+    from headrouter_vllm.api.options import route_args
+
+    llm = abort_engine
+    engine, scheduler, runner = llm.llm_engine, inprocess.scheduler(llm), inprocess.model_runner(llm)
+    free = inprocess.num_free_blocks(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, extra_args=route_args(retention=0.5))
+    engine.add_request("victim", {"prompt": PROMPTS["long"], "multi_modal_data": {"audio": (speech["long"], 16000)}},
+                       params)
+    engine.add_request("bystander", {"prompt": PROMPTS["short"],
+                                     "multi_modal_data": {"audio": (speech["short"], 16000)}}, params)
+    for _ in range(abort_after_steps):
+        engine.step()
+    engine.abort_request(["victim"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()  # the worker learns about finished requests with the next scheduler output
+    assert inprocess.num_free_blocks(llm) == free
+    assert not scheduler.hr_plans and not scheduler.hr_removed and not scheduler._hr_tail_free
+    assert not any(k.startswith("victim") for k in runner.hr_routes)
+
+
+@pytest.fixture(scope="module")
+def abort_engine(tiny_model):
+    """64-token chunks, so the long prompt spans four steps."""
+    from vllm import LLM
+
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
+              enable_chunked_prefill=True, max_num_batched_tokens=64, limit_mm_per_prompt={"audio": 1},
+              additional_config={"headrouter": {}})
+    yield llm
+    del llm
+    gc.collect()
