@@ -175,3 +175,69 @@ def test_too_many_audio_parts_is_400(server, speech):
             {"role": "user", "content": [part, part, {"type": "text", "text": QUESTION}]}])
     assert info.value.status_code == 400
     assert chat(server, speech["short"]).choices[0].token_ids
+
+
+def test_loopback_load(server, speech):
+    """320 requests, 32 at a time, mixed retentions, policies and tasks, streaming and not, every seventh
+    streaming client hanging up after its first chunk: each request gets one complete answer (equal to the same
+    request run alone) or is dropped by its own client; the KV pool is empty afterwards."""
+    import asyncio
+    import itertools
+    import json as jsonlib
+
+    clips = {name: base64.b64encode(to_wav_bytes(wave, subtype="FLOAT")).decode() for name, wave in speech.items()}
+    variants = list(itertools.product(["short", "long"], ["1.0", "0.7", "0.3"], ["headrouter", "uniform"],
+                                      ["asr", "auto"]))
+
+    def body(i: int, stream: bool) -> dict:
+        clip, retention, policy, task = variants[i % len(variants)]
+        return {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": stream,
+                "messages": [{"role": "user", "content": [
+                    {"type": "input_audio", "input_audio": {"data": clips[clip], "format": "wav"}},
+                    {"type": "text", "text": QUESTION}]}],
+                "metadata": {"headrouter_retention": retention, "headrouter_task": task,
+                             "headrouter_policy": policy}}
+
+    async def one(client, i, stream, hang_up, limit):
+        async with limit:
+            if not stream:
+                r = await client.post("/v1/chat/completions", json=body(i, False))
+                return r.status_code, r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
+            text, chunks = "", 0
+            async with client.stream("POST", "/v1/chat/completions", json=body(i, True)) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunks += 1
+                    if hang_up:
+                        return "hung up", None
+                    delta = jsonlib.loads(line[6:])["choices"][0]["delta"]
+                    text += delta.get("content") or ""
+                return r.status_code, text
+
+    async def main():
+        limit = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=server["base"], timeout=120) as client:
+            alone = [await one(client, i, False, False, limit) for i in range(len(variants))]
+            jobs = [one(client, i, i % 2 == 1, i % 14 == 1, limit) for i in range(320)]
+            return alone, await asyncio.gather(*jobs)
+
+    alone, results = asyncio.run(main())
+    assert all(status == 200 for status, _ in alone)
+    hung_up = 0
+    for i, (status, text) in enumerate(results):
+        if status == "hung up":
+            hung_up += 1
+            continue
+        assert status == 200, text
+        assert text == alone[i % len(variants)][1], f"request {i} differs from the same request alone"
+    assert hung_up == len([i for i in range(320) if i % 14 == 1])
+    deadline = time.time() + 30  # aborted streams are cleaned up asynchronously
+    while True:
+        metrics = httpx.get(server["base"] + "/metrics", timeout=10).text
+        usage = [float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("vllm:kv_cache_usage_perc")]
+        running = [float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("vllm:num_requests_running")]
+        if usage and all(u == 0.0 for u in usage) and all(r == 0 for r in running):
+            break
+        assert time.time() < deadline, f"KV pool not empty after the load: usage {usage}, running {running}"
+        time.sleep(1)
