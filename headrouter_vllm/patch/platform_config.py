@@ -40,6 +40,12 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     elif not (isinstance(sched.scheduler_cls, type) and sched.scheduler_cls.__name__ == "HeadRouterScheduler"):
         raise ConfigError(f"HeadRouter needs --scheduler-cls {SCHEDULER_CLS} (got {sched.scheduler_cls})")
     parallel = vllm_config.parallel_config
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            raise ConfigError(f"HeadRouter does not support {name} > 1 yet: the probe's shared score would need an "
+                              "all-reduce across the ranks that hold the KV heads")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ConfigError("HeadRouter does not support speculative decoding yet (drafts write KV at unshifted slots)")
     if parallel.worker_cls in ("auto", VLLM_CPU_WORKER_CLS):
         parallel.worker_cls = CPU_WORKER_CLS
     elif parallel.worker_cls != CPU_WORKER_CLS:
