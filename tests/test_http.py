@@ -241,3 +241,19 @@ def test_loopback_load(server, speech):
             break
         assert time.time() < deadline, f"KV pool not empty after the load: usage {usage}, running {running}"
         time.sleep(1)
+
+
+def test_vllm_bench_serve_client_drives_the_server(server, tiny_model, tmp_path):
+    """vLLM's own benchmark client, on a workload exported by `headrouter-vllm bench --export-workload`."""
+    from headrouter_vllm.benchmarks.serving.vllm_client import main as vllm_bench
+    from headrouter_vllm.benchmarks.serving.workload import export_for_vllm_bench, make_workload
+
+    before = len(routed_log_lines(server))
+    path = export_for_vllm_bench(make_workload(4, [6.0], 4, seed=3), tmp_path)
+    result = vllm_bench(["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url",
+                         server["base"], "--model", MODEL_NAME, "--tokenizer", tiny_model, "--dataset-name",
+                         "custom_audio", "--dataset-path", str(path), "--num-prompts", "4", "--custom-output-len",
+                         "4", "--enable-multimodal-chat", "--extra-body",
+                         '{"vllm_xargs": {"headrouter_retention": 0.5}}'])
+    assert result["completed"] == 4 and result["failed"] == 0
+    assert len(routed_log_lines(server)) - before == 4
