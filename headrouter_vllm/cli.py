@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("name", choices=sorted(BUILDERS))
     make.add_argument("out", help="output directory")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parser.parse_known_args(argv)
+    args.argv = argv
     if rest and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

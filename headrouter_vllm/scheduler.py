@@ -64,6 +64,10 @@ class HeadRouterScheduler(Scheduler):
         # request id -> KV slots kept, for the tail free after that step's output is in
         self._hr_tail_free: dict[str, int] = {}
         self.hr_records: collections.deque[RouteRecord] = collections.deque(maxlen=4096)
+        # per-request report, returned with the request's final output (``kv_transfer_params["headrouter"]``,
+        # which the HTTP middleware moves into ``usage.headrouter``)
+        self._hr_usage: dict[str, dict] = {}
+        self._hr_finished_usage: dict[str, dict] = {}
         wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed)
         logger.info("HeadRouter on: %s", self.hr_config)
 
@@ -73,6 +77,11 @@ class HeadRouterScheduler(Scheduler):
         super().add_request(request)
         if plan is not None:
             self.hr_plans[request.request_id] = plan
+        audio = sum(n for _, n in audio_spans(request.mm_features))
+        self._hr_usage[request.request_id] = {
+            "audio_tokens": audio, "kept_audio_tokens": audio if plan is None else plan.kept_tokens,
+            "kv_blocks_freed": 0, "task": None if plan is None else plan.task,
+            "policy": None if plan is None else plan.policy, "retention": 1.0 if plan is None else plan.retention}
 
     def _plan_of(self, request: Request) -> RoutePlan | None:
         if request.sampling_params is None:
@@ -128,6 +137,12 @@ class HeadRouterScheduler(Scheduler):
             request = self.requests.get(req_id)
             if request is not None and request.status == RequestStatus.RUNNING:
                 self._free_tail(request, keep_tokens)
+        for engine_outputs in outputs.values():
+            for out in engine_outputs.outputs:
+                usage = self._hr_finished_usage.pop(out.request_id, None)
+                if usage is not None and out.finish_reason is not None and out.kv_transfer_params is None:
+                    out.kv_transfer_params = {"headrouter": usage}
+        self._hr_finished_usage.clear()  # aborted requests: no output to carry it
         return outputs
 
     def _free_tail(self, request: Request, keep_tokens: int) -> None:
@@ -145,6 +160,8 @@ class HeadRouterScheduler(Scheduler):
         record = RouteRecord(request.request_id, plan.task, plan.retention, plan.audio_tokens, plan.kept_tokens,
                              before, after)
         self.hr_records.append(record)
+        if request.request_id in self._hr_usage:
+            self._hr_usage[request.request_id]["kv_blocks_freed"] = record.blocks_freed
         logger.info("headrouter routed request_id=%s task=%s retention=%.3f audio_tokens=%d kept_tokens=%d "
                     "blocks_before=%d blocks_after=%d", record.request_id, record.task, record.retention,
                     record.audio_tokens, record.kept_tokens, record.blocks_before, record.blocks_after)
@@ -162,6 +179,9 @@ class HeadRouterScheduler(Scheduler):
         out = super()._free_request(request, *args, **kwargs)
         self._forget(request.request_id)
         self.hr_plans.pop(request.request_id, None)
+        usage = self._hr_usage.pop(request.request_id, None)
+        if usage is not None:
+            self._hr_finished_usage[request.request_id] = usage
         return out
 
     # ---- introspection (tests, demo) -------------------------------------------------------------

@@ -96,6 +96,10 @@ def test_metadata_routes_and_prunes(server, speech, tiny_model):
     assert (fields["task"], int(fields["audio_tokens"]), int(fields["kept_tokens"])) == ("asr", n, keep)
     assert int(fields["blocks_before"]) == -(-ref["length"] // 32)
     assert int(fields["blocks_after"]) == -(-(ref["length"] - (n - keep)) // 32)
+    report = response.usage.model_extra["headrouter"]  # the same, per request, in the response
+    assert report == {"audio_tokens": n, "kept_audio_tokens": keep, "task": "asr", "policy": "headrouter",
+                      "retention": 0.5, "kv_blocks_freed": int(fields["blocks_before"]) - int(fields["blocks_after"])}
+    assert not getattr(response, "kv_transfer_params", None)
 
 
 def test_vllm_xargs_and_unrouted_requests(server, speech, tiny_model):
@@ -111,6 +115,10 @@ def test_vllm_xargs_and_unrouted_requests(server, speech, tiny_model):
         model=MODEL_NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=4,
         metadata={"headrouter_retention": "0.5"})  # no audio: served as vanilla, not an error
     assert text_only.choices[0].message.content is not None
+    assert text_only.usage.model_extra["headrouter"]["audio_tokens"] == 0
+    unpruned_report = chat(server, wave, metadata={"headrouter_retention": "1.0"}).usage.model_extra["headrouter"]
+    assert unpruned_report["kept_audio_tokens"] == unpruned_report["audio_tokens"] > 0
+    assert unpruned_report["kv_blocks_freed"] == 0
 
 
 BAD_REQUESTS = [

@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     report.add_ratios(rows)
     info = report.machine()
     out_dir = Path(args.out) / report.machine_slug(info) / (args.name or time.strftime("%Y%m%d-%H%M%S"))
-    meta = {"machine": info, "command": shlex.join(["headrouter-vllm", *sys.argv[1:]]),
+    meta = {"machine": info, "command": shlex.join(["headrouter-vllm", *getattr(args, "argv", sys.argv[1:])]),
             "workload": {k: getattr(args, k) for k in ("num_requests", "clip_seconds", "output_tokens",
                                                        "request_rate", "kv_blocks", "block_size", "seed",
                                                        "policy", "load_format", "dtype")},

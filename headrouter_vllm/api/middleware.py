@@ -124,6 +124,20 @@ def rewrite_body(body: Any) -> Any:
     return {**body, "vllm_xargs": merged}
 
 
+def move_usage(body: Any) -> Any:
+    """The engine returns its per-request report in ``kv_transfer_params["headrouter"]`` (the one per-request
+    channel from vLLM's engine core to the API server); clients find it in ``usage.headrouter``."""
+    if not isinstance(body, dict) or not isinstance(body.get("kv_transfer_params"), dict):
+        return body
+    params = dict(body["kv_transfer_params"])
+    report = params.pop("headrouter", None)
+    if report is None:
+        return body
+    usage = dict(body.get("usage") or {})
+    usage["headrouter"] = report
+    return {**body, "usage": usage, "kv_transfer_params": params or None}
+
+
 def error_body(param: str, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param,
                                  "code": 400}}).encode()
@@ -170,7 +184,41 @@ class HeadRouterMiddleware:
             sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, _UsageRewritingSend(send))
+
+
+class _UsageRewritingSend:
+    """Holds back a non-streaming JSON response until complete, to move the HeadRouter report into ``usage``;
+    streams pass straight through."""
+
+    def __init__(self, send):
+        self.send = send
+        self.start = None
+        self.chunks: list[bytes] = []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+            if content_type.startswith(b"application/json"):
+                self.start = message
+                return
+        elif message["type"] == "http.response.body" and self.start is not None:
+            self.chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            raw = b"".join(self.chunks)
+            try:
+                body = json.loads(raw)
+                new_body = move_usage(body)
+                if new_body is not body:
+                    raw = json.dumps(new_body).encode()
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                pass
+            headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+            await self.send({**self.start, "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
+            await self.send({"type": "http.response.body", "body": raw})
+            return
+        await self.send(message)
 
 
 async def _send_json(send, status: int, body: bytes) -> None:
