@@ -1,3 +1,3 @@
-from .reference import probe_scores
+from .reference import paged_probe_scores, probe_scores
 
-__all__ = ["probe_scores"]
+__all__ = ["paged_probe_scores", "probe_scores"]

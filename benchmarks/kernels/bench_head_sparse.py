@@ -1,0 +1,205 @@
+"""Decode micro-benchmark of the head-sparse paged attention kernel against dense baselines, on a GPU.
+
+For each head layout x batch x context x kept fraction: time one decode step (one query token per sequence) whose
+audio span covers most of the context and whose KV heads keep, on average, the given fraction of it (per-head
+budgets spread from 0.5x to 1.5x of the mean, as per_head routing gives). Reported per row: time, bytes actually
+read (K and V of the visible slots, queries, outputs), achieved bandwidth, and the ratio to dense baselines timed
+in the same run: torch SDPA on K/V already gathered into contiguous tensors (gather not timed), and vLLM's own
+``unified_attention`` on the same paged cache where it imports. Output: CSV with the device name in every row.
+
+GPU:        python benchmarks/kernels/bench_head_sparse.py --out bench_head_sparse.csv
+CPU smoke:  python benchmarks/kernels/bench_head_sparse.py --smoke --out smoke.csv   (tiny, Triton interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+LAYOUTS = {  # name: (query heads, KV heads, head size)
+    "qwen2-audio-7b": (32, 32, 128),
+    "qwen2.5-omni-7b": (28, 4, 128),
+    "tiny": (4, 2, 32),  # smoke mode
+}
+AUDIO_START = 16  # system prompt before the audio
+TEXT_AFTER_AUDIO = 64  # question and generated tokens after it
+
+
+def head_budgets(kept_fraction: float, span: int, num_kv_heads: int) -> torch.Tensor:
+    """Kept audio slots per KV head, averaging ``kept_fraction * span``, spread up to 0.5x..1.5x across heads (less
+    where the largest budget would exceed the span, so that the mean stays exact)."""
+    half_spread = min(0.5, (1.0 - kept_fraction) / kept_fraction) if num_kv_heads > 1 else 0.0
+    spread = torch.linspace(1.0 - half_spread, 1.0 + half_spread, num_kv_heads)
+    return (kept_fraction * span * spread).round().clamp(0, span).long()
+
+
+def load_kernel(smoke: bool):
+    module = "headrouter_vllm.kernels.head_sparse_paged_attention.triton"
+    if torch.cuda.is_available():
+        import importlib
+
+        return importlib.import_module(module)
+    if not smoke:
+        raise SystemExit("bench_head_sparse.py needs a CUDA GPU: the numbers are GPU timings. On a CPU-only machine "
+                         "run it with --smoke (a tiny configuration under the Triton interpreter: checks the "
+                         "harness, measures nothing meaningful).")
+    from headrouter_vllm.kernels.interpreter import import_interpreted
+
+    return import_interpreted(module)[0]
+
+
+def load_vllm_attention() -> Callable | None:
+    """vLLM's Triton ``unified_attention`` (dense baseline) on a GPU build of vLLM, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except Exception as error:  # vllm missing or a CPU build: the baseline is optional
+        print(f"vLLM unified_attention unavailable ({type(error).__name__}: {error}); skipping that baseline")
+        return None
+    return unified_attention
+
+
+def timer(fn: Callable[[], object], smoke: bool) -> float:
+    """Median time of ``fn`` in microseconds."""
+    if smoke:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def time_sdpa_gathered(cache: torch.Tensor, block_table: torch.Tensor, query: torch.Tensor, context: int,
+                       scale: float, smoke: bool) -> float:
+    """Dense baseline: SDPA on K/V gathered into contiguous ``[batch, Hkv, context, d]`` (the gather not timed;
+    no mask needed, the query is the last token). The copies are freed on return."""
+    batch, num_heads, head_size = query.shape
+    num_kv_heads = cache.shape[1]
+    gathered = cache[block_table.long()].permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, -1, 2 * head_size)
+    k_dense, v_dense = (t.contiguous() for t in gathered[:, :, :context].split(head_size, dim=-1))
+    del gathered
+    q_dense = query.view(batch, num_heads, 1, head_size)
+    return timer(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q_dense, k_dense, v_dense, scale=scale, enable_gqa=num_heads != num_kv_heads), smoke)
+
+
+def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fractions: list[float],
+               dtype: torch.dtype, block_size: int, smoke: bool, device: str) -> list[dict]:
+    num_heads, num_kv_heads, head_size = LAYOUTS[layout]
+    blocks_per_seq = math.ceil(context / block_size)
+    num_blocks = batch * blocks_per_seq
+    element = torch.tensor([], dtype=dtype).element_size()
+    cache = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype, device=device)
+    key_cache, value_cache = cache.transpose(1, 2).split(head_size, dim=-1)  # vLLM's strided views
+    block_table = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
+    as_int = {"dtype": torch.int32, "device": device}
+    seq_lens = torch.full((batch,), context, **as_int)
+    cu_seqlens_q = torch.arange(batch + 1, **as_int)
+    query = torch.randn(batch, num_heads, head_size, dtype=dtype, device=device)
+    out = torch.empty_like(query)
+    scale = head_size ** -0.5
+    span = context - AUDIO_START - TEXT_AFTER_AUDIO
+    span_start = torch.full((batch,), AUDIO_START, **as_int)
+    span_slots = torch.full((batch,), span, **as_int)
+    io_bytes = 2 * query.numel() * element  # query in, output out
+
+    baselines = {"sdpa_gathered": time_sdpa_gathered(cache, block_table, query, context, scale, smoke)}
+    if vllm_attention is not None:
+        # as vLLM's Triton backend calls it: small batches take the 3D path with 16 softmax segments
+        segments, padded = 16, 1 << (head_size - 1).bit_length()
+        segment_out = torch.empty(batch, num_heads, segments, padded, dtype=torch.float32, device=device)
+        segment_max = torch.empty(batch, num_heads, segments, dtype=torch.float32, device=device)
+        segment_sum = torch.empty_like(segment_max)
+        baselines["vllm_unified_attention"] = timer(lambda: vllm_attention(
+            q=query, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=1,
+            seqused_k=seq_lens, max_seqlen_k=context, softmax_scale=scale, causal=True, window_size=(-1, -1),
+            block_table=block_table, softcap=0, q_descale=None, k_descale=None, v_descale=None,
+            seq_threshold_3D=128 // num_kv_heads, num_par_softmax_segments=segments,
+            softmax_segm_output=segment_out, softmax_segm_max=segment_max, softmax_segm_expsum=segment_sum), smoke)
+    dense_bytes = 2 * batch * num_kv_heads * context * head_size * element + io_bytes
+
+    rows = []
+    base = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, smoke)",
+            "layout": layout, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_size": head_size,
+            "dtype": str(dtype).removeprefix("torch."), "block_size": block_size, "batch": batch,
+            "context": context, "audio_slots": span}
+    for name, micros in baselines.items():
+        rows.append({**base, "impl": name, "kept_fraction": 1.0, "time_us": micros, "bytes_read": dense_bytes,
+                     "bandwidth_gb_s": dense_bytes / micros / 1e3})
+    for fraction in fractions:
+        budgets = head_budgets(fraction, span, num_kv_heads)
+        kept = budgets.to(torch.int32).to(device).expand(batch, num_kv_heads).contiguous()
+        micros = timer(lambda kept=kept: kernel.head_sparse_paged_attention(
+            query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, span_start, span_slots, kept,
+            out=out, max_query_len=1, max_seq_len=context), smoke)
+        visible = batch * int((context - span + budgets).sum())  # slots read, summed over KV heads
+        read = 2 * visible * head_size * element + io_bytes
+        row = {**base, "impl": "head_sparse", "kept_fraction": fraction, "time_us": micros, "bytes_read": read,
+               "bandwidth_gb_s": read / micros / 1e3}
+        for name, dense_micros in baselines.items():
+            row[f"speedup_vs_{name}"] = dense_micros / micros
+        rows.append(row)
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_head_sparse.csv", help="CSV file to write")
+    parser.add_argument("--layouts", nargs="+", default=["qwen2-audio-7b", "qwen2.5-omni-7b"], choices=LAYOUTS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384])
+    parser.add_argument("--kept-fractions", nargs="+", type=float, default=[1.0, 0.7, 0.5, 0.3])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    parser.add_argument("--block-size", type=int, default=16, choices=[16, 32])
+    parser.add_argument("--max-memory-gib", type=float, default=60.0,
+                        help="skip configurations whose KV cache plus SDPA's gathered copies (3x) exceed this")
+    parser.add_argument("--smoke", action="store_true", help="tiny run on CPU under the Triton interpreter")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.layouts, args.batches, args.contexts, args.dtype = ["tiny"], [2], [160], "float16"
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    kernel = load_kernel(args.smoke)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vllm_attention = load_vllm_attention()
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for layout in args.layouts:
+        _, num_kv_heads, head_size = LAYOUTS[layout]
+        for batch in args.batches:
+            for context in args.contexts:
+                memory_gib = 3 * 2 * batch * context * num_kv_heads * head_size * dtype.itemsize / 2**30
+                if memory_gib > args.max_memory_gib:
+                    print(f"skip {layout} batch {batch} context {context}: {memory_gib:.1f} GiB > --max-memory-gib")
+                    continue
+                rows += run_config(kernel, vllm_attention, layout, batch, context, args.kept_fractions, dtype,
+                                   args.block_size, args.smoke, device)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        ratios = " ".join(f"{k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
+        print(f"{row['layout']:16} b{row['batch']:<4} ctx{row['context']:<6} {row['impl']:22} "
+              f"kept {row['kept_fraction']:.1f} {row['time_us']:10.1f} us {row['bandwidth_gb_s']:8.1f} GB/s {ratios}")
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

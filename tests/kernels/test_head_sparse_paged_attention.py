@@ -1,0 +1,145 @@
+"""Head-sparse paged attention: the Triton kernel against the torch reference, and the reference against plain
+masked dense attention. Every slot a kernel must not read (skipped ranges, slots past each sequence's length,
+unused blocks) holds NaN."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from headrouter_vllm.kernels.head_sparse_paged_attention import reference, triton
+from tests.kernels.conftest import DEVICE
+from tests.kernels.paged import PagedCache
+
+# bf16: the interpreter truncates fp32 -> bf16, so one ulp (2^-7 relative) on O(1) outputs
+TOLERANCES = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in TOLERANCES]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """Sequences of one batch: query and KV lengths, the audio span, and the kept count per KV head."""
+
+    q_lens: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    span_start: tuple[int, ...]
+    span_slots: tuple[int, ...]  # 0: no span
+    kept: tuple[tuple[int, ...], ...]  # [seq][kv head]
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    num_kv_splits: int | None = None
+
+
+CASES = {
+    # decode; per head: kept 0, partial, all; one sequence without a span
+    "decode": Case((1, 1, 1), (40, 17, 70), (3, 0, 20), (30, 0, 40), ((5, 0), (0, 0), (17, 40))),
+    "decode_split_kv": Case((1, 1, 1), (40, 17, 90), (3, 0, 20), (30, 0, 40), ((5, 0), (0, 0), (17, 40)),
+                            num_kv_splits=4),
+    # more splits than tiles to read: empty splits must not disturb the result
+    "decode_split_kv_short": Case((1, 1), (20, 5), (2, 1), (15, 2), ((3, 0), (1, 2)), num_kv_splits=8),
+    "mixed_prefill_decode": Case((5, 1, 20), (40, 17, 70), (3, 0, 20), (30, 0, 40), ((5, 0), (0, 0), (17, 40))),
+    "mixed_split_kv": Case((5, 1, 20), (40, 17, 70), (3, 0, 20), (30, 0, 40), ((5, 0), (0, 0), (17, 40)),
+                           num_kv_splits=2),
+    # whole prompt in one step, the queries inside and after the span (in_prompt semantics)
+    "prefill_over_span": Case((50,), (50,), (6,), (33,), ((4, 33),)),
+    "one_audio_token": Case((1, 3), (9, 12), (4, 7), (1, 1), ((0, 1), (1, 0))),
+    # span starting mid-block and crossing several block edges, most of it skipped
+    "span_mid_block": Case((2,), (120,), (13,), (90,), ((7, 0),)),
+    # rows that see no key at all (span from slot 0, nothing kept) give 0
+    "no_visible_key": Case((4,), (6,), (0,), (6,), ((0, 2),)),
+    "more_heads_than_tokens": Case((2, 1), (3, 2), (1, 0), (1, 1), ((0, 1, 0, 1), (1, 1, 0, 0)),
+                                   num_heads=16, num_kv_heads=4),
+    "gqa_group_of_7": Case((1, 6), (33, 45), (5, 10), (20, 30), ((3,), (30,)), num_heads=7, num_kv_heads=1),
+    "mha": Case((1, 3), (33, 45), (5, 10), (20, 30), ((3, 0, 20, 9), (30, 1, 2, 0)), num_heads=4, num_kv_heads=4),
+}
+
+
+def make_inputs(case: Case, dtype: torch.dtype, block_size: int, head_size: int, seed: int = 0):
+    cache = PagedCache(list(case.seq_lens), block_size, case.num_kv_heads, head_size, dtype, DEVICE, seed=seed)
+    as_int = {"dtype": torch.int32, "device": DEVICE}
+    span_start = torch.tensor(case.span_start, **as_int)
+    span_slots = torch.tensor(case.span_slots, **as_int)
+    kept = torch.tensor(case.kept, **as_int)
+    for s in range(len(case.seq_lens)):
+        for g in range(case.num_kv_heads):
+            if case.span_slots[s]:
+                cache.poison(s, case.span_start[s] + case.kept[s][g], case.span_start[s] + case.span_slots[s], g)
+    cu = torch.tensor([0] + torch.tensor(case.q_lens).cumsum(0).tolist(), **as_int)
+    query = torch.randn(int(cu[-1]), case.num_heads, head_size, generator=cache.generator).to(dtype).to(DEVICE)
+    args = (query, cache.key_cache, cache.value_cache, cache.block_table, cu, torch.tensor(case.seq_lens, **as_int),
+            head_size ** -0.5, span_start, span_slots, kept)
+    return cache, args
+
+
+def check(case: Case, dtype: torch.dtype, block_size: int, head_size: int) -> None:
+    _, args = make_inputs(case, dtype, block_size, head_size)
+    expected = reference.head_sparse_paged_attention(*args)
+    assert torch.isfinite(expected).all()
+    out = triton.head_sparse_paged_attention(*args, num_kv_splits=case.num_kv_splits)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCES[dtype], rtol=TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_cases(name: str, dtype: torch.dtype) -> None:
+    check(CASES[name], dtype, block_size=16, head_size=32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", [32, 64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("block_size", [16, 32], ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("num_kv_splits", [1, 2], ids=lambda n: f"splits{n}")
+def test_layouts(block_size: int, head_size: int, dtype: torch.dtype, num_kv_splits: int) -> None:
+    case = dataclasses.replace(CASES["mixed_prefill_decode"], num_kv_splits=num_kv_splits)
+    check(case, dtype, block_size, head_size)
+
+
+def test_default_splits_and_strided_output() -> None:
+    """Small decode batches over long contexts split the key range by default; ``out`` may be a strided view."""
+    assert triton.default_num_kv_splits(1, 4, 16384, 16) == 16  # Qwen2.5-Omni, one long request
+    assert triton.default_num_kv_splits(128, 32, 16384, 16) == 1  # enough programs already
+    assert triton.default_num_kv_splits(2, 2, 100, 16) == 1  # too short to split
+    case = CASES["decode"]
+    _, args = make_inputs(case, torch.float32, 16, 32)
+    expected = reference.head_sparse_paged_attention(*args)
+    for splits in (None, 2):
+        storage = torch.zeros(3, case.num_heads, 2, 32, device=DEVICE)
+        out = triton.head_sparse_paged_attention(*args, out=storage[:, :, 1], num_kv_splits=splits)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+        assert storage[:, :, 0].eq(0).all()
+
+
+def test_reference_equals_masked_dense_attention() -> None:
+    """The reference (gather only what a head sees) equals dense attention with an explicit mask."""
+    case = CASES["mixed_prefill_decode"]
+    cache, args = make_inputs(case, torch.float32, 16, 32)
+    query, _, _, block_table, cu, seq_lens, scale, span_start, span_slots, kept = args
+    out = reference.head_sparse_paged_attention(*args)
+    group = case.num_heads // case.num_kv_heads
+    for s, seq_len in enumerate(case.seq_lens):
+        slots = torch.arange(seq_len)
+        blocks = block_table[s].cpu().long()[slots // 16]
+        k = cache.key_cache[blocks, slots % 16].cpu().repeat_interleave(group, dim=1)  # [T, Hq, d]
+        v = cache.value_cache[blocks, slots % 16].cpu().repeat_interleave(group, dim=1)
+        q = query[cu[s]:cu[s + 1]].cpu()
+        positions = torch.arange(seq_len - q.shape[0], seq_len)
+        kept_per_head = kept[s].cpu().repeat_interleave(group)
+        skipped = ((slots[None] >= span_start[s].cpu() + kept_per_head[:, None])
+                   & (slots[None] < span_start[s].cpu() + span_slots[s].cpu()))  # [Hq, T]
+        mask = (slots[None, None] <= positions[None, :, None]) & ~skipped[:, None]  # [Hq, q, T]
+        v = torch.where(skipped.T[..., None], 0.0, v)  # skipped slots hold NaN
+        logits = torch.einsum("qhd,thd->hqt", q, torch.where(skipped.T[..., None], 0.0, k)) * scale
+        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        dense = torch.einsum("hqt,thd->qhd", probs, v)
+        torch.testing.assert_close(out[cu[s]:cu[s + 1]].cpu(), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_shapes_that_do_not_compile_on_gpu() -> None:
+    _, args = make_inputs(CASES["decode"], torch.float32, 16, 32)
+    with pytest.raises(ValueError, match="block_m"):
+        triton.head_sparse_paged_attention(*args, block_m=8)
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        triton.head_sparse_paged_attention(*args, num_kv_splits=3)
