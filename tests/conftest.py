@@ -14,6 +14,7 @@ for _name, _value in {
     "VLLM_CACHE_ROOT": os.path.join(_SCRATCH, "vllm-cache"),
     "VLLM_RPC_BASE_PATH": os.path.join(_SCRATCH, "rpc"),
     "TMPDIR": os.path.join(_SCRATCH, "tmp"),
+    "TORCHINDUCTOR_CACHE_DIR": os.path.join(_SCRATCH, "torchinductor"),  # vLLM would pick /tmp
 }.items():
     os.environ.setdefault(_name, _value)
     os.makedirs(os.environ[_name], exist_ok=True)
@@ -23,6 +24,9 @@ os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The environment as it is before any in-process engine runs: vLLM writes per-engine variables into os.environ
+# (e.g. the name of its multimodal shared-memory buffer), which a server started later must not inherit.
+CLEAN_ENV = dict(os.environ)
 
 import pytest  # noqa: E402
 

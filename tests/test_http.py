@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from headrouter_vllm.audio import to_wav_bytes
+from tests.conftest import CLEAN_ENV
 from tests.hf_reference import keep_count, reference
 
 QUESTION = "What is said in this audio clip?"
@@ -38,7 +39,7 @@ def server(tiny_model, tmp_path_factory):
            "--max-model-len", "1024", "--block-size", "32", "--enforce-eager", "--limit-mm-per-prompt",
            '{"audio": 1}']
     # the routed-request log line is at INFO (other tests in this process may have turned vLLM logging down)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    env = {**CLEAN_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

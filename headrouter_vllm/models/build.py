@@ -4,7 +4,9 @@
   changes greedy output, ``lm_head`` tied in the checkpoint (vLLM ties it; transformers' Qwen2Audio does
   not, and the two then disagree from the first token), fp32, about 1 MB, seconds to build.
 * ``qwen2-audio-7b-shape``: Qwen2-Audio-7B's real config with a local tokenizer and no weights, for
-  throughput runs with vLLM's ``load_format="dummy"``.
+  throughput runs with vLLM's ``load_format="dummy"`` (on a GPU).
+* ``qwen2-audio-7b-width-2l``: the same width with 2 LM and 2 encoder layers and a small vocabulary: real per-token
+  KV and attention shapes at a size a CPU can run (``load_format="dummy"``).
 """
 
 from __future__ import annotations
@@ -96,9 +98,32 @@ def build_qwen2_audio_7b_shape(out: str | Path) -> Path:
     return out
 
 
+def build_qwen2_audio_7b_width(out: str | Path, num_layers: int = 2) -> Path:
+    """Qwen2-Audio-7B's width (hidden 4096, 32 q / 32 kv heads, d 128, MLP 11008; audio encoder d 1280) with
+    ``num_layers`` LM and encoder layers and the local tokenizer's vocabulary, without weights: a CPU-sized
+    stand-in with the real model's per-token KV and attention shapes, for ``load_format=dummy`` benchmarks."""
+    from headrouter_vllm.models.tokenizer import build_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(AUDIO_SPECIALS)
+    cfg = _qwen2_audio_config(
+        tok, audio=dict(encoder_layers=num_layers, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
+        text=dict(vocab_size=len(tok), hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
+                  rope_theta=10000.0, rms_norm_eps=1e-5),
+        dtype="float32")
+    cfg.save_pretrained(out)
+    tok.save_pretrained(out)
+    _save_processor(out, tok)
+    (out / "HEADROUTER_DUMMY_WEIGHTS").write_text(json.dumps({"load_format": "dummy"}) + "\n")
+    return out
+
+
 BUILDERS = {
     "tiny-qwen2-audio": build_tiny_qwen2_audio,
     "qwen2-audio-7b-shape": build_qwen2_audio_7b_shape,
+    "qwen2-audio-7b-width-2l": build_qwen2_audio_7b_width,
 }
 
 
