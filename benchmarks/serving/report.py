@@ -48,6 +48,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
 def summarise(run: RunResult, audio_tokens: dict[int, int]) -> dict:
     reqs = run.requests
     n = len(reqs)
@@ -67,10 +71,9 @@ def summarise(run: RunResult, audio_tokens: dict[int, int]) -> dict:
         "kv_tokens_per_request": float(np.mean(kv_tokens)),
         "max_running": run.max_running, "preemptions": run.preemptions, "pool_blocks": run.pool_blocks,
         "audio_tokens_mean": float(np.mean([audio_tokens.get(r.index, 0) for r in reqs])),
-        "audio_kept_mean": (float(np.mean([r.kept_tokens for r in reqs if r.kept_tokens is not None]))
-                            if run.retention is not None else None),
-        "probe_ms_mean": float(np.mean(run.probe_ms)) if run.probe_ms else None,
-        "compact_ms_mean": float(np.mean(run.compact_ms)) if run.compact_ms else None,
+        "audio_kept_mean": _mean([r.kept_tokens for r in reqs if r.kept_tokens is not None]),
+        "probe_ms_mean": _mean(run.probe_ms),
+        "compact_ms_mean": _mean(run.compact_ms),
     }
 
 
