@@ -15,6 +15,8 @@ for _name, _value in {
     "VLLM_RPC_BASE_PATH": os.path.join(_SCRATCH, "rpc"),
     "TMPDIR": os.path.join(_SCRATCH, "tmp"),
     "TORCHINDUCTOR_CACHE_DIR": os.path.join(_SCRATCH, "torchinductor"),  # vLLM would pick /tmp
+    "TRITON_CACHE_DIR": os.path.join(_SCRATCH, "triton"),
+    "MPLCONFIGDIR": os.path.join(_SCRATCH, "matplotlib"),
 }.items():
     os.environ.setdefault(_name, _value)
     os.makedirs(os.environ[_name], exist_ok=True)
