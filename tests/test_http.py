@@ -30,40 +30,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "headrouter_vllm.cli", "serve", tiny_model, "--retention", "1.0",
+def start_server(model: str, log_path, port: int):
+    cmd = [sys.executable, "-m", "headrouter_vllm.cli", "serve", model, "--retention", "1.0",
            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--block-size", "32", "--enforce-eager", "--limit-mm-per-prompt",
            '{"audio": 1}']
     # the routed-request log line is at INFO (other tests in this process may have turned vLLM logging down)
     env = {**CLEAN_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"server did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+def stop_server(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine-core process
     try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    proc = start_server(tiny_model, log_path, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
         yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine-core process
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 def audio_message(wave):
@@ -267,3 +278,71 @@ def test_vllm_bench_serve_client_drives_the_server(server, tiny_model, tmp_path)
                          '{"vllm_xargs": {"headrouter_retention": 0.5}}'])
     assert result["completed"] == 4 and result["failed"] == 0
     assert len(routed_log_lines(server)) - before == 4
+
+
+def test_restart_mid_load_loses_no_request_silently(tiny_model, speech, tmp_path):
+    """Stop the server while 48 requests are in flight, start it again: every request either got a complete
+    answer or an error its client can see (connection error, 5xx, a stream without its end); retried on the
+    restarted server, all of those succeed."""
+    import asyncio
+    import json as jsonlib
+
+    port, log_path = free_port(), tmp_path / "server.log"
+    data = base64.b64encode(to_wav_bytes(speech["long"], subtype="FLOAT")).decode()
+
+    def body(i: int) -> dict:
+        return {"model": MODEL_NAME, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": i % 2 == 1,
+                "messages": [{"role": "user", "content": [
+                    {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                    {"type": "text", "text": QUESTION}]}],
+                "metadata": {"headrouter_retention": ["0.3", "0.5", "1.0"][i % 3]}}
+
+    async def one(client, i, limit) -> str:
+        """'ok' for a complete answer, 'error' for a failure the client can see."""
+        async with limit:
+            try:
+                if not body(i)["stream"]:
+                    r = await client.post("/v1/chat/completions", json=body(i))
+                    if r.status_code != 200:
+                        return "error"
+                    choice = r.json()["choices"][0]
+                    assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 24
+                    return "ok"
+                finish, done = None, False
+                async with client.stream("POST", "/v1/chat/completions", json=body(i)) as r:
+                    if r.status_code != 200:
+                        return "error"
+                    async for line in r.aiter_lines():
+                        if line == "data: [DONE]":
+                            done = True
+                        elif line.startswith("data: "):
+                            chunk = jsonlib.loads(line[6:])
+                            if "error" in chunk:
+                                return "error"
+                            finish = chunk["choices"][0].get("finish_reason") or finish if chunk["choices"] else finish
+                return "ok" if done and finish == "length" else "error"
+            except httpx.HTTPError:
+                return "error"
+
+    async def load(indices, stop_after: float | None = None, proc=None):
+        limit = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            tasks = [asyncio.create_task(one(client, i, limit)) for i in indices]
+            if stop_after is not None:
+                await asyncio.sleep(stop_after)
+                await asyncio.to_thread(stop_server, proc)
+            return await asyncio.gather(*tasks)
+
+    proc = start_server(tiny_model, log_path, port)
+    try:
+        first = asyncio.run(load(range(48), stop_after=1.5, proc=proc))
+    finally:
+        stop_server(proc)
+    failed = [i for i, outcome in enumerate(first) if outcome == "error"]
+    assert failed, "the stop was meant to land mid-load"
+    proc = start_server(tiny_model, log_path, port)
+    try:
+        retried = asyncio.run(load(failed))
+    finally:
+        stop_server(proc)
+    assert retried == ["ok"] * len(failed)
