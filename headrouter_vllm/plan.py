@@ -16,6 +16,10 @@ from headrouter_vllm.api.options import RouteOptions
 from headrouter_vllm.config import HeadRouterConfig
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def keep_count(retention: float, n: int) -> int:
     """Audio tokens kept of ``n``: round half up (not Python's banker's rounding), at least 1."""
     return max(1, min(n, math.floor(retention * n + 0.5)))

@@ -30,14 +30,10 @@ from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans, resolve_probe_layer
 from headrouter_vllm.patch.attention_forward import wrap_impl_forward
-from headrouter_vllm.plan import RoutePlan, compaction_moves, make_plan
+from headrouter_vllm.plan import RoutePlan, cdiv, compaction_moves, make_plan
 from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
 logger = get_logger(__name__)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclasses.dataclass

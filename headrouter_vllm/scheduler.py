@@ -19,13 +19,9 @@ from headrouter_vllm.config import ConfigError, HeadRouterConfig
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans
 from headrouter_vllm.patch.kv_cache_coordinator import wrap_block_accounting
-from headrouter_vllm.plan import RoutePlan, make_plan
+from headrouter_vllm.plan import RoutePlan, cdiv, make_plan
 
 logger = get_logger(__name__)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)

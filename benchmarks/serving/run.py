@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from headrouter_vllm.benchmarks.serving.workload import SAMPLE_RATE, BenchRequest
+from headrouter_vllm.demo import audio_prompt
 
 
 @dataclasses.dataclass
@@ -54,11 +55,6 @@ class RunResult:
     block_size: int
     probe_ms: list[float] = dataclasses.field(default_factory=list)
     compact_ms: list[float] = dataclasses.field(default_factory=list)
-
-
-def audio_prompt(question: str) -> str:
-    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-            f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,

@@ -17,6 +17,7 @@ the offline references call the same :func:`select`.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -111,7 +112,7 @@ def _routed(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Prof
     q_weights = weights if weights is not None else torch.full((scores.shape[0],), 1.0 / scores.shape[0])
     kv_weights = q_weights.view(num_kv, -1).sum(dim=1)
     b_min = min(keep, int(settings.b_min_fraction * n))
-    b_max = max(keep, min(n, int(-(-settings.b_max_fraction * n // 1))))
+    b_max = max(keep, min(n, math.ceil(settings.b_max_fraction * n)))
     budgets = per_head_budgets(kv_weights, keep * num_kv, b_min, b_max)
     per_head = select_per_head(scores, budgets, weights)
     union = torch.unique(torch.cat(per_head)) if per_head else torch.empty(0, dtype=torch.long)

@@ -45,13 +45,17 @@ def selectivity(head_scores: torch.Tensor) -> torch.Tensor:
     """The input's head-behaviour vector ``[Hq]``: (1 - normalised entropy of the head's attention over the
     span) x (the head's audio mass relative to the most audio-attentive head). High for heads that attend to
     audio and to a few tokens of it."""
+    mass = head_scores.float().sum(dim=-1)
+    return focus(head_scores) * mass / mass.max().clamp_min(EPS)
+
+
+def focus(head_scores: torch.Tensor) -> torch.Tensor:
+    """``[Hq]``: 1 - the normalised entropy of each head's attention over the span (1 for N = 1)."""
     scores = head_scores.float()
     mass = scores.sum(dim=-1)
     n = scores.shape[-1]
-    if n > 1:
-        p = scores / mass[:, None].clamp_min(EPS)
-        entropy = -(p * p.clamp_min(EPS).log()).sum(dim=-1)
-        focus = 1.0 - entropy / torch.log(torch.tensor(float(n)))
-    else:
-        focus = torch.ones_like(mass)
-    return focus.clamp_min(0.0) * mass / mass.max().clamp_min(EPS)
+    if n == 1:
+        return torch.ones_like(mass)
+    p = scores / mass[:, None].clamp_min(EPS)
+    entropy = -(p * p.clamp_min(EPS).log()).sum(dim=-1)
+    return (1.0 - entropy / torch.log(torch.tensor(float(n)))).clamp_min(0.0)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from headrouter_vllm.routing.profiles import ProfileSet
-from headrouter_vllm.routing.scores import EPS, calibrated_position_prior, debias, fallback_position_prior
+from headrouter_vllm.routing.scores import calibrated_position_prior, debias, fallback_position_prior, focus
 from headrouter_vllm.routing.select import select_shared
 from headrouter_vllm.routing.tasks import GROUPS, task_prior
 
@@ -43,14 +43,7 @@ def select_shared_sharded(local_scores: torch.Tensor, heads: slice, num_heads: i
 
 def _routed_weights(scores: torch.Tensor, heads: slice, task: str, profiles: ProfileSet,
                     all_reduce_sum: AllReduceSum) -> torch.Tensor:
-    mass = scores.sum(dim=-1)
-    n = scores.shape[-1]
-    if n > 1:
-        p = scores / mass[:, None].clamp_min(EPS)
-        focus = 1.0 - (-(p * p.clamp_min(EPS).log()).sum(dim=-1)) / torch.log(torch.tensor(float(n)))
-    else:
-        focus = torch.ones_like(mass)
-    behaviour = focus.clamp_min(0.0) * mass  # selectivity up to one global scale, which cosines ignore
+    behaviour = focus(scores) * scores.sum(dim=-1)  # selectivity up to one global scale, which cosines ignore
     dots = [(behaviour * profiles.profiles[g].prototype[heads].float()).sum() for g in GROUPS]
     reduced = all_reduce_sum(torch.stack([*dots, (behaviour ** 2).sum()]))
     norms = torch.stack([profiles.profiles[g].prototype.float().norm() for g in GROUPS])
