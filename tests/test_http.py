@@ -324,18 +324,19 @@ def test_restart_mid_load_loses_no_request_silently(tiny_model, speech, tmp_path
             except httpx.HTTPError:
                 return "error"
 
-    async def load(indices, stop_after: float | None = None, proc=None):
+    async def load(indices, stop_server_after_first_answer=None):
         limit = asyncio.Semaphore(16)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             tasks = [asyncio.create_task(one(client, i, limit)) for i in indices]
-            if stop_after is not None:
-                await asyncio.sleep(stop_after)
-                await asyncio.to_thread(stop_server, proc)
+            if stop_server_after_first_answer is not None:
+                # stop as soon as one request is answered: with 16 in flight of 48, the stop lands mid-load
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.to_thread(stop_server, stop_server_after_first_answer)
             return await asyncio.gather(*tasks)
 
     proc = start_server(tiny_model, log_path, port)
     try:
-        first = asyncio.run(load(range(48), stop_after=1.5, proc=proc))
+        first = asyncio.run(load(range(48), stop_server_after_first_answer=proc))
     finally:
         stop_server(proc)
     failed = [i for i, outcome in enumerate(first) if outcome == "error"]
