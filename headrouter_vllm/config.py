@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 CONFIG_KEY = "headrouter"
@@ -137,8 +138,13 @@ class Environment:
 
     # Fill vacated and freed KV slots with this value after compaction (tests: proves they are never read).
     poison_value: float | None
+    # Downloads made when building a model (the Whisper wheel): $HEADROUTER_CACHE, else
+    # $XDG_CACHE_HOME/headrouter-vllm, else ~/.cache/headrouter-vllm.
+    cache_dir: Path
 
 
 def environment() -> Environment:
     poison = os.environ.get("HEADROUTER_POISON_FREED_KV")
-    return Environment(poison_value=float(poison) if poison else None)
+    cache = os.environ.get("HEADROUTER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "headrouter-vllm")
+    return Environment(poison_value=float(poison) if poison else None, cache_dir=Path(cache))

@@ -17,20 +17,28 @@ from pathlib import Path
 AUDIO_SPECIALS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
 
-def _save_processor(out: Path, tok) -> None:
-    from transformers import GenerationConfig, Qwen2AudioProcessor, WhisperFeatureExtractor
+def _save_processor(out: Path, tok, mel_bins: int = 128) -> None:
+    from transformers import GenerationConfig, Qwen2AudioProcessor
 
-    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
+    fe = feature_extractor(mel_bins)
     Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=tok.chat_template).save_pretrained(out)
     GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
 
 
-def _qwen2_audio_config(tok, audio: dict, text: dict, dtype: str):
+def feature_extractor(mel_bins: int = 128):
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=mel_bins, sampling_rate=16000, hop_length=160, chunk_length=30,
+                                   n_fft=400)
+
+
+def qwen2_audio_config(tok, audio: dict, text: dict, dtype: str):
     from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2Config
 
     text_cfg = Qwen2Config(tie_word_embeddings=True, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id, **text)
-    cfg = Qwen2AudioConfig(audio_config=Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=1500, **audio),
+    audio = {"num_mel_bins": 128, "max_source_positions": 1500, **audio}
+    cfg = Qwen2AudioConfig(audio_config=Qwen2AudioEncoderConfig(**audio),
                            text_config=text_cfg, audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
     cfg.dtype = dtype
     cfg.architectures = ["Qwen2AudioForConditionalGeneration"]
@@ -39,7 +47,6 @@ def _qwen2_audio_config(tok, audio: dict, text: dict, dtype: str):
 
 def build_tiny_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen2AudioForConditionalGeneration
 
     from headrouter_vllm.models.tokenizer import build_tokenizer
@@ -47,7 +54,7 @@ def build_tiny_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(AUDIO_SPECIALS)
-    cfg = _qwen2_audio_config(
+    cfg = qwen2_audio_config(
         tok, audio=dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64),
         text=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -61,8 +68,16 @@ def build_tiny_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
             in_lm = "language_model" in name or "multi_modal_projector" in name
             if in_lm and (p.dim() >= 2 or ("language_model" in name and name.endswith("bias"))):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    # Write the checkpoint in the original Qwen2-Audio key layout that vLLM loads (transformers 5.x
-    # would write language_model.model.model.*), with lm_head tied as vLLM ties it.
+    save_checkpoint(model, cfg, tok, out)
+    return out
+
+
+def save_checkpoint(model, cfg, tok, out: Path) -> None:
+    """Write the checkpoint in the original Qwen2-Audio key layout that vLLM loads (transformers 5.x would
+    write language_model.model.model.*), with lm_head tied as vLLM ties it (transformers' Qwen2Audio does not
+    tie: the explicit lm_head makes both see the same weights)."""
+    from safetensors.torch import save_file
+
     state = {}
     for name, p in model.state_dict().items():
         key = name.replace("model.language_model.", "language_model.model.").replace(
@@ -73,8 +88,7 @@ def build_tiny_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
     cfg.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
-    _save_processor(out, tok)
-    return out
+    _save_processor(out, tok, mel_bins=cfg.audio_config.num_mel_bins)
 
 
 def build_qwen2_audio_7b_shape(out: str | Path) -> Path:
@@ -84,7 +98,7 @@ def build_qwen2_audio_7b_shape(out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(AUDIO_SPECIALS)
-    cfg = _qwen2_audio_config(
+    cfg = qwen2_audio_config(
         tok, audio=dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
         text=dict(vocab_size=156032, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
@@ -107,7 +121,7 @@ def build_qwen2_audio_7b_width(out: str | Path, num_layers: int = 2) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(AUDIO_SPECIALS)
-    cfg = _qwen2_audio_config(
+    cfg = qwen2_audio_config(
         tok, audio=dict(encoder_layers=num_layers, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
         text=dict(vocab_size=len(tok), hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,

@@ -28,7 +28,8 @@ QWEN2_AUDIO_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(extra_specials=(), vocab_size: int = 512, chat_template: str = QWEN2_AUDIO_CHAT_TEMPLATE):
+def build_tokenizer(extra_specials=(), vocab_size: int = 512, chat_template: str = QWEN2_AUDIO_CHAT_TEMPLATE,
+                    corpus: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,7 +38,7 @@ def build_tokenizer(extra_specials=(), vocab_size: int = 512, chat_template: str
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(
+    tok.train_from_iterator(CORPUS if corpus is None else corpus, trainer=trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
