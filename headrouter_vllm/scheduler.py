@@ -61,7 +61,7 @@ class HeadRouterScheduler(Scheduler):
         self._hr_tail_free: dict[str, int] = {}
         self.hr_records: collections.deque[RouteRecord] = collections.deque(maxlen=4096)
         # per-request report, returned with the request's final output (``kv_transfer_params["headrouter"]``,
-        # which the HTTP middleware moves into ``usage.headrouter``)
+        # which the HTTP middleware moves into ``usage.headrouter`` and the front end counts: metrics.py)
         self._hr_usage: dict[str, dict] = {}
         self._hr_finished_usage: dict[str, dict] = {}
         wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed)
@@ -77,7 +77,8 @@ class HeadRouterScheduler(Scheduler):
         self._hr_usage[request.request_id] = {
             "audio_tokens": audio, "kept_audio_tokens": audio if plan is None else plan.kept_tokens,
             "kv_blocks_freed": 0, "task": None if plan is None else plan.task,
-            "policy": None if plan is None else plan.policy, "retention": 1.0 if plan is None else plan.retention}
+            "policy": None if plan is None else plan.policy, "retention": 1.0 if plan is None else plan.retention,
+            "probe_seconds": 0.0 if plan is None else None}  # routed: set when the model runner reports it
 
     def _plan_of(self, request: Request) -> RoutePlan | None:
         if request.sampling_params is None:
@@ -127,6 +128,11 @@ class HeadRouterScheduler(Scheduler):
                 self._hr_tail_free[req_id] = request.num_computed_tokens - plan.removed
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        # before super(), which frees the requests that finish in this step
+        for req_id, seconds in (getattr(model_runner_output, "headrouter_probe_seconds", None) or {}).items():
+            usage = self._hr_usage.get(req_id)
+            if usage is not None:  # None: aborted while this step ran
+                usage["probe_seconds"] = (usage["probe_seconds"] or 0.0) + seconds  # adds up re-prefills
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id in [r for r in self._hr_tail_free if r in scheduler_output.num_scheduled_tokens]:
             keep_tokens = self._hr_tail_free.pop(req_id)
@@ -177,6 +183,8 @@ class HeadRouterScheduler(Scheduler):
         self.hr_plans.pop(request.request_id, None)
         usage = self._hr_usage.pop(request.request_id, None)
         if usage is not None:
+            if usage["probe_seconds"] is not None:
+                usage["probe_seconds"] = round(usage["probe_seconds"], 6)
             self._hr_finished_usage[request.request_id] = usage
         return out
 

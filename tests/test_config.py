@@ -102,14 +102,14 @@ def test_register_is_idempotent_and_reversible():
     patched = (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args)
     register()
     assert (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args) == patched
-    assert patch.applied() == ["platform_config", "sampling_params"]
+    assert patch.applied() == ["output_processor", "platform_config", "sampling_params"]
     patch.revert_all()
     try:
         assert SamplingParams._verify_extra_args is not patched[1]
         assert CpuPlatform.__dict__["check_and_update_config"] is not patched[0]
     finally:
         register()
-    assert patch.applied() == ["platform_config", "sampling_params"]
+    assert patch.applied() == ["output_processor", "platform_config", "sampling_params"]
 
 
 def test_plugin_entry_point_is_installed():

@@ -53,6 +53,9 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     if vllm_config.cache_config.enable_prefix_caching:
         vllm_config.cache_config.enable_prefix_caching = False
         logger.warning("HeadRouter rewrites routed requests' KV blocks: prefix caching is turned off")
+    from headrouter_vllm.metrics import metrics
+
+    metrics()  # registered now, so /metrics shows them at 0 from startup
     logger.info("HeadRouter configured: %s", config)
     return config
 
