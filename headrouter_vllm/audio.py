@@ -22,7 +22,9 @@ def speak(text: str, voice: str = "en") -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         raw, wav = Path(tmp) / "raw.wav", Path(tmp) / "16k.wav"
         subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
-        subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", str(wav)], check=True, capture_output=True)
+        # -D: no dither (sox adds random dither noise by default: the wave would differ run to run)
+        subprocess.run(["sox", "-D", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", str(wav)], check=True,
+                       capture_output=True)
         wave, rate = sf.read(str(wav), dtype="float32")
     assert rate == SAMPLE_RATE
     return wave

@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(default headrouter)")
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
 
-    demo = sub.add_parser("demo", help="prune one spoken-audio request at several retentions (in-process, CPU)")
-    demo.add_argument("--model", default=None, help="model directory (default: build tiny-qwen2-audio in a temp dir)")
+    demo = sub.add_parser("demo", help="ask one clip every listening-suite question at several retentions "
+                                       "(in-process engine)")
+    demo.add_argument("--model", default=None,
+                      help="model directory (default: build listening-qwen2-audio in a temp dir)")
+    demo.add_argument("--policy", default="headrouter", help="selection policy (default %(default)s)")
     demo.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
     demo.add_argument("--max-tokens", type=int, default=12)
     demo.add_argument("--semantics", choices=SEMANTICS, default="after_prompt")
@@ -78,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     from headrouter_vllm.benchmarks.serving.main import add_arguments
 
     add_arguments(bench)
+
+    quality = sub.add_parser("quality", help="accuracy vs retention on the listening suite, every policy, through "
+                                             "the vLLM engine")
+    from headrouter_vllm.benchmarks.quality.main import add_arguments as add_quality_arguments
+
+    add_quality_arguments(quality)
 
     make = sub.add_parser("make-model", help="build a local model (no download)")
     from headrouter_vllm.models.build import BUILDERS
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from headrouter_vllm.demo import print_rows, run_demo
 
-            print_rows(run_demo(args.model, args.retentions, args.max_tokens, args.semantics))
+            print_rows(run_demo(args.model, args.retentions, args.max_tokens, args.semantics, args.policy))
         elif args.command == "calibrate":
             from headrouter_vllm.calibrate import calibrate
 
@@ -112,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             from headrouter_vllm.benchmarks.serving.main import main as bench_main
 
             bench_main(args)
+        elif args.command == "quality":
+            from headrouter_vllm.benchmarks.quality.main import main as quality_main
+
+            quality_main(args)
         elif args.command == "make-model":
             from headrouter_vllm.models.build import make_model
 

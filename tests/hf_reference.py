@@ -76,15 +76,16 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             layer.keys = layer.keys[:, :, keep_idx].contiguous()
             layer.values = layer.values[:, :, keep_idx].contiguous()
     logits = out.logits[0, -1]
-    tokens = []
+    tokens, logprobs = [], []
     for i in range(max_tokens):
         token = int(logits.argmax())
         tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))
         o = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[length + i]]),
                   attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long),
                   past_key_values=cache, use_cache=True)
         cache, logits = o.past_key_values, o.logits[0, -1]
-    info["tokens"] = tokens
+    info["tokens"], info["logprobs"] = tokens, logprobs
     return info
 
 

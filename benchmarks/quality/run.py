@@ -1,0 +1,96 @@
+"""Run the listening suite's questions through an in-process vLLM engine under each pruning configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+
+from headrouter_vllm.listening import suite
+from headrouter_vllm.listening.train import prompt_text
+
+MAX_TOKENS = 12  # the longest answer ("digits 1 2 3 4 5" + <|im_end|>) is 7 tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One pruning configuration. ``task``: ``"named"`` sends the question's suite task (its profile routes it),
+    ``"auto"`` lets the input alone route, ``None`` sends no task."""
+
+    policy: str
+    retention: float
+    semantics: str = "after_prompt"
+    task: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.retention >= 1.0:
+            return "full"
+        name = self.policy + (f"[{self.task}]" if self.task else "")
+        return name + ("" if self.semantics == "after_prompt" else f"/{self.semantics}")
+
+
+def methods(retentions: list[float], policies: list[str], in_prompt_policies: list[str]) -> list[Method]:
+    out = [Method("uniform", 1.0)]
+    for r in retentions:
+        for semantics, names in (("after_prompt", policies), ("in_prompt", in_prompt_policies)):
+            for name in names:
+                policy, _, task = name.partition(":")
+                out.append(Method(policy, r, semantics, task or ("named" if policy == "oracle" else None)))
+    return out
+
+
+@dataclasses.dataclass
+class Answer:
+    clip: str
+    task: str
+    method: str
+    retention: float
+    text: str
+    correct: bool
+    audio_tokens: int | None
+    kept_tokens: int | None
+    seconds: float
+    model: str = ""
+
+
+def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], semantics: str, profiles: str | None,
+                engine_kwargs: dict, progress=None) -> list[Answer]:
+    """All of ``chosen`` (one semantics) on every question of every clip, one engine; one generate call per
+    method, so vLLM batches the whole suite."""
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm.api.options import route_args
+
+    section = {"retention": 1.0, "semantics": semantics}
+    if profiles:
+        section["profiles"] = profiles
+    llm = LLM(model=model, additional_config={"headrouter": section}, **engine_kwargs)
+    questions = [(clip, task) for clip in clips for task in clip.answers]
+    prompts = [{"prompt": prompt_text(suite.QUESTIONS[task]), "multi_modal_data": {"audio": (clip.wave,
+                suite.SAMPLE_RATE)}} for clip, task in questions]
+    answers: list[Answer] = []
+    try:
+        for method in chosen:
+            params = []
+            for _, task in questions:
+                extra = None
+                if method.retention < 1.0:
+                    named = {"named": task, "auto": "auto", None: None}[method.task]
+                    extra = route_args(retention=method.retention, policy=method.policy, task=named)
+                params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra))
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+            for (clip, task), out in zip(questions, outputs, strict=True):
+                usage = (out.kv_transfer_params or {}).get("headrouter") or {}
+                text = out.outputs[0].text.strip()
+                answers.append(Answer(clip.id, task, method.label, method.retention, text,
+                                      text == clip.answer(task), usage.get("audio_tokens"), usage.get("kept_tokens"),
+                                      seconds / len(questions)))
+            if progress is not None:
+                progress.update(1)
+    finally:
+        del llm
+        gc.collect()
+    return answers
