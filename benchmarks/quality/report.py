@@ -50,7 +50,7 @@ def summarise(answers: list, model: str) -> list[dict]:
         key = (a.method, a.retention)
         cells[key][a.task][0] += a.correct
         cells[key][a.task][1] += 1
-        if a.audio_tokens:
+        if a.audio_tokens and a.kept_tokens is not None:
             kept[key].append(a.kept_tokens / a.audio_tokens)
     rows = []
     for (method, retention), per_task in cells.items():
