@@ -15,7 +15,7 @@ from headrouter_vllm.listening import suite
 from headrouter_vllm.listening.train import Layout, prompt_text
 from tests.hf_reference import reference
 
-CLIPS = 4  # test clips in the engine comparisons (each asked its 6 questions)
+CLIPS = 3  # test clips in the engine comparisons (each asked its 6 questions)
 
 
 @pytest.fixture(scope="session")

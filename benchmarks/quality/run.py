@@ -85,8 +85,8 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
             for (clip, task), out in zip(questions, outputs, strict=True):
                 usage = (out.kv_transfer_params or {}).get("headrouter") or {}
                 text = out.outputs[0].text.strip()
-                answers.append(Answer(clip.id, task, method.label, method.retention, text,
-                                      text == clip.answer(task), usage.get("audio_tokens"), usage.get("kept_audio_tokens"),
+                answers.append(Answer(clip.id, task, method.label, method.retention, text, text == clip.answer(task),
+                                      usage.get("audio_tokens"), usage.get("kept_audio_tokens"),
                                       seconds / len(questions)))
             if progress is not None:
                 progress.update(1)

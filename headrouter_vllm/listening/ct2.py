@@ -112,6 +112,16 @@ def _attention(sd: dict, v: dict, dst: str, src: str, fused: str = "qkv") -> Non
             sd[f"{dst}.{name}.bias"] = b
 
 
+def _self_attention_and_ffn(sd: dict, v: dict, dst: str, src: str) -> None:
+    """The parts every Whisper layer (encoder and decoder) has."""
+    _attention(sd, v, f"{dst}.self_attn", f"{src}/self_attention/linear_0")
+    _linear(sd, v, f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+    _layer_norm(sd, v, f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+    _linear(sd, v, f"{dst}.fc1", f"{src}/ffn/linear_0")
+    _linear(sd, v, f"{dst}.fc2", f"{src}/ffn/linear_1")
+    _layer_norm(sd, v, f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+
+
 def encoder_state_dict(v: dict[str, np.ndarray]) -> dict:
     """HF ``WhisperEncoder`` / ``Qwen2AudioEncoder`` state dict (the same names)."""
     sd: dict = {}
@@ -119,13 +129,7 @@ def encoder_state_dict(v: dict[str, np.ndarray]) -> dict:
     _linear(sd, v, "conv2", "encoder/conv2")
     sd["embed_positions.weight"] = _tensor(v, "encoder/position_encodings/encodings")
     for i in range(ENCODER_LAYERS):
-        src, dst = f"encoder/layer_{i}", f"layers.{i}"
-        _attention(sd, v, f"{dst}.self_attn", f"{src}/self_attention/linear_0")
-        _linear(sd, v, f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
-        _layer_norm(sd, v, f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
-        _linear(sd, v, f"{dst}.fc1", f"{src}/ffn/linear_0")
-        _linear(sd, v, f"{dst}.fc2", f"{src}/ffn/linear_1")
-        _layer_norm(sd, v, f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+        _self_attention_and_ffn(sd, v, f"layers.{i}", f"encoder/layer_{i}")
     _layer_norm(sd, v, "layer_norm", "encoder/layer_norm")
     return sd
 
@@ -138,16 +142,11 @@ def whisper_state_dict(v: dict[str, np.ndarray]) -> dict:
     sd["model.decoder.embed_positions.weight"] = _tensor(v, "decoder/position_encodings/encodings")
     for i in range(DECODER_LAYERS):
         src, dst = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
-        _attention(sd, v, f"{dst}.self_attn", f"{src}/self_attention/linear_0")
-        _linear(sd, v, f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
-        _layer_norm(sd, v, f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        _self_attention_and_ffn(sd, v, dst, src)
         _linear(sd, v, f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
         _attention(sd, v, f"{dst}.encoder_attn", f"{src}/attention/linear_1", fused="kv")
         _linear(sd, v, f"{dst}.encoder_attn.out_proj", f"{src}/attention/linear_2")
         _layer_norm(sd, v, f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
-        _linear(sd, v, f"{dst}.fc1", f"{src}/ffn/linear_0")
-        _linear(sd, v, f"{dst}.fc2", f"{src}/ffn/linear_1")
-        _layer_norm(sd, v, f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
     _layer_norm(sd, v, "model.decoder.layer_norm", "decoder/layer_norm")
     sd["proj_out.weight"] = sd["model.decoder.embed_tokens.weight"]
     return sd

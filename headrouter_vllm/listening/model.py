@@ -13,6 +13,7 @@ from pathlib import Path
 
 from headrouter_vllm.listening import suite
 from headrouter_vllm.models.build import AUDIO_SPECIALS, feature_extractor, qwen2_audio_config, save_checkpoint
+from headrouter_vllm.models.tokenizer import DEFAULT_SYSTEM_MESSAGE, QWEN2_AUDIO_CHAT_TEMPLATE
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 SEEDS = (0, 1)
@@ -22,18 +23,7 @@ LM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_atten
           max_position_embeddings=2048)
 
 # Qwen2-Audio's chat format without the default system message (prompts stay short).
-CHAT_TEMPLATE = (
-    "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if 'audio' in content or 'audio_url' in content or content['type'] == 'audio' %}"
-    "{% set audio_count.value = audio_count.value + 1 %}"
-    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = QWEN2_AUDIO_CHAT_TEMPLATE.replace(DEFAULT_SYSTEM_MESSAGE, "")
 
 
 def answer_words() -> list[str]:

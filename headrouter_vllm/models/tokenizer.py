@@ -12,10 +12,11 @@ CORPUS = [
 ] * 20
 
 # Qwen2-Audio's chat format: "Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>" per audio part.
+DEFAULT_SYSTEM_MESSAGE = ("{% if loop.first and message['role'] != 'system' %}"
+                          "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}")
 QWEN2_AUDIO_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + DEFAULT_SYSTEM_MESSAGE +
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
