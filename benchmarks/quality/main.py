@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policy[:named|auto] under after_prompt semantics")
     parser.add_argument("--in-prompt-policies", nargs="+", default=["headrouter:named", "uniform"],
                         help="policy[:named|auto] under in_prompt semantics (none: skip)")
-    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<name>/")
     parser.add_argument("--name", default=None, help="run name (default: quality-<timestamp>)")
 
@@ -83,7 +83,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="headrouter-quality-") as tmp:
         tmp = Path(tmp)
         manifest = calibration_manifest(args.calibration_clips, tmp / "calibration")
-        progress = tqdm(total=len(chosen) * len(args.models), desc="methods", unit="method")
+        semantics_runs = len({m.semantics for m in chosen})
+        progress = tqdm(total=len(clips) * semantics_runs * len(args.models), desc="clips x engines", unit="clip")
         for name in args.models:
             model = _model_dir(name, tmp)
             label = Path(name).name
@@ -92,7 +93,8 @@ def main(args: argparse.Namespace) -> list[dict]:
             for semantics in ("after_prompt", "in_prompt"):
                 mine = [m for m in chosen if m.semantics == semantics]
                 if mine:
-                    for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs, progress):
+                    for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs,
+                                         progress=progress):
                         a.model = label
                         answers.append(a)
         progress.close()

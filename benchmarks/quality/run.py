@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import time
 
 from headrouter_vllm.listening import suite
 from headrouter_vllm.listening.train import prompt_text
@@ -50,14 +49,15 @@ class Answer:
     correct: bool
     audio_tokens: int | None
     kept_tokens: int | None
-    seconds: float
     model: str = ""
 
 
 def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], semantics: str, profiles: str | None,
-                engine_kwargs: dict, progress=None) -> list[Answer]:
-    """All of ``chosen`` (one semantics) on every question of every clip, one engine; one generate call per
-    method, so vLLM batches the whole suite."""
+                engine_kwargs: dict, clips_per_call: int = 8, progress=None) -> list[Answer]:
+    """All of ``chosen`` (one semantics) on every question of every clip, one engine. Each generate call holds
+    every method's questions on ``clips_per_call`` clips, so vLLM's encoder cache (keyed by the audio's hash)
+    encodes each clip once for all its questions and methods, and the engine still batches hundreds of
+    requests."""
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm.api.options import route_args
@@ -66,30 +66,28 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
     if profiles:
         section["profiles"] = profiles
     llm = LLM(model=model, additional_config={"headrouter": section}, **engine_kwargs)
-    questions = [(clip, task) for clip in clips for task in clip.answers]
-    prompts = [{"prompt": prompt_text(suite.QUESTIONS[task]), "multi_modal_data": {"audio": (clip.wave,
-                suite.SAMPLE_RATE)}} for clip, task in questions]
     answers: list[Answer] = []
     try:
-        for method in chosen:
-            params = []
-            for _, task in questions:
-                extra = None
-                if method.retention < 1.0:
-                    named = {"named": task, "auto": "auto", None: None}[method.task]
-                    extra = route_args(retention=method.retention, policy=method.policy, task=named)
-                params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra))
-            t0 = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            seconds = time.perf_counter() - t0
-            for (clip, task), out in zip(questions, outputs, strict=True):
+        for first in range(0, len(clips), clips_per_call):
+            jobs, prompts, params = [], [], []
+            for clip in clips[first:first + clips_per_call]:
+                for task in clip.answers:
+                    for method in chosen:
+                        extra = None
+                        if method.retention < 1.0:
+                            named = {"named": task, "auto": "auto", None: None}[method.task]
+                            extra = route_args(retention=method.retention, policy=method.policy, task=named)
+                        jobs.append((clip, task, method))
+                        prompts.append({"prompt": prompt_text(suite.QUESTIONS[task]),
+                                        "multi_modal_data": {"audio": (clip.wave, suite.SAMPLE_RATE)}})
+                        params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra))
+            for (clip, task, method), out in zip(jobs, llm.generate(prompts, params, use_tqdm=False), strict=True):
                 usage = (out.kv_transfer_params or {}).get("headrouter") or {}
                 text = out.outputs[0].text.strip()
                 answers.append(Answer(clip.id, task, method.label, method.retention, text, text == clip.answer(task),
-                                      usage.get("audio_tokens"), usage.get("kept_audio_tokens"),
-                                      seconds / len(questions)))
+                                      usage.get("audio_tokens"), usage.get("kept_audio_tokens")))
             if progress is not None:
-                progress.update(1)
+                progress.update(len(clips[first:first + clips_per_call]))
     finally:
         del llm
         gc.collect()
