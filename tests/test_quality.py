@@ -1,0 +1,38 @@
+"""The quality benchmark's bookkeeping: method list, intervals and summaries (the engine runs are in
+tests/test_listening.py and the benchmark itself)."""
+
+from __future__ import annotations
+
+import math
+
+from headrouter_vllm.benchmarks.quality import report
+from headrouter_vllm.benchmarks.quality.run import Answer, Method, methods
+
+
+def test_method_grid_and_labels():
+    grid = methods([0.7, 0.3], ["headrouter:named", "headrouter:auto", "oracle", "uniform"], ["headrouter:named"])
+    assert grid[0].label == "full" and grid[0].retention == 1.0
+    assert len(grid) == 1 + 2 * (4 + 1)
+    labels = {m.label for m in grid if m.retention == 0.7}
+    assert labels == {"headrouter[named]", "headrouter[auto]", "oracle[named]", "uniform",
+                      "headrouter[named]/in_prompt"}
+    assert Method("uniform", 0.5, "in_prompt").label == "uniform/in_prompt"
+
+
+def test_wilson_interval():
+    acc, lo, hi = report.wilson(45, 50)
+    assert acc == 90.0 and 78 < lo < 79 and 95 < hi < 96  # textbook values 78.6, 95.7
+    assert abs(report.wilson(0, 10)[1]) < 1e-9 and abs(report.wilson(10, 10)[2] - 100.0) < 1e-9
+    assert all(math.isnan(x) for x in report.wilson(0, 0))
+
+
+def test_summary_per_task_and_group():
+    answers = [Answer("c1", "digits", "uniform", 0.5, "digits 1 2", True, 100, 50),
+               Answer("c2", "digits", "uniform", 0.5, "digits 1", False, 80, 40),
+               Answer("c1", "beeps", "uniform", 0.5, "beeps 2", True, 100, 50)]
+    (row,) = report.summarise(answers, "m")
+    assert row["digits"] == 50.0 and row["digits_n"] == 2 and row["beeps"] == 100.0 and row["beeps_n"] == 1
+    assert row["semantic"] == 50.0 and row["acoustic"] == 100.0 and row["mean"] == 75.0
+    assert row["kept_fraction"] == 0.5
+    assert row["mean_lo"] < 75.0 < row["mean_hi"]
+    assert "| m | uniform | 0.5 |" in report.markdown([row])
