@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 
-DEMO_CLIP = ("test", 3)  # split and index of the suite clip the demo asks about
+DEMO_CLIP = ("test", 12)  # split and index of the suite clip the demo asks about
 
 
 def audio_prompt(question: str) -> str:
