@@ -30,7 +30,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-BASELINES = ("fastv", "random", "uniform", "similarity", "oracle")
+BASELINES = ("fastv", "random", "uniform", "similarity", "oracle", "coverage")
 
 
 @dataclasses.dataclass(frozen=True)

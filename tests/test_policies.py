@@ -268,3 +268,21 @@ def test_tensor_parallel_routing_equals_unsharded(world, with_profiles, calibrat
     with ThreadPoolExecutor(world) as pool:
         results = list(pool.map(rank, range(world)))
     assert all(torch.equal(kept, expected) for kept in results)
+
+
+def test_coverage_spreads_over_every_window_and_leans_to_the_mass():
+    from headrouter_vllm.routing.select import select_coverage
+
+    score = torch.zeros(80)
+    score[:10] = 1.0  # all the mass in the first window
+    kept = select_coverage(score, 16, segments=8, floor=0.5)
+    assert kept.numel() == 16 and torch.equal(kept, torch.unique(kept))
+    windows = torch.bucketize(kept, torch.arange(10, 80, 10), right=True)
+    assert set(windows.tolist()) == set(range(8))  # every window keeps something
+    assert int((windows == 0).sum()) >= 8  # half the budget follows the mass
+    # the window caps bind: 60 of 64 tokens with all the mass on 3 of them
+    spiky = torch.zeros(64)
+    spiky[[5, 6, 7]] = 1.0
+    assert select_coverage(spiky, 60, segments=8).numel() == 60
+    # no mass at all: evenly spread by length
+    assert select_coverage(torch.zeros(40), 8, segments=8).tolist() == list(range(2, 40, 5))

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
                         help="policy[:named|auto] under after_prompt semantics")
-    parser.add_argument("--in-prompt-policies", nargs="+", default=["headrouter:named", "uniform"],
+    parser.add_argument("--in-prompt-policies", nargs="*", default=["headrouter:named", "uniform"],
                         help="policy[:named|auto] under in_prompt semantics (none: skip)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<name>/")

@@ -8,6 +8,7 @@ the offline references call the same :func:`select`.
 |---|---|---|---|
 | ``headrouter`` | mean attention of the rows after the audio | yes | routed from profiles (uniform without) |
 | ``oracle`` | as headrouter | yes | the true task's group profile (no input routing) |
+| ``coverage`` | as headrouter, then spread: window budgets from the routed mass, evenly spaced inside | yes | routed |
 | ``fastv`` | the last prompt row's attention | no | uniform |
 | ``random`` | seeded permutation | - | - |
 | ``uniform`` | evenly spaced tokens | - | - |
@@ -25,10 +26,10 @@ from headrouter_vllm.routing.budgets import per_head_budgets
 from headrouter_vllm.routing.profiles import ProfileSet
 from headrouter_vllm.routing.router import route
 from headrouter_vllm.routing.scores import calibrated_position_prior, debias, fallback_position_prior, selectivity
-from headrouter_vllm.routing.select import select_per_head, select_shared
+from headrouter_vllm.routing.select import select_coverage, select_per_head, select_shared
 from headrouter_vllm.routing.tasks import BUILTIN_TASKS, GROUPS, group_prior, task_prior
 
-POLICIES = ("headrouter", "oracle", "fastv", "random", "uniform", "similarity")
+POLICIES = ("headrouter", "oracle", "coverage", "fastv", "random", "uniform", "similarity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def select(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Profi
         raise ValueError(f"keep must be in [1, {n}], got {keep}")
     if settings.policy not in POLICIES:
         raise ValueError(f"unknown policy {settings.policy!r}; choose one of {POLICIES}")
-    if settings.policy in ("headrouter", "oracle"):
+    if settings.policy in ("headrouter", "oracle", "coverage"):
         return _routed(probe, keep, settings, profiles)
     if settings.mode == "per_head":
         raise ValueError(f"policy {settings.policy!r} has no per-head scores; use mode 'shared'")
@@ -105,6 +106,12 @@ def _routed(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Prof
         else:
             alpha, weights = route(selectivity(scores), profiles.profiles,
                                    task_prior(settings.task, profiles.tasks), profiles.tau)
+    if settings.policy == "coverage":
+        if settings.mode != "shared":
+            raise ValueError("policy 'coverage' has no per-head mode; use mode 'shared'")
+        w = weights if weights is not None else torch.full((scores.shape[0],), 1.0 / scores.shape[0])
+        return Selection(select_coverage((w.float()[:, None] * scores.float()).sum(dim=0), keep),
+                         head_weights=weights, alpha=alpha)
     if settings.mode == "shared":
         kept, margin = select_shared(scores, keep, weights)
         return Selection(kept, head_weights=weights, alpha=alpha, margin=margin)

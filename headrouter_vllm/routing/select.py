@@ -32,6 +32,32 @@ def select_shared(head_scores: torch.Tensor, keep: int,
     return kept, margin
 
 
+def select_coverage(score: torch.Tensor, keep: int, segments: int = 8, floor: float = 0.5) -> torch.Tensor:
+    """Coverage-aware ``shared`` selection: the span is cut into ``segments`` equal windows; each window's budget
+    is ``floor`` of the tokens spread by length plus the rest by the window's share of the (non-negative) score
+    mass; inside a window the kept tokens are evenly spaced. Top-K on a smooth score keeps contiguous clumps and
+    loses the rest of the clip; this keeps every part covered and puts more tokens where the score is.
+    Returns ascending indices (exactly ``keep``)."""
+    n = score.numel()
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, {n}], got {keep}")
+    segments = max(1, min(segments, keep))
+    edges = torch.linspace(0, n, segments + 1, dtype=torch.float64).round().long()
+    lengths = edges[1:] - edges[:-1]
+    cum = torch.cat([score.new_zeros(1, dtype=torch.float64), score.double().clamp_min(0).cumsum(0)])
+    mass = cum[edges[1:]] - cum[edges[:-1]]
+    share = mass / mass.sum() if float(mass.sum()) > 0 else lengths.double() / n
+    want = keep * (floor * lengths.double() / n + (1 - floor) * share)
+    budgets = torch.minimum(want.floor().long(), lengths)
+    while int(budgets.sum()) < keep:  # largest remainder first, never past a window's length
+        room = budgets < lengths
+        gap = torch.where(room, want - budgets.double(), torch.full_like(want, -float("inf")))
+        budgets[int(torch.argmax(gap))] += 1
+    kept = [edges[i] + ((torch.arange(int(b), dtype=torch.float64) + 0.5) * int(lengths[i]) / int(b)).floor().long()
+            for i, b in enumerate(budgets.tolist()) if b]
+    return torch.cat(kept)
+
+
 def select_per_head(head_scores: torch.Tensor, budgets: torch.Tensor, head_weights: torch.Tensor | None = None,
                     ) -> list[torch.Tensor]:
     """``per_head`` selection: KV head g keeps its own top ``budgets[g]`` tokens, scored by the weighted sum of
