@@ -25,7 +25,10 @@ DEFAULT_POLICIES = ["headrouter:named", "headrouter:auto", "oracle", "fastv", "r
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["listening-qwen2-audio", "listening-qwen2-audio-seed1"],
                         help="make-model names or model directories")
-    parser.add_argument("--clips", type=int, default=150, help="test clips (each asked all its 6 questions)")
+    parser.add_argument("--clips", type=int, default=150, help="clips of --split (each asked all its 6 questions)")
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="validation: for tuning a policy's settings (its first --calibration-clips clips also "
+                             "calibrate the profiles); report on test")
     parser.add_argument("--calibration-clips", type=int, default=40, help="validation clips for the profiles")
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
@@ -73,7 +76,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from headrouter_vllm.listening import suite
 
     chosen = methods(args.retentions, args.policies, args.in_prompt_policies)
-    clips = suite.generate("test", args.clips, progress=True)
+    clips = suite.generate(args.split, args.clips, progress=True)
     engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
                          limit_mm_per_prompt={"audio": 1}, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=8192)
@@ -101,7 +104,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = [row for name in args.models
             for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name)]
     command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
-    meta = {"command": command, "machine": info, "test_clips": len(clips),
+    meta = {"command": command, "machine": info, "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
             "methods": [m.label for m in chosen]}
     report.write(out, rows, answers, meta)
