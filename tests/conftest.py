@@ -49,3 +49,20 @@ def speech() -> dict:
         "long": speak("the quick brown fox jumps over the lazy dog, and then it runs far away into the forest "
                       "where nobody can see it"),
     }
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """A HeadRouter server (retention 1.0 by default) on the tiny model, one per test module, stopped by pid."""
+    import openai
+
+    from tests.test_http import free_port, start_server, stop_server
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    proc = start_server(tiny_model, log_path, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
+    finally:
+        stop_server(proc)

@@ -65,18 +65,6 @@ def stop_server(proc) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = start_server(tiny_model, log_path, port)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
-    finally:
-        stop_server(proc)
-
-
 def audio_message(wave):
     data = base64.b64encode(to_wav_bytes(wave, subtype="FLOAT")).decode()
     return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},

