@@ -1,5 +1,7 @@
 """Running these Triton kernels on CPU under the Triton interpreter (tests, smoke benchmarks, CPU engine tests).
 
+Also fixes the interpreter's bf16 ``tl.dot`` (see :func:`_patch_interpreter_bf16_dot`).
+
 ``TRITON_INTERPRET=1`` is read when ``@triton.jit`` decorates a function. That holds for our kernels, which
 :func:`import_interpreted` imports with the variable set (and restores the environment right after, so that vLLM
 and anything imported later see the process's normal environment), but also for Triton's own library functions
@@ -15,6 +17,8 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+
+import numpy as np
 
 
 def _install_interpreter_patches() -> None:
@@ -61,6 +65,31 @@ def _install_interpreter_patches() -> None:
     interpreter._patch_lang = patch_lang
 
 
+def _patch_interpreter_bf16_dot() -> None:
+    """The interpreter's ``tl.dot`` multiplies bf16 operands as their raw uint16 bits (triton 3.9); compiled
+    Triton is right. Widen bf16 operands to fp32 first (exact), so that bf16 kernels run right interpreted."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    if getattr(original, "_bf16_fixed", False):
+        return
+
+    def as_float32(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            return (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return handle.data.astype(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
+            product = np.matmul(as_float32(a), as_float32(b), dtype=d.data.dtype) + d.data
+            return interpreter.TensorHandle(product, d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._bf16_fixed = True
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 def import_interpreted(*module_names: str) -> list[ModuleType]:
     """Import kernel modules so that their kernels run under the Triton interpreter, on CPU tensors.
 
@@ -77,6 +106,7 @@ def import_interpreted(*module_names: str) -> list[ModuleType]:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         _install_interpreter_patches()
+        _patch_interpreter_bf16_dot()
         return [importlib.import_module(name) for name in module_names]
     finally:
         if previous is None:

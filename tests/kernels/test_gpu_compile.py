@@ -110,3 +110,13 @@ def test_probe_scores_compiles(dtype: str, group: int) -> None:
     compile_for_gpu(module._probe_scores_kernel, types, dict(
         QUERIES_PER_KV=group, QUERIES_PER_KV_PADDED=triton.next_power_of_2(group), BLOCK_M=16, BLOCK_SIZE=16,
         HEAD_SIZE=128, DOT_PRECISION="tf32"))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("slot_type", ["*i64", "*i32"])
+def test_write_kv_cache_compiles(dtype: str, slot_type: str) -> None:
+    module = load_compilable("write_kv_cache")
+    types = {name: TYPES[dtype] for name in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")}
+    types["slot_mapping_ptr"] = slot_type
+    compile_for_gpu(module._write_kv_cache_kernel, types,
+                    dict(NUM_KV_HEADS=4, NUM_KV_HEADS_PADDED=4, HEAD_SIZE=128, BLOCK_SIZE=16))
