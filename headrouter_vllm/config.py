@@ -17,6 +17,7 @@ from typing import Any, Literal
 CONFIG_KEY = "headrouter"
 MODES = ("shared", "per_head")
 SEMANTICS = ("after_prompt", "in_prompt")
+ATTENTION = ("auto", "platform", "triton")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,11 @@ class HeadRouterConfig:
             ``headrouter`` debiases with the built-in position prior and weights every head equally.
         seed: seed of the ``random`` policy.
         record_probes: keep each routed request's probe measurements in the runner (calibration).
+        attention: which attention serves the decoder layers. ``platform``: vLLM's own backend for the machine
+            (CPU: CPU_ATTN, with HeadRouter's probe and compaction in torch). ``triton``: HeadRouter's backend
+            (vLLM's standard paged KV layout, HeadRouter's Triton kernels; on CPU they run under the Triton
+            interpreter, which is slow and meant for tests). ``auto``: ``$HEADROUTER_ATTENTION`` if set, else
+            ``platform`` on CPU.
     """
 
     retention: float = 0.7
@@ -56,6 +62,7 @@ class HeadRouterConfig:
     profiles: str | None = None
     seed: int = 0
     record_probes: bool = False
+    attention: Literal["auto", "platform", "triton"] = "auto"
 
     def __post_init__(self) -> None:
         check_retention(self.retention, "retention")
@@ -78,6 +85,8 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.record_probes, bool):
             raise ConfigError(f"headrouter.record_probes must be true or false, got {self.record_probes!r}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"headrouter.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.profiles is not None:
             register_operator_tasks(self.load_profiles().task_names())
         try:
@@ -97,6 +106,12 @@ class HeadRouterConfig:
             return ProfileSet.load(self.profiles)
         except ProfileError as e:
             raise ConfigError(f"headrouter.profiles: {e}") from None
+
+    def resolved_attention(self) -> str:
+        """``platform`` or ``triton`` (see ``attention``)."""
+        if self.attention != "auto":
+            return self.attention
+        return environment().attention or "platform"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> HeadRouterConfig:
@@ -141,10 +156,15 @@ class Environment:
     # Downloads made when building a model (the Whisper wheel): $HEADROUTER_CACHE, else
     # $XDG_CACHE_HOME/headrouter-vllm, else ~/.cache/headrouter-vllm.
     cache_dir: Path
+    # The attention of ``headrouter.attention = "auto"`` (tests select the Triton backend on CPU with it).
+    attention: str | None
 
 
 def environment() -> Environment:
     poison = os.environ.get("HEADROUTER_POISON_FREED_KV")
     cache = os.environ.get("HEADROUTER_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "headrouter-vllm")
-    return Environment(poison_value=float(poison) if poison else None, cache_dir=Path(cache))
+    attention = os.environ.get("HEADROUTER_ATTENTION") or None
+    if attention is not None and attention not in ATTENTION[1:]:
+        raise ConfigError(f"HEADROUTER_ATTENTION must be one of {ATTENTION[1:]}, got {attention!r}")
+    return Environment(poison_value=float(poison) if poison else None, cache_dir=Path(cache), attention=attention)

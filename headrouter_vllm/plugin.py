@@ -1,7 +1,7 @@
 """The ``vllm.general_plugins`` entry point.
 
 vLLM calls :func:`register` once in every process (API server, engine core, workers) before it builds
-its config. It installs three hooks (see ``patch/``): the engine is configured for HeadRouter only when its
+its config. It installs its hooks (see ``patch/``): the engine is configured for HeadRouter only when its
 ``additional_config`` has a ``headrouter`` section, request options are checked only where a request
 names ``headrouter_*`` keys, and the front end counts the reports HeadRouter engines return (Prometheus
 metrics); a vanilla engine in the same process is untouched. Safe to call any number of times.
@@ -15,9 +15,10 @@ from headrouter_vllm import patch
 def register() -> None:
     from vllm.platforms import current_platform
 
-    from headrouter_vllm.patch import output_processor, platform_config, sampling_params
+    from headrouter_vllm.patch import attention_backend, output_processor, platform_config, sampling_params
 
     if current_platform.is_cpu():
         patch.apply_once("platform_config", platform_config.apply)
+        patch.apply_once("attention_backend", attention_backend.apply)
     patch.apply_once("sampling_params", sampling_params.apply)
     patch.apply_once("output_processor", output_processor.apply)

@@ -25,8 +25,11 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from headrouter_vllm.api.options import parse_route_options
+from headrouter_vllm.attention.backend import HeadRouterAttentionImpl
 from headrouter_vllm.attention.cpu_kv import CpuKvPages
+from headrouter_vllm.attention.kernels import split_kv_cache, triton_kernels
 from headrouter_vllm.config import HeadRouterConfig, environment
+from headrouter_vllm.kernels.head_sparse_paged_attention.reference import gather_slots
 from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans, resolve_probe_layer
@@ -92,6 +95,7 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
         self.hr_log: collections.deque[ProbeLog] = collections.deque(maxlen=4096)
         self._hr_timed: dict[str, float] = {}  # request id -> probe seconds, for this step's output
         self._hr_installed = False
+        self.hr_kernels = None  # the Triton kernels, when HeadRouter's attention backend serves the layers
 
     # ---- request state ---------------------------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -153,6 +157,8 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
             index = self.hr_adapter.decoder_layer_index(name)
             if index is None or not hasattr(layer, "impl"):
                 continue
+            if isinstance(layer.impl, HeadRouterAttentionImpl):
+                self.hr_kernels = triton_kernels()
             if index == self.hr_probe_layer:
                 wrap_impl_forward(layer.impl, before=self._probe)
             elif index > self.hr_probe_layer and self.hr_config.semantics == "in_prompt":
@@ -165,13 +171,20 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
             rows = slice(item.token_start, item.token_start + upto)
             return key[rows], (value[rows] if values else None)
         # chunked prefill: earlier chunks' keys are in the pages (this step's were written before impl.forward)
-        pages = CpuKvPages(kv_cache, layer.isa, layer.impl.kv_cache_dtype)
         slots = torch.arange(upto)
+        if self.hr_kernels is not None:
+            key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
+            return (gather_slots(key_cache, item.block_ids, slots),
+                    gather_slots(value_cache, item.block_ids, slots) if values else None)
+        pages = CpuKvPages(kv_cache, layer.isa, layer.impl.kv_cache_dtype)
         return pages.read(item.block_ids, slots), (pages.read(item.block_ids, slots, values=True) if values else None)
 
     @torch.inference_mode()
     def _probe(self, layer, query, key, value, kv_cache, attn_metadata) -> None:
         if attn_metadata is None:
+            return
+        if self.hr_kernels is not None:
+            self._probe_paged(layer, query, kv_cache)
             return
         for item in self.hr_step:
             t0 = time.perf_counter()
@@ -189,6 +202,52 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
                 self._select(item, route.head_mass / (plan.num_prompt_tokens - plan.probe_start), last_row,
                              None if v is None else v[columns], k.shape[1], time.perf_counter() - t0)
             route.seconds += time.perf_counter() - t0
+
+    def _probe_paged(self, layer, query, kv_cache) -> None:
+        """The probe on HeadRouter's backend: one ``paged_probe_scores`` kernel for every routed request in the
+        step, over the keys in the paged cache (this step's included). Each request is one sequence with its rows
+        after the audio in this step; requests finishing their prompt add one more with only their last row
+        (FastV's signal). The kernel's span is the region from the first audio span to the end of the last."""
+        if not self.hr_step:
+            return
+        t0 = time.perf_counter()
+        key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
+        rows, positions, regions, tables = [], [], [], []
+        finals = [item for item in self.hr_step if item.final]
+        for index, item in enumerate([*self.hr_step, *finals]):
+            plan = item.state.plan
+            hi = min(item.computed + item.num_tokens, plan.num_prompt_tokens)
+            last_row_only = index >= len(self.hr_step)
+            pos = torch.arange(hi - 1 if last_row_only else max(plan.probe_start, item.computed), hi)
+            rows.append(item.token_start + pos - item.computed)
+            positions.append(pos)
+            regions.append((plan.spans[0].start, plan.probe_start - plan.spans[0].start))
+            tables.append(item.block_ids)
+        int32 = dict(dtype=torch.int32, device=query.device)
+        row_index = torch.cat(rows).to(query.device)
+        cu_rows = torch.tensor([0, *torch.tensor([len(p) for p in positions]).cumsum(0).tolist()], **int32)
+        block_table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(**int32)
+        span_start = torch.tensor([r[0] for r in regions], **int32)
+        span_len = torch.tensor([r[1] for r in regions], **int32)
+        mass = self.hr_kernels.paged_probe_scores(query[row_index].contiguous(), cu_rows,
+                                                  torch.cat(positions).to(**int32), key_cache, block_table,
+                                                  span_start, span_len, layer.impl.scale).cpu()
+        seconds = (time.perf_counter() - t0) / len(self.hr_step)
+        for i, item in enumerate(self.hr_step):
+            plan, route = item.state.plan, item.state
+            first = plan.spans[0].start
+            columns = torch.cat([torch.arange(sp.start, sp.end) for sp in plan.spans])
+            route.head_mass = mass[i][:, columns - first] + (0 if route.head_mass is None else route.head_mass)
+            route.seconds += seconds
+            if item.final:
+                t1 = time.perf_counter()
+                last_row = mass[len(self.hr_step) + finals.index(item)][:, columns - first]
+                values = None
+                if plan.policy == "similarity":
+                    values = gather_slots(value_cache, item.block_ids, columns).cpu()
+                self._select(item, route.head_mass / (plan.num_prompt_tokens - plan.probe_start), last_row, values,
+                             key_cache.shape[2], seconds + time.perf_counter() - t1)
+                route.seconds += time.perf_counter() - t1
 
     def _select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float) -> None:
         plan = item.state.plan
@@ -294,6 +353,9 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
                 if not isinstance(kv, torch.Tensor) or kv.data_ptr() in seen:
                     continue
                 seen.add(kv.data_ptr())
+                if self.hr_kernels is not None:
+                    self._compact_paged(layer, kv, block_size, table, plan, kept, computed, vacated)
+                    continue
                 pages = CpuKvPages(kv, layer.isa, layer.impl.kv_cache_dtype)
                 if pages.block_size != block_size:
                     raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
@@ -311,6 +373,30 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
                 block_table.num_blocks_per_row[row] = keep_blocks
         self.hr_routes.pop(item.req_id, None)
         self.hr_removed[item.req_id] = plan.removed
+
+    def _compact_paged(self, layer, kv_cache, block_size: int, table: torch.Tensor, plan: RoutePlan,
+                       kept: torch.Tensor, computed: int, vacated: torch.Tensor) -> None:
+        """Compaction on HeadRouter's backend: the ``compact_kv`` kernel, with the region from the first audio span
+        to the end of the last as its span and every surviving slot in it (kept audio, text between spans) as
+        the kept slots of every KV head (shared mode)."""
+        key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
+        if key_cache.shape[1] != block_size:
+            raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
+        first, region_end = plan.spans[0].start, plan.probe_start
+        survives = torch.ones(region_end - first, dtype=torch.bool)
+        for sp in plan.spans:
+            survives[sp.start - first:sp.end - first] = False
+        survives[kept - first] = True
+        device = key_cache.device
+        slots = (torch.nonzero(survives).flatten() + first).to(device=device, dtype=torch.int32)
+        int32 = dict(dtype=torch.int32, device=device)
+        self.hr_kernels.compact_kv(key_cache, value_cache, table.to(**int32)[None],
+                                   torch.tensor([first], **int32), torch.tensor([region_end - first], **int32),
+                                   torch.tensor([computed], **int32),
+                                   slots.expand(key_cache.shape[2], -1)[None].contiguous())
+        if self.hr_poison is not None:  # tests: vacated slots, incl. the blocks about to be freed
+            for cache in (key_cache, value_cache):
+                cache[table[vacated // block_size].to(device), (vacated % block_size).to(device)] = self.hr_poison
 
     # ---- introspection (tests, via collective_rpc or in-process) ------------------------------------
     def headrouter_log(self) -> list[ProbeLog]:

@@ -72,7 +72,8 @@ ENGINES = {
 }
 
 
-def run_engine(model: str, cases, headrouter: dict | None, poison: float | None = None, **engine_kwargs) -> dict:
+def run_engine(model: str, cases, headrouter: dict | None, poison: float | None = None, phases=("single", "batch"),
+               **engine_kwargs) -> dict:
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
@@ -93,20 +94,29 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
         return {"prompt": prompt, "multi_modal_data": {"audio": (wave, 16000)}} if wave is not None else prompt
 
     def params(case):
-        return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=case.route_args())
+        return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=case.route_args(),
+                              logprobs=0)
 
-    singles = [llm.generate(inputs(c.prompt, c.wave), params(c), use_tqdm=False)[0] for c in cases]
-    batch = llm.generate([inputs(c.prompt, c.wave) for c in cases], [params(c) for c in cases], use_tqdm=False)
+    outputs = {}
+    if "single" in phases:
+        outputs["single"] = [llm.generate(inputs(c.prompt, c.wave), params(c), use_tqdm=False)[0] for c in cases]
+    if "batch" in phases:
+        outputs["batch"] = llm.generate([inputs(c.prompt, c.wave) for c in cases], [params(c) for c in cases],
+                                        use_tqdm=False)
     records = {rec.request_id: rec for rec in getattr(scheduler, "hr_records", ())}
     logs = {}
     if headrouter is not None:
         logs = {log.req_id: log for log in inprocess.model_runner(llm).hr_log}
-    for phase, outputs in (("single", singles), ("batch", batch)):
-        for name, out in zip([c.name for c in cases], outputs, strict=True):
+    for phase, phase_outputs in outputs.items():
+        for name, out in zip([c.name for c in cases], phase_outputs, strict=True):
             rid = next((k for k in {**records, **logs} if k.split("-")[0] == out.request_id.split("-")[0]), None)
-            result[phase][name] = dict(tokens=list(out.outputs[0].token_ids), prompt_ids=list(out.prompt_token_ids),
-                                       record=records.get(rid), log=logs.get(rid))
+            completion = out.outputs[0]
+            logprobs = [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)]
+            result[phase][name] = dict(tokens=list(completion.token_ids), prompt_ids=list(out.prompt_token_ids),
+                                       logprobs=logprobs, record=records.get(rid), log=logs.get(rid))
     result["free_at_end"] = inprocess.num_free_blocks(llm)
+    context = inprocess.model_runner(llm).compilation_config.static_forward_context
+    result["attention_impls"] = {type(layer.impl).__name__ for layer in context.values() if hasattr(layer, "impl")}
     del scheduler, llm
     gc.collect()
     return result

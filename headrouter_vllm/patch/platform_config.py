@@ -50,6 +50,8 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
         parallel.worker_cls = CPU_WORKER_CLS
     elif parallel.worker_cls != CPU_WORKER_CLS:
         raise ConfigError(f"HeadRouter needs --worker-cls {CPU_WORKER_CLS} (got {parallel.worker_cls})")
+    if config.resolved_attention() == "triton":
+        select_headrouter_attention(vllm_config)
     if vllm_config.cache_config.enable_prefix_caching:
         vllm_config.cache_config.enable_prefix_caching = False
         logger.warning("HeadRouter rewrites routed requests' KV blocks: prefix caching is turned off")
@@ -58,6 +60,23 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     metrics()  # registered now, so /metrics shows them at 0 from startup
     logger.info("HeadRouter configured: %s", config)
     return config
+
+
+def select_headrouter_attention(vllm_config) -> None:
+    """Serve the decoder layers with HeadRouter's backend (vLLM's CUSTOM slot; see attention_backend.py)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from headrouter_vllm.patch.attention_backend import register_custom_backend
+
+    if not register_custom_backend():
+        raise ConfigError("headrouter.attention 'triton' needs vLLM's CUSTOM attention backend slot, which another "
+                          "plugin has registered")
+    attention = vllm_config.attention_config
+    if attention.backend not in (None, AttentionBackendEnum.CUSTOM):
+        raise ConfigError(f"headrouter.attention 'triton' conflicts with --attention-backend {attention.backend.name}")
+    attention.backend = AttentionBackendEnum.CUSTOM
+    logger.warning("HeadRouter attention backend selected on CPU: its Triton kernels run under the Triton "
+                   "interpreter (slow; meant for tests)")
 
 
 def apply():

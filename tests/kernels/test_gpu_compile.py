@@ -119,4 +119,4 @@ def test_write_kv_cache_compiles(dtype: str, slot_type: str) -> None:
     types = {name: TYPES[dtype] for name in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")}
     types["slot_mapping_ptr"] = slot_type
     compile_for_gpu(module._write_kv_cache_kernel, types,
-                    dict(NUM_KV_HEADS=4, NUM_KV_HEADS_PADDED=4, HEAD_SIZE=128, BLOCK_SIZE=16))
+                    dict(NUM_KV_HEADS=7, NUM_KV_HEADS_PADDED=8, HEAD_SIZE=128, BLOCK_SIZE=16, TOKENS=16))

@@ -14,6 +14,7 @@ CASES = {  # (number of tokens, KV heads, slots written: "scattered", "padded" o
     "scattered_3_heads": (37, 3, "scattered"),
     "padded_tail": (20, 2, "padded"),  # the last rows have slot -1 (CUDA-graph padding)
     "one_token_7_kv_heads": (1, 7, "one"),
+    "several_programs_5_heads": (53, 5, "padded"),  # 4 programs of 16 tokens, the last one partly empty
 }
 
 
