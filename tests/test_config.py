@@ -34,6 +34,7 @@ def test_defaults():
     ({"profiles": "p.json"}, "profile file p.json does not exist"),
     ({"policy": "best"}, "policy must be one of"),
     ({"seed": "1"}, "seed must be an integer"),
+    ({"attention": "flash"}, "attention must be one of"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_settings_are_clear_errors(values, message):
     with pytest.raises(ConfigError, match=None) as info:
@@ -91,6 +92,41 @@ def test_misconfigured_engine_stops_with_a_clear_error(kwargs, message):
     assert message in str(info.value)
 
 
+def test_attention_switch_and_environment(monkeypatch):
+    monkeypatch.delenv("HEADROUTER_ATTENTION", raising=False)
+    assert HeadRouterConfig().resolved_attention() == "platform"
+    monkeypatch.setenv("HEADROUTER_ATTENTION", "triton")
+    assert HeadRouterConfig().resolved_attention() == "triton"
+    assert HeadRouterConfig(attention="platform").resolved_attention() == "platform"  # the config wins
+    monkeypatch.setenv("HEADROUTER_ATTENTION", "fast")
+    with pytest.raises(ConfigError, match="HEADROUTER_ATTENTION must be one of"):
+        HeadRouterConfig().resolved_attention()
+
+
+def test_attention_triton_selects_our_backend_in_the_custom_slot(monkeypatch):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from headrouter_vllm.attention.backend import BACKEND_PATH
+    from headrouter_vllm.patch.platform_config import configure_engine
+    from headrouter_vllm.plugin import register
+
+    register()
+    monkeypatch.delenv("HEADROUTER_ATTENTION", raising=False)
+    config = fake_vllm_config({"headrouter": {"attention": "triton"}})
+    config.attention_config = types.SimpleNamespace(backend=None)
+    configure_engine(config)
+    assert config.attention_config.backend == AttentionBackendEnum.CUSTOM
+    assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, None) == BACKEND_PATH
+    # other selections still get vLLM's CPU backend
+    selector = types.SimpleNamespace(use_sparse=False, use_mla=False)
+    assert CpuPlatform.get_attn_backend_cls(None, selector) == AttentionBackendEnum.CPU_ATTN.get_path()
+    config.attention_config = types.SimpleNamespace(backend=AttentionBackendEnum.CPU_ATTN)
+    with pytest.raises(ConfigError, match="conflicts with --attention-backend CPU_ATTN"):
+        configure_engine(config)
+
+
 def test_register_is_idempotent_and_reversible():
     from vllm.platforms.cpu import CpuPlatform
     from vllm.sampling_params import SamplingParams
@@ -102,14 +138,14 @@ def test_register_is_idempotent_and_reversible():
     patched = (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args)
     register()
     assert (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args) == patched
-    assert patch.applied() == ["output_processor", "platform_config", "sampling_params"]
+    assert patch.applied() == ["attention_backend", "output_processor", "platform_config", "sampling_params"]
     patch.revert_all()
     try:
         assert SamplingParams._verify_extra_args is not patched[1]
         assert CpuPlatform.__dict__["check_and_update_config"] is not patched[0]
     finally:
         register()
-    assert patch.applied() == ["output_processor", "platform_config", "sampling_params"]
+    assert patch.applied() == ["attention_backend", "output_processor", "platform_config", "sampling_params"]
 
 
 def test_plugin_entry_point_is_installed():
