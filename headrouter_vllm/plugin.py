@@ -20,5 +20,9 @@ def register() -> None:
     if current_platform.is_cpu():
         patch.apply_once("platform_config", platform_config.apply)
         patch.apply_once("attention_backend", attention_backend.apply)
+    elif current_platform.is_cuda():
+        # not yet run on a CUDA machine: see docs/gpu.md
+        patch.apply_once("platform_config", platform_config.apply)
+        attention_backend.register_custom_backend()
     patch.apply_once("sampling_params", sampling_params.apply)
     patch.apply_once("output_processor", output_processor.apply)

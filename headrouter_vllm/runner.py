@@ -1,4 +1,4 @@
-"""HeadRouterCPUModelRunner: vLLM's V1 CPU model runner, plus probe, selection and "compact and shorten".
+"""HeadRouter's model runners: vLLM's V1 model runner (CPU or GPU), plus probe, selection and "compact and shorten".
 
 Per routed request (its plan computed from the same inputs as the scheduler's):
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from headrouter_vllm.api.options import parse_route_options
 from headrouter_vllm.attention.backend import HeadRouterAttentionImpl
@@ -80,7 +81,14 @@ class ProbeItem:
         return self.computed + self.num_tokens >= self.state.plan.num_prompt_tokens
 
 
-class HeadRouterCPUModelRunner(CPUModelRunner):
+class HeadRouterRunnerMixin:
+    """The HeadRouter parts of a V1 model runner; mixed into vLLM's CPU and GPU runners below.
+
+    With vLLM's CPU attention (CPU_ATTN) the probe reads this step's keys directly or CPU_ATTN's pages
+    (:class:`CpuKvPages`) and compaction moves those pages in torch; with HeadRouter's attention backend (always on
+    GPU) the probe and the compaction are its Triton kernels on vLLM's standard paged layout.
+    """
+
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
         self.hr_config = HeadRouterConfig.from_vllm_config(vllm_config) or HeadRouterConfig()
@@ -144,10 +152,10 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
         if not removed.any():
             return
         removed_t = torch.from_numpy(removed)
-        self.seq_lens[:num_reqs] -= removed_t.to(self.seq_lens.dtype)
+        self.seq_lens[:num_reqs] -= removed_t.to(self.seq_lens)
         self.optimistic_seq_lens_cpu[:num_reqs] -= removed_t.to(self.optimistic_seq_lens_cpu.dtype)
         total = int(num_scheduled_tokens.sum())
-        shift = torch.from_numpy(np.repeat(removed, num_scheduled_tokens))
+        shift = torch.from_numpy(np.repeat(removed, num_scheduled_tokens)).to(self.positions.device)
         self.input_batch.block_table.compute_slot_mapping(
             num_reqs, self.query_start_loc.gpu[:num_reqs + 1], self.positions[:total] - shift)
 
@@ -293,7 +301,7 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
             dropped[kept] = False
             visible &= ~dropped[None, :]
             logits = torch.einsum("rhd,thd->hrt", q, k) * layer.impl.scale
-            logits.masked_fill_(~visible[None], float("-inf"))
+            logits.masked_fill_(~visible[None].to(logits.device), float("-inf"))
             attended = torch.einsum("hrt,thd->rhd", torch.softmax(logits, dim=-1), v)
             rows = item.token_start + positions - item.computed
             output[rows] = attended.reshape(len(positions), *output.shape[1:]).to(output.dtype)
@@ -401,3 +409,13 @@ class HeadRouterCPUModelRunner(CPUModelRunner):
     # ---- introspection (tests, via collective_rpc or in-process) ------------------------------------
     def headrouter_log(self) -> list[ProbeLog]:
         return list(self.hr_log)
+
+
+class HeadRouterCPUModelRunner(HeadRouterRunnerMixin, CPUModelRunner):
+    """vLLM's CPU model runner with HeadRouter (``HeadRouterCPUWorker``)."""
+
+
+class HeadRouterGPUModelRunner(HeadRouterRunnerMixin, GPUModelRunner):
+    """vLLM's GPU model runner with HeadRouter (``HeadRouterGPUWorker``); HeadRouter's attention backend serves its
+    decoder layers. Its logic is the CPU runner's with that backend, which the CPU engine tests run (kernels
+    interpreted); this class itself has not yet run on a CUDA machine."""

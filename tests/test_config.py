@@ -127,6 +127,29 @@ def test_attention_triton_selects_our_backend_in_the_custom_slot(monkeypatch):
         configure_engine(config)
 
 
+def test_gpu_engine_gets_the_gpu_worker_our_backend_and_sync_scheduling(monkeypatch):
+    """The configuration a CUDA machine gets (the platform check is faked: no GPU here)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from headrouter_vllm.patch import platform_config
+    from headrouter_vllm.runner import HeadRouterGPUModelRunner, HeadRouterRunnerMixin
+    from headrouter_vllm.worker import HeadRouterGPUWorker
+
+    monkeypatch.setattr(platform_config, "_on_cuda", lambda: True)
+    config = fake_vllm_config({"headrouter": {}}, worker_cls=platform_config.VLLM_GPU_WORKER_CLS)
+    config.attention_config = types.SimpleNamespace(backend=None)
+    config.scheduler_config.async_scheduling = True
+    platform_config.configure_engine(config)
+    assert config.parallel_config.worker_cls == platform_config.GPU_WORKER_CLS
+    assert config.attention_config.backend == AttentionBackendEnum.CUSTOM
+    assert config.scheduler_config.async_scheduling is False
+    with pytest.raises(ConfigError, match="'platform' is CPU only"):
+        platform_config.configure_engine(fake_vllm_config({"headrouter": {"attention": "platform"}},
+                                                          worker_cls=platform_config.VLLM_GPU_WORKER_CLS))
+    assert issubclass(HeadRouterGPUModelRunner, HeadRouterRunnerMixin)
+    assert "_make_model_runner" in HeadRouterGPUWorker.__dict__
+
+
 def test_register_is_idempotent_and_reversible():
     from vllm.platforms.cpu import CpuPlatform
     from vllm.sampling_params import SamplingParams

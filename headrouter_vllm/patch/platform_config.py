@@ -1,5 +1,6 @@
 """Patch: configure the engine for HeadRouter when ``additional_config.headrouter`` is present.
 
+Patched on the running platform's class (``CpuPlatform``, or the CUDA platform on a GPU machine).
 vLLM 0.32 calls ``current_platform.check_and_update_config(vllm_config)`` at the end of
 ``VllmConfig.__post_init__``, in the process that builds the engine config (API server or ``LLM``). After
 the platform's own pass (which resolves ``worker_cls="auto"``) we validate the HeadRouter section (a bad
@@ -18,6 +19,14 @@ logger = get_logger(__name__)
 SCHEDULER_CLS = "headrouter_vllm.scheduler.HeadRouterScheduler"
 CPU_WORKER_CLS = "headrouter_vllm.worker.HeadRouterCPUWorker"
 VLLM_CPU_WORKER_CLS = "vllm.v1.worker.cpu_worker.CPUWorker"
+GPU_WORKER_CLS = "headrouter_vllm.worker.HeadRouterGPUWorker"
+VLLM_GPU_WORKER_CLS = "vllm.v1.worker.gpu_worker.Worker"
+
+
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
 
 
 def configure_engine(vllm_config) -> HeadRouterConfig | None:
@@ -46,11 +55,23 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
                               "all-reduce across the ranks that hold the KV heads")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise ConfigError("HeadRouter does not support speculative decoding yet (drafts write KV at unshifted slots)")
-    if parallel.worker_cls in ("auto", VLLM_CPU_WORKER_CLS):
-        parallel.worker_cls = CPU_WORKER_CLS
-    elif parallel.worker_cls != CPU_WORKER_CLS:
-        raise ConfigError(f"HeadRouter needs --worker-cls {CPU_WORKER_CLS} (got {parallel.worker_cls})")
-    if config.resolved_attention() == "triton":
+    on_cuda = _on_cuda()
+    ours, vllms = (GPU_WORKER_CLS, VLLM_GPU_WORKER_CLS) if on_cuda else (CPU_WORKER_CLS, VLLM_CPU_WORKER_CLS)
+    if parallel.worker_cls in ("auto", vllms):
+        parallel.worker_cls = ours
+    elif parallel.worker_cls != ours:
+        raise ConfigError(f"HeadRouter needs --worker-cls {ours} (got {parallel.worker_cls})")
+    if on_cuda:
+        # the GPU runner reads and moves KV only in vLLM's standard layout, through HeadRouter's backend
+        if config.attention == "platform":
+            raise ConfigError("headrouter.attention 'platform' is CPU only: on a GPU HeadRouter serves with its "
+                              "own attention backend ('auto' or 'triton')")
+        select_headrouter_attention(vllm_config)
+        if getattr(sched, "async_scheduling", False):
+            # our scheduler frees a routed request's tail blocks after its prompt step's output: synchronous
+            sched.async_scheduling = False
+            logger.warning("HeadRouter turns vLLM's async scheduling off")
+    elif config.resolved_attention() == "triton":
         select_headrouter_attention(vllm_config)
     if vllm_config.cache_config.enable_prefix_caching:
         vllm_config.cache_config.enable_prefix_caching = False
@@ -75,18 +96,28 @@ def select_headrouter_attention(vllm_config) -> None:
     if attention.backend not in (None, AttentionBackendEnum.CUSTOM):
         raise ConfigError(f"headrouter.attention 'triton' conflicts with --attention-backend {attention.backend.name}")
     attention.backend = AttentionBackendEnum.CUSTOM
-    logger.warning("HeadRouter attention backend selected on CPU: its Triton kernels run under the Triton "
-                   "interpreter (slow; meant for tests)")
+    if not _on_cuda():
+        logger.warning("HeadRouter attention backend selected on CPU: its Triton kernels run under the Triton "
+                       "interpreter (slow; meant for tests)")
 
 
 def apply():
-    from vllm.platforms.cpu import CpuPlatform
+    from vllm.platforms import current_platform
 
-    original = CpuPlatform.__dict__["check_and_update_config"]
+    platform_cls = type(current_platform)
+    own = platform_cls.__dict__.get("check_and_update_config")  # None: inherited from a base class
+    platform_pass = platform_cls.check_and_update_config  # bound to platform_cls
 
     def check_and_update_config(cls, vllm_config) -> None:
-        original.__func__(cls, vllm_config)
+        platform_pass(vllm_config)
         configure_engine(vllm_config)
 
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
-    return lambda: setattr(CpuPlatform, "check_and_update_config", original)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+    def undo() -> None:
+        if own is None:
+            delattr(platform_cls, "check_and_update_config")
+        else:
+            platform_cls.check_and_update_config = own
+
+    return undo
