@@ -50,7 +50,7 @@ class HeadRouterConfig:
             (CPU: CPU_ATTN, with HeadRouter's probe and compaction in torch). ``triton``: HeadRouter's backend
             (vLLM's standard paged KV layout, HeadRouter's Triton kernels; on CPU they run under the Triton
             interpreter, which is slow and meant for tests). ``auto``: ``$HEADROUTER_ATTENTION`` if set, else
-            ``platform`` on CPU.
+            ``platform`` on CPU; on a GPU always ``triton`` (``platform`` is refused there).
     """
 
     retention: float = 0.7
