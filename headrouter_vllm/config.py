@@ -31,8 +31,12 @@ class HeadRouterConfig:
     Attributes:
         retention: fraction of audio tokens kept for requests that name none, in (0, 1]. 1.0 keeps
             everything (requests then run exactly as vanilla vLLM unless they ask for less).
-        mode: ``shared`` (one kept set for every head, the paper's). ``per_head`` budgets need the
-            head-sparse kernel and are not built yet.
+        mode: ``shared`` (one kept set for every head, the paper's) or ``per_head`` (each KV head keeps its own
+            top tokens, budgets proportional to its routed weight, mean ``retention * N``, at most
+            ``per_head_cap`` times that; the baseline policies stay shared). ``per_head`` needs
+            ``attention = "triton"`` (HeadRouter's backend skips each head's pruned slots) and ``after_prompt``.
+        per_head_cap: ``per_head``: a KV head keeps at most this multiple of the mean budget (>= 1). It fixes
+            the KV slots a span holds after compaction up front: ``min(N, ceil(cap * retention * N))``.
         probe_layer: decoder layer whose attention picks the kept tokens; ``None`` = the model
             adapter's default.
         semantics: ``after_prompt`` (the prompt step is dense, pruning applies from decode on; exact
@@ -55,6 +59,7 @@ class HeadRouterConfig:
 
     retention: float = 0.7
     mode: Literal["shared", "per_head"] = "shared"
+    per_head_cap: float = 1.5
     probe_layer: int | None = None
     semantics: Literal["after_prompt", "in_prompt"] = "after_prompt"
     default_task: str = "auto"
@@ -68,9 +73,9 @@ class HeadRouterConfig:
         check_retention(self.retention, "retention")
         if self.mode not in MODES:
             raise ConfigError(f"headrouter.mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "per_head":
-            raise ConfigError("headrouter.mode 'per_head' is not implemented yet (it needs the head-sparse "
-                              "attention kernel); use 'shared'")
+        if (isinstance(self.per_head_cap, bool) or not isinstance(self.per_head_cap, (int, float))
+                or not math.isfinite(self.per_head_cap) or self.per_head_cap < 1.0):
+            raise ConfigError(f"headrouter.per_head_cap must be a number >= 1, got {self.per_head_cap!r}")
         if self.probe_layer is not None and (isinstance(self.probe_layer, bool)
                                              or not isinstance(self.probe_layer, int) or self.probe_layer < 0):
             raise ConfigError(f"headrouter.probe_layer must be a non-negative integer, got {self.probe_layer!r}")
@@ -87,6 +92,11 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.record_probes must be true or false, got {self.record_probes!r}")
         if self.attention not in ATTENTION:
             raise ConfigError(f"headrouter.attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.mode == "per_head" and self.semantics == "in_prompt":
+            raise ConfigError("headrouter.mode 'per_head' supports semantics 'after_prompt' only")
+        if self.mode == "per_head" and self.attention == "platform":
+            raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' (vLLM's own attention cannot skip "
+                              "each head's pruned slots)")
         if self.profiles is not None:
             register_operator_tasks(self.load_profiles().task_names())
         try:

@@ -25,11 +25,21 @@ def keep_count(retention: float, n: int) -> int:
     return max(1, min(n, math.floor(retention * n + 0.5)))
 
 
+# Policies with per-head scores: only these select per KV head in ``per_head`` mode; the baselines (fastv,
+# random, uniform, similarity, coverage) define one kept set for all heads, so they always run shared.
+PER_HEAD_POLICIES = ("headrouter", "oracle")
+
+
 @dataclasses.dataclass(frozen=True)
 class Span:
     start: int
     length: int
-    keep: int
+    keep: int  # audio tokens kept (shared), or the mean budget per KV head (per_head)
+    slots: int = -1  # KV slots the span holds after compaction: keep (shared) or the per-head cap (per_head)
+
+    def __post_init__(self) -> None:
+        if self.slots < 0:
+            object.__setattr__(self, "slots", self.keep)
 
     @property
     def end(self) -> int:
@@ -44,6 +54,7 @@ class RoutePlan:
     retention: float
     semantics: str
     policy: str
+    mode: str = "shared"
 
     @property
     def audio_tokens(self) -> int:
@@ -56,7 +67,7 @@ class RoutePlan:
     @property
     def removed(self) -> int:
         """KV slots the request gives back after its prompt step."""
-        return self.audio_tokens - self.kept_tokens
+        return sum(s.length - s.slots for s in self.spans)
 
     @property
     def probe_start(self) -> int:
@@ -73,10 +84,17 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     policy = options.policy if options.policy is not None else config.policy
     if not spans or retention >= 1.0:
         return None
-    plan_spans = tuple(Span(s, n, keep_count(retention, n)) for s, n in spans)
+    mode = "per_head" if config.mode == "per_head" and policy in PER_HEAD_POLICIES else "shared"
+    plan_spans = tuple(Span(s, n, keep, per_head_cap(config.per_head_cap, keep, n) if mode == "per_head" else keep)
+                       for s, n, keep in ((s, n, keep_count(retention, n)) for s, n in spans))
     if all(sp.keep == sp.length for sp in plan_spans) or plan_spans[-1].end >= num_prompt_tokens:
         return None
-    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, config.semantics, policy)
+    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, config.semantics, policy, mode)
+
+
+def per_head_cap(ratio: float, keep: int, n: int) -> int:
+    """``per_head``: the most audio tokens one KV head may keep of a span (its KV slots after compaction)."""
+    return min(n, math.ceil(ratio * keep - 1e-9))
 
 
 def compaction_moves(plan: RoutePlan, kept: torch.Tensor, computed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from headrouter_vllm.api.options import parse_route_options
-from headrouter_vllm.attention.backend import HeadRouterAttentionImpl
+from headrouter_vllm.attention.backend import HeadRouterAttentionImpl, HeadRouterAttentionMetadataBuilder, RouteRows
 from headrouter_vllm.attention.cpu_kv import CpuKvPages
 from headrouter_vllm.attention.kernels import split_kv_cache, triton_kernels
 from headrouter_vllm.config import HeadRouterConfig, environment
@@ -48,6 +48,7 @@ class RouteState:
     plan: RoutePlan
     head_mass: torch.Tensor | None = None  # [Hq, audio_tokens]: probe mass summed over the rows seen so far
     kept: torch.Tensor | None = None  # kept audio positions (absolute, ascending), set in the final probe
+    kept_per_head: list[torch.Tensor] | None = None  # per_head mode: each KV head's kept audio positions
     seconds: float = 0.0  # probe (every chunk), selection, in_prompt re-attention and compaction so far
 
 
@@ -62,6 +63,7 @@ class ProbeLog:
     compact_s: float = 0.0
     alpha: list[dict[str, float] | None] | None = None  # routing mix per span
     probes: list[SpanProbe] | None = None  # what the probe measured per span (record_probes)
+    kept_per_head: list[list[int]] | None = None  # per_head mode: each KV head's kept audio positions
 
 
 @dataclasses.dataclass
@@ -104,6 +106,15 @@ class HeadRouterRunnerMixin:
         self._hr_timed: dict[str, float] = {}  # request id -> probe seconds, for this step's output
         self._hr_installed = False
         self.hr_kernels = None  # the Triton kernels, when HeadRouter's attention backend serves the layers
+        # per_head requests after compaction: (region start, region slots, kept slots per KV head); each KV head
+        # skips [start + kept[g], start + slots). Fed to HeadRouter's backend per batch row (hr_route_rows).
+        self.hr_sparse: dict[str, tuple[int, int, torch.Tensor]] = {}
+        num_kv_heads = self.model_config.get_num_kv_heads(self.parallel_config)
+        int32 = dict(dtype=torch.int32, device=self.device)
+        self.hr_route_rows = RouteRows(torch.zeros(self.max_num_reqs, **int32),
+                                       torch.zeros(self.max_num_reqs, **int32),
+                                       torch.zeros(self.max_num_reqs, num_kv_heads, **int32))
+        self._hr_rows_set = False
 
     # ---- request state ---------------------------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -112,6 +123,7 @@ class HeadRouterRunnerMixin:
                 *cached.resumed_req_ids, *(r.req_id for r in scheduler_output.scheduled_new_reqs)]
         for req_id in gone:  # resumed requests are recomputed at full length and routed again
             self.hr_removed.pop(req_id, None)
+            self.hr_sparse.pop(req_id, None)
             self.hr_routes.pop(req_id, None)
         out = super()._update_states(scheduler_output)
         for req_id in [*(r.req_id for r in scheduler_output.scheduled_new_reqs), *cached.resumed_req_ids]:
@@ -143,7 +155,25 @@ class HeadRouterRunnerMixin:
                                                   torch.tensor(state.block_ids[0], dtype=torch.int64)))
         if self.hr_removed:
             self._shift_shortened(req_ids, num_scheduled_tokens)
+        if self.hr_sparse or self._hr_rows_set:
+            self._fill_route_rows(req_ids)
         return out
+
+    def _fill_route_rows(self, req_ids) -> None:
+        """Per batch row, what each KV head of a per_head request skips (zeros: nothing)."""
+        rows = self.hr_route_rows
+        num_reqs = len(req_ids)
+        span_start = torch.zeros(num_reqs, dtype=torch.int32)
+        span_slots = torch.zeros(num_reqs, dtype=torch.int32)
+        kept = torch.zeros(num_reqs, rows.kept.shape[1], dtype=torch.int32)
+        for row, req_id in enumerate(req_ids):
+            sparse = self.hr_sparse.get(req_id)
+            if sparse is not None:
+                span_start[row], span_slots[row], kept[row] = sparse
+        rows.span_start[:num_reqs].copy_(span_start, non_blocking=True)
+        rows.span_slots[:num_reqs].copy_(span_slots, non_blocking=True)
+        rows.kept[:num_reqs].copy_(kept, non_blocking=True)
+        self._hr_rows_set = bool(self.hr_sparse)
 
     def _shift_shortened(self, req_ids, num_scheduled_tokens) -> None:
         """Shortened requests: KV slot = position - removed, attention length = seq_len - removed."""
@@ -171,6 +201,13 @@ class HeadRouterRunnerMixin:
                 wrap_impl_forward(layer.impl, before=self._probe)
             elif index > self.hr_probe_layer and self.hr_config.semantics == "in_prompt":
                 wrap_impl_forward(layer.impl, after=self._attend_kept_only)
+        for groups in self.attn_groups:
+            for group in groups:
+                for builder in group.metadata_builders:
+                    if isinstance(builder, HeadRouterAttentionMetadataBuilder):
+                        builder.route_rows = self.hr_route_rows
+        if self.hr_config.mode == "per_head" and self.hr_kernels is None:
+            raise RuntimeError("headrouter.mode 'per_head' needs HeadRouter's attention backend")
         self._hr_installed = True
 
     def _layer_keys(self, layer, item: ProbeItem, key, value, kv_cache, upto: int, values: bool = False):
@@ -259,22 +296,28 @@ class HeadRouterRunnerMixin:
 
     def _select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float) -> None:
         plan = item.state.plan
-        settings = RouteSettings(policy=plan.policy, task=plan.task, seed=self.hr_config.seed)
-        kept, margins, alphas, probes, offset = [], [], [], [], 0
+        kept, per_head, margins, alphas, probes, offset = [], [], [], [], [], 0
         for sp in plan.spans:
+            settings = RouteSettings(policy=plan.policy, mode=plan.mode, task=plan.task, seed=self.hr_config.seed,
+                                     b_max=sp.slots if plan.mode == "per_head" else None)
             cols = slice(offset, offset + sp.length)
             probe = SpanProbe(head_scores[:, cols], last_row[:, cols], num_kv_heads,
                               None if values is None else values[cols])
             selection = select(probe, sp.keep, settings, self.hr_profiles)
             kept.append(sp.start + selection.kept)
+            if plan.mode == "per_head":
+                per_head.append([sp.start + head for head in selection.per_head])
             margins.append(selection.margin)
             alphas.append(selection.alpha)
             probes.append(probe)
             offset += sp.length
         item.state.kept = torch.cat(kept)
+        if per_head:  # each KV head's kept positions over all spans
+            item.state.kept_per_head = [torch.cat(heads) for heads in zip(*per_head, strict=True)]
         known = [m for m in margins if m is not None]
         item.log = ProbeLog(item.req_id, item.state.kept.tolist(), min(known) if known else None, probe_s,
-                            alpha=alphas, probes=probes if self.hr_config.record_probes else None)
+                            alpha=alphas, probes=probes if self.hr_config.record_probes else None,
+                            kept_per_head=None if not per_head else [k.tolist() for k in item.state.kept_per_head])
 
     @torch.inference_mode()
     def _attend_kept_only(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
@@ -347,7 +390,8 @@ class HeadRouterRunnerMixin:
         plan, kept = item.state.plan, item.state.kept
         state = self.requests[item.req_id]
         computed = item.computed + item.num_tokens
-        src, dst = compaction_moves(plan, kept, computed)
+        if self.hr_kernels is None:
+            src, dst = compaction_moves(plan, kept, computed)
         vacated = torch.arange(computed - plan.removed, computed)
         seen = set()
         row = self.input_batch.req_id_to_index.get(item.req_id)
@@ -362,7 +406,7 @@ class HeadRouterRunnerMixin:
                     continue
                 seen.add(kv.data_ptr())
                 if self.hr_kernels is not None:
-                    self._compact_paged(layer, kv, block_size, table, plan, kept, computed, vacated)
+                    self._compact_paged(layer, kv, block_size, table, item.state, computed, vacated)
                     continue
                 pages = CpuKvPages(kv, layer.isa, layer.impl.kv_cache_dtype)
                 if pages.block_size != block_size:
@@ -381,30 +425,56 @@ class HeadRouterRunnerMixin:
                 block_table.num_blocks_per_row[row] = keep_blocks
         self.hr_routes.pop(item.req_id, None)
         self.hr_removed[item.req_id] = plan.removed
+        if plan.mode == "per_head":
+            first = plan.spans[0].start
+            region_slots = plan.probe_start - first - plan.removed
+            self.hr_sparse[item.req_id] = (first, region_slots, self._region_slots(item.state)[1])
 
-    def _compact_paged(self, layer, kv_cache, block_size: int, table: torch.Tensor, plan: RoutePlan,
-                       kept: torch.Tensor, computed: int, vacated: torch.Tensor) -> None:
+    @staticmethod
+    def _region_slots(state: RouteState) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per KV head, the surviving slots of the region from the first audio span to the end of the last (its
+        kept audio and the text between spans, ascending), and their counts ``[Hkv]`` (int32). Shared mode: the
+        same slots for every head."""
+        plan = state.plan
+        first, region_end = plan.spans[0].start, plan.probe_start
+        between = torch.ones(region_end - first, dtype=torch.bool)
+        for sp in plan.spans:
+            between[sp.start - first:sp.end - first] = False
+        text = torch.nonzero(between).flatten() + first
+        heads = state.kept_per_head if state.kept_per_head is not None else [state.kept]
+        slots = [torch.cat([kept, text]).sort().values for kept in heads]
+        return slots, torch.tensor([len(x) for x in slots], dtype=torch.int32)
+
+    def _compact_paged(self, layer, kv_cache, block_size: int, table: torch.Tensor, state: RouteState,
+                       computed: int, vacated: torch.Tensor) -> None:
         """Compaction on HeadRouter's backend: the ``compact_kv`` kernel, with the region from the first audio span
-        to the end of the last as its span and every surviving slot in it (kept audio, text between spans) as
-        the kept slots of every KV head (shared mode)."""
+        to the end of the last as its span and each KV head's surviving slots in it as its kept slots (the same
+        for every head in shared mode). The suffix moves to the region's start + its slots after compaction."""
         key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
         if key_cache.shape[1] != block_size:
             raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
-        first, region_end = plan.spans[0].start, plan.probe_start
-        survives = torch.ones(region_end - first, dtype=torch.bool)
-        for sp in plan.spans:
-            survives[sp.start - first:sp.end - first] = False
-        survives[kept - first] = True
+        plan = state.plan
+        first, region_len = plan.spans[0].start, plan.probe_start - plan.spans[0].start
+        region_slots = region_len - plan.removed
+        heads, counts = self._region_slots(state)
+        num_kv_heads = key_cache.shape[2]
+        kept_slots = torch.full((1, num_kv_heads, region_slots), -1, dtype=torch.int32)
+        for g in range(num_kv_heads):
+            head = heads[g if len(heads) > 1 else 0]
+            kept_slots[0, g, :head.numel()] = head
         device = key_cache.device
-        slots = (torch.nonzero(survives).flatten() + first).to(device=device, dtype=torch.int32)
         int32 = dict(dtype=torch.int32, device=device)
-        self.hr_kernels.compact_kv(key_cache, value_cache, table.to(**int32)[None],
-                                   torch.tensor([first], **int32), torch.tensor([region_end - first], **int32),
-                                   torch.tensor([computed], **int32),
-                                   slots.expand(key_cache.shape[2], -1)[None].contiguous())
-        if self.hr_poison is not None:  # tests: vacated slots, incl. the blocks about to be freed
+        self.hr_kernels.compact_kv(key_cache, value_cache, table.to(**int32)[None], torch.tensor([first], **int32),
+                                   torch.tensor([region_len], **int32), torch.tensor([computed], **int32),
+                                   kept_slots.to(device))
+        if self.hr_poison is not None:  # tests: vacated slots (incl. the blocks about to be freed), stale head slots
             for cache in (key_cache, value_cache):
                 cache[table[vacated // block_size].to(device), (vacated % block_size).to(device)] = self.hr_poison
+                if len(heads) > 1:
+                    for g in range(num_kv_heads):
+                        stale = torch.arange(first + int(counts[g]), first + region_slots)
+                        cache[table[stale // block_size].to(device), (stale % block_size).to(device), g] = \
+                            self.hr_poison
 
     # ---- introspection (tests, via collective_rpc or in-process) ------------------------------------
     def headrouter_log(self) -> list[ProbeLog]:

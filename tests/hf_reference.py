@@ -3,7 +3,9 @@ engine's attention code: full prefill; the probe from ``output_attentions[probe_
 audio, mean over rows, at the audio columns; the last row for FastV; value vectors from ``v_proj`` for the
 similarity policy); the kept set from the same routing policy the engine calls; the other audio KV deleted
 from every layer; greedy decode with the original positions. ``in_prompt``: the prefill is re-run with the
-rows after the audio masked from the dropped audio in layers above the probe layer."""
+rows after the audio masked from the dropped audio in layers above the probe layer. ``per_head``: each KV head
+keeps its own set; the audio KV stays in the cache and every decode step masks, per head, the audio that head
+dropped."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def keep_count(r: float, n: int) -> int:
 @torch.no_grad()
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
               semantics: str = "after_prompt", policy: str = "headrouter", task: str = "auto", seed: int = 0,
-              profiles=None) -> dict:
+              profiles=None, mode: str = "shared", per_head_cap: float = 1.5) -> dict:
     model, processor = load(model_dir)
     if wave is None:
         inputs = processor.tokenizer(prompt, return_tensors="pt")
@@ -41,7 +43,7 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
     if wave is not None:
         kwargs.update(input_features=inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])
     info: dict = dict(prompt_ids=ids[0].tolist(), length=length)
-    kept = None
+    kept = per_head_mask = None
     if wave is not None:
         pos = (ids[0] == model.config.audio_token_id).nonzero().flatten()
         start, n = int(pos[0]), int(pos.numel())
@@ -62,9 +64,20 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
                           last_row=attn[:, length - 1, start:start + n], num_kv_heads=num_kv,
                           values=values[0][start:start + n].view(n, num_kv, -1))
         keep = keep_count(retention, n)
-        selection = select(probe, keep, RouteSettings(policy=policy, task=task, seed=seed), profiles)
+        cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
+        selection = select(probe, keep, RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap),
+                           profiles)
         kept = selection.kept
         info.update(kept=(start + kept).tolist(), keep=keep, margin=selection.margin, alpha=selection.alpha)
+        if mode == "per_head":
+            info.update(kept_per_head=[(start + k).tolist() for k in selection.per_head], cap=cap)
+            dropped = torch.ones(num_kv, length, dtype=torch.bool)
+            dropped[:, :start] = dropped[:, start + n:] = False
+            for g, head in enumerate(selection.per_head):
+                dropped[g, start + head] = False
+            group = model.config.text_config.num_attention_heads // num_kv
+            per_head_mask = dropped.repeat_interleave(group, dim=0)  # [Hq, L]
+            kept = None  # nothing is deleted from the cache: each head masks its own dropped audio
         if semantics == "in_prompt":
             out = _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer)
     else:
@@ -81,9 +94,16 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
         token = int(logits.argmax())
         tokens.append(token)
         logprobs.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))
-        o = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[length + i]]),
-                  attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long),
-                  past_key_values=cache, use_cache=True)
+        step = dict(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[length + i]]),
+                    attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long),
+                    past_key_values=cache, use_cache=True)
+        if per_head_mask is None:
+            o = model(**step)
+        else:
+            visible = torch.cat([~per_head_mask, torch.ones(per_head_mask.shape[0], i + 1, dtype=torch.bool)], dim=1)
+            mask = torch.zeros(1, visible.shape[0], 1, visible.shape[1]).masked_fill_(
+                ~visible[None, :, None], torch.finfo(torch.float32).min)
+            o = _with_attention_mask(model, range(len(model.model.language_model.layers)), mask, **step)
         cache, logits = o.past_key_values, o.logits[0, -1]
     info["tokens"], info["logprobs"] = tokens, logprobs
     return info
@@ -95,13 +115,18 @@ def _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer):
     allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))
     allowed[start + n:, start:start + n] &= ~dropped[None, :]
     mask = torch.zeros(1, 1, length, length).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    hooks = []
-    for index, layer in enumerate(model.model.language_model.layers):
-        if index > probe_layer:
-            def pre(module, args, kw):
-                kw["attention_mask"] = mask
-                return args, kw
-            hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+    return _with_attention_mask(model, range(probe_layer + 1, len(model.model.language_model.layers)), mask,
+                                **kwargs)
+
+
+def _with_attention_mask(model, layer_indices, mask: torch.Tensor, **kwargs):
+    """Run the model with ``mask`` (additive, ``[1, 1 or Hq, q, k]``) as the attention mask of the given layers."""
+    def pre(module, args, kw):
+        kw["attention_mask"] = mask
+        return args, kw
+
+    layers = model.model.language_model.layers
+    hooks = [layers[i].self_attn.register_forward_pre_hook(pre, with_kwargs=True) for i in layer_indices]
     try:
         return model(**kwargs)
     finally:

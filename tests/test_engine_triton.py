@@ -14,7 +14,8 @@ import math
 
 import pytest
 
-from tests.test_engine import PHASES, make_cases, run_engine
+from tests.hf_reference import reference
+from tests.test_engine import BLOCK, NEW_TOKENS, PHASES, cdiv, make_cases, run_engine
 
 NAMES = ["short_r1.0", "text_only", "short_r0.7", "long_r0.5", "short_r0.3", "long_r0.5_similarity"]
 UNROUTED = ["short_r1.0", "text_only"]
@@ -30,6 +31,10 @@ ENGINES = {  # (engine settings, cases, phases)
     # finite poison)
     "triton_chunked_poisoned": (dict(headrouter=TRITON, enable_chunked_prefill=True, max_num_batched_tokens=64,
                                      poison=math.nan), ROUTED, ["batch"]),
+    # per_head: each KV head keeps its own audio, with head profiles that give the KV heads different budgets
+    # (stale head slots NaN-poisoned); the similarity baseline in the same batch stays shared
+    "triton_per_head": (dict(headrouter={**TRITON, "mode": "per_head", "profiles": "<per-head profiles>"},
+                             poison=math.nan), ROUTED, PHASES),
     "cpu_fp16": (dict(headrouter={}, dtype="float16"), FP16_NAMES, ["single"]),
     "triton_fp16": (dict(headrouter=TRITON, dtype="float16"), FP16_NAMES, ["single"]),
 }
@@ -37,14 +42,38 @@ ENGINES = {  # (engine settings, cases, phases)
 FP16_LOGPROB_ATOL = 0.05
 
 
+def skewed_profiles(model_dir: str):
+    """Profiles whose head weights favour KV head 0 (query heads 0, 1) for every group: unequal per-head budgets."""
+    import torch
+    from transformers import AutoConfig
+
+    from headrouter_vllm.routing.profiles import ModelIdentity, Profile, ProfileSet
+
+    identity = ModelIdentity.of(AutoConfig.from_pretrained(model_dir))
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    prototypes = {"semantic": torch.tensor([1.0, 0.5, 0.2, 0.1]), "acoustic": torch.tensor([0.1, 0.2, 0.5, 1.0]),
+                  "mixed": torch.full((4,), 0.5)}
+    profiles = {g: Profile(proto, weights) for g, proto in prototypes.items()}
+    return ProfileSet(identity, 2, 0.1, profiles, None, {})
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_model, speech):
+def profiles_file(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("profiles") / "per-head.json"
+    skewed_profiles(tiny_model).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, speech, profiles_file):
     all_cases = make_cases(speech)
     cache = {}
 
     def get(name):
         if name not in cache:
             settings, names, phases = ENGINES[name]
+            if settings["headrouter"] and settings["headrouter"].get("profiles"):
+                settings = {**settings, "headrouter": {**settings["headrouter"], "profiles": profiles_file}}
             cache[name] = run_engine(tiny_model, [c for c in all_cases if c.name in names], phases=phases,
                                      **settings)
         return cache[name]
@@ -83,6 +112,49 @@ def test_routed_requests_equal_cpu_path(engine, mode, name, phase):
     assert ours["record"].blocks_after == cpu["record"].blocks_after
     assert ours["tokens"] == cpu["tokens"]
     assert max_difference(ours["logprobs"], cpu["logprobs"]) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_per_head(tiny_model, speech):
+    cases = {c.name: c for c in make_cases(speech)}
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            c = cases[name]
+            cache[name] = reference(tiny_model, c.prompt, c.wave, c.retention, NEW_TOKENS, mode="per_head",
+                                    profiles=skewed_profiles(tiny_model))
+        return cache[name]
+
+    return get
+
+
+PER_HEAD = [n for n in ROUTED if "similarity" not in n]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", PER_HEAD)
+def test_per_head_equals_hf_reference(engine, hf_per_head, name, phase):
+    """per_head mode: every KV head keeps the HF reference's audio tokens for that head (budgets proportional to
+    the routed weights, capped at 1.5x the mean), the request holds the capped slots, and decoding with each head
+    skipping its own pruned slots (stale slots NaN) gives the reference's tokens: HF with the full cache and a
+    per-head mask of the dropped audio."""
+    got, ref = engine("triton_per_head")[phase][name], hf_per_head(name)
+    assert got["log"].kept_per_head == ref["kept_per_head"]
+    assert len({len(k) for k in ref["kept_per_head"]}) > 1, "the profiles should give the KV heads different budgets"
+    n, length, cap = ref["audio_tokens"], ref["length"], ref["cap"]
+    assert got["record"].blocks_after == cdiv(length - (n - cap), BLOCK)
+    assert got["tokens"] == ref["tokens"]
+    assert max_difference(got["logprobs"], ref["logprobs"]) < 2e-3
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_per_head_differs_from_shared_and_leaves_baselines_shared(engine, phase):
+    per_head, shared = engine("triton_per_head")[phase], engine("cpu")["single"]
+    assert any(per_head[n]["log"].kept != shared[n]["log"].kept for n in PER_HEAD)
+    baseline = per_head["long_r0.5_similarity"]
+    assert baseline["log"].kept_per_head is None
+    assert baseline["tokens"] == shared["long_r0.5_similarity"]["tokens"]
 
 
 @pytest.mark.parametrize("name", FP16_NAMES)

@@ -33,6 +33,15 @@ BACKEND_PATH = "headrouter_vllm.attention.backend.HeadRouterAttentionBackend"
 
 
 @dataclasses.dataclass
+class RouteRows:
+    """Per batch row (the runner's persistent buffers): what each KV head of a per_head request skips."""
+
+    span_start: torch.Tensor  # int32 [max_num_reqs]
+    span_slots: torch.Tensor  # int32 [max_num_reqs]; 0 = nothing skipped
+    kept: torch.Tensor  # int32 [max_num_reqs, Hkv]
+
+
+@dataclasses.dataclass
 class HeadRouterAttentionMetadata:
     num_actual_tokens: int
     max_query_len: int
@@ -58,16 +67,22 @@ class HeadRouterAttentionMetadataBuilder(AttentionMetadataBuilder[HeadRouterAtte
         num_kv_heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
         self._no_skip = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self._no_kept = torch.zeros(max_seqs, num_kv_heads, dtype=torch.int32, device=device)
+        self.route_rows: RouteRows | None = None  # set by HeadRouter's model runner
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadRouterAttentionMetadata:
         m = common_attn_metadata
         num_seqs = m.num_reqs
+        rows = self.route_rows
+        if rows is not None:
+            span_start, span_slots, kept = rows.span_start, rows.span_slots, rows.kept
+        else:
+            span_start, span_slots, kept = self._no_skip, self._no_skip, self._no_kept
         return HeadRouterAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
             query_start_loc=m.query_start_loc[:num_seqs + 1], seq_lens=m.seq_lens[:num_seqs],
             block_table=m.block_table_tensor[:num_seqs], slot_mapping=m.slot_mapping,
-            span_start=self._no_skip[:num_seqs], span_slots=self._no_skip[:num_seqs], kept=self._no_kept[:num_seqs])
+            span_start=span_start[:num_seqs], span_slots=span_slots[:num_seqs], kept=kept[:num_seqs])
 
 
 class HeadRouterAttentionImpl(AttentionImpl):

@@ -73,6 +73,9 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
             logger.warning("HeadRouter turns vLLM's async scheduling off")
     elif config.resolved_attention() == "triton":
         select_headrouter_attention(vllm_config)
+    elif config.mode == "per_head":
+        raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' (on CPU: HeadRouter's backend with "
+                          "its kernels interpreted; vLLM's CPU attention cannot skip each head's pruned slots)")
     if vllm_config.cache_config.enable_prefix_caching:
         vllm_config.cache_config.enable_prefix_caching = False
         logger.warning("HeadRouter rewrites routed requests' KV blocks: prefix caching is turned off")

@@ -50,6 +50,7 @@ class RouteSettings:
     seed: int = 0
     b_min_fraction: float = 0.0  # per_head: budget bounds as fractions of N
     b_max_fraction: float = 1.0
+    b_max: int | None = None  # per_head: an absolute cap (the engine's plan); overrides b_max_fraction
 
 
 @dataclasses.dataclass
@@ -119,7 +120,8 @@ def _routed(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Prof
     q_weights = weights if weights is not None else torch.full((scores.shape[0],), 1.0 / scores.shape[0])
     kv_weights = q_weights.view(num_kv, -1).sum(dim=1)
     b_min = min(keep, int(settings.b_min_fraction * n))
-    b_max = max(keep, min(n, math.ceil(settings.b_max_fraction * n)))
+    b_max = settings.b_max if settings.b_max is not None else min(n, math.ceil(settings.b_max_fraction * n))
+    b_max = max(keep, min(n, b_max))
     budgets = per_head_budgets(kv_weights, keep * num_kv, b_min, b_max)
     per_head = select_per_head(scores, budgets, weights)
     union = torch.unique(torch.cat(per_head)) if per_head else torch.empty(0, dtype=torch.long)
