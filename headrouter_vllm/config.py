@@ -17,7 +17,7 @@ from typing import Any, Literal
 CONFIG_KEY = "headrouter"
 MODES = ("shared", "per_head")
 SEMANTICS = ("after_prompt", "in_prompt")
-ATTENTION = ("auto", "platform", "triton")
+ATTENTION = ("auto", "platform", "triton", "torch")
 
 
 class ConfigError(ValueError):
@@ -53,8 +53,10 @@ class HeadRouterConfig:
         attention: which attention serves the decoder layers. ``platform``: vLLM's own backend for the machine
             (CPU: CPU_ATTN, with HeadRouter's probe and compaction in torch). ``triton``: HeadRouter's backend
             (vLLM's standard paged KV layout, HeadRouter's Triton kernels; on CPU they run under the Triton
-            interpreter, which is slow and meant for tests). ``auto``: ``$HEADROUTER_ATTENTION`` if set, else
-            ``platform`` on CPU; on a GPU always ``triton`` (``platform`` is refused there).
+            interpreter, which is slow and meant for tests). ``torch``: HeadRouter's backend with the kernels'
+            plain-torch references (the same semantics; the CPU path for ``per_head``). ``auto``:
+            ``$HEADROUTER_ATTENTION`` if set, else ``platform`` on CPU; ``triton`` on a GPU (``platform`` is refused
+            there).
     """
 
     retention: float = 0.7
@@ -67,7 +69,7 @@ class HeadRouterConfig:
     profiles: str | None = None
     seed: int = 0
     record_probes: bool = False
-    attention: Literal["auto", "platform", "triton"] = "auto"
+    attention: Literal["auto", "platform", "triton", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         check_retention(self.retention, "retention")
@@ -95,8 +97,8 @@ class HeadRouterConfig:
         if self.mode == "per_head" and self.semantics == "in_prompt":
             raise ConfigError("headrouter.mode 'per_head' supports semantics 'after_prompt' only")
         if self.mode == "per_head" and self.attention == "platform":
-            raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' (vLLM's own attention cannot skip "
-                              "each head's pruned slots)")
+            raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' or 'torch' (vLLM's own attention "
+                              "cannot skip each head's pruned slots)")
         if self.profiles is not None:
             register_operator_tasks(self.load_profiles().task_names())
         try:
@@ -118,7 +120,7 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.profiles: {e}") from None
 
     def resolved_attention(self) -> str:
-        """``platform`` or ``triton`` (see ``attention``)."""
+        """``platform``, ``triton`` or ``torch`` (see ``attention``)."""
         if self.attention != "auto":
             return self.attention
         return environment().attention or "platform"

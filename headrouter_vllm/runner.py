@@ -28,7 +28,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from headrouter_vllm.api.options import parse_route_options
 from headrouter_vllm.attention.backend import HeadRouterAttentionImpl, HeadRouterAttentionMetadataBuilder, RouteRows
 from headrouter_vllm.attention.cpu_kv import CpuKvPages
-from headrouter_vllm.attention.kernels import split_kv_cache, triton_kernels
+from headrouter_vllm.attention.kernels import split_kv_cache
 from headrouter_vllm.config import HeadRouterConfig, environment
 from headrouter_vllm.kernels.head_sparse_paged_attention.reference import gather_slots
 from headrouter_vllm.kernels.probe_scores import probe_scores
@@ -196,7 +196,7 @@ class HeadRouterRunnerMixin:
             if index is None or not hasattr(layer, "impl"):
                 continue
             if isinstance(layer.impl, HeadRouterAttentionImpl):
-                self.hr_kernels = triton_kernels()
+                self.hr_kernels = layer.impl.kernels
             if index == self.hr_probe_layer:
                 wrap_impl_forward(layer.impl, before=self._probe)
             elif index > self.hr_probe_layer and self.hr_config.semantics == "in_prompt":

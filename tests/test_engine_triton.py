@@ -35,6 +35,10 @@ ENGINES = {  # (engine settings, cases, phases)
     # (stale head slots NaN-poisoned); the similarity baseline in the same batch stays shared
     "triton_per_head": (dict(headrouter={**TRITON, "mode": "per_head", "profiles": "<per-head profiles>"},
                              poison=math.nan), ROUTED, PHASES),
+    # the kernels' torch references in the same backend: HeadRouter's CPU path for per_head
+    "torch": (dict(headrouter={"attention": "torch"}), NAMES, ["batch"]),
+    "torch_per_head": (dict(headrouter={"attention": "torch", "mode": "per_head", "profiles": "<per-head profiles>"},
+                            poison=math.nan), ROUTED, PHASES),
     "cpu_fp16": (dict(headrouter={}, dtype="float16"), FP16_NAMES, ["single"]),
     "triton_fp16": (dict(headrouter=TRITON, dtype="float16"), FP16_NAMES, ["single"]),
 }
@@ -85,24 +89,24 @@ def max_difference(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("mode", [m for m in ENGINES if m.startswith("triton")])
+@pytest.mark.parametrize("mode", [m for m in ENGINES if m.startswith(("triton", "torch"))])
 def test_the_triton_backend_serves_every_layer(engine, mode):
     assert engine(mode)["attention_impls"] == {"HeadRouterAttentionImpl"}
     assert engine("cpu")["attention_impls"] == {"CPUAttentionBackendImpl"}
 
 
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize(("mode", "phase"), [("triton", "single"), ("triton", "batch"), ("torch", "batch")])
 @pytest.mark.parametrize("name", UNROUTED)
-def test_unrouted_requests_equal_vanilla(engine, name, phase):
-    """fp32: retention 1.0 and text-only requests give vanilla vLLM's greedy tokens through the Triton path."""
-    ours, vanilla = engine("triton")[phase][name], engine("vanilla")[phase][name]
+def test_unrouted_requests_equal_vanilla(engine, name, mode, phase):
+    """fp32: retention 1.0 and text-only requests give vanilla vLLM's greedy tokens through HeadRouter's backend."""
+    ours, vanilla = engine(mode)[phase][name], engine("vanilla")[phase][name]
     assert ours["tokens"] == vanilla["tokens"]
     assert ours["log"] is None and ours["record"] is None
     assert max_difference(ours["logprobs"], vanilla["logprobs"]) < 1e-4
 
 
 @pytest.mark.parametrize(("mode", "phase"), [("triton", "single"), ("triton", "batch"),
-                                             ("triton_chunked_poisoned", "batch")])
+                                             ("triton_chunked_poisoned", "batch"), ("torch", "batch")])
 @pytest.mark.parametrize("name", ROUTED)
 def test_routed_requests_equal_cpu_path(engine, mode, name, phase):
     """fp32: the same kept audio tokens (probe kernel), the same freed blocks and the same greedy tokens as the CPU
@@ -132,14 +136,15 @@ def hf_per_head(tiny_model, speech):
 PER_HEAD = [n for n in ROUTED if "similarity" not in n]
 
 
+@pytest.mark.parametrize("mode", ["triton_per_head", "torch_per_head"])
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("name", PER_HEAD)
-def test_per_head_equals_hf_reference(engine, hf_per_head, name, phase):
+def test_per_head_equals_hf_reference(engine, hf_per_head, mode, name, phase):
     """per_head mode: every KV head keeps the HF reference's audio tokens for that head (budgets proportional to
     the routed weights, capped at 1.5x the mean), the request holds the capped slots, and decoding with each head
     skipping its own pruned slots (stale slots NaN) gives the reference's tokens: HF with the full cache and a
     per-head mask of the dropped audio."""
-    got, ref = engine("triton_per_head")[phase][name], hf_per_head(name)
+    got, ref = engine(mode)[phase][name], hf_per_head(name)
     assert got["log"].kept_per_head == ref["kept_per_head"]
     assert len({len(k) for k in ref["kept_per_head"]}) > 1, "the profiles should give the KV heads different budgets"
     n, length, cap = ref["audio_tokens"], ref["length"], ref["cap"]

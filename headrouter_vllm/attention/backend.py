@@ -8,8 +8,9 @@
 
 On a GPU this is what HeadRouter serves with. On CPU it is selected by ``headrouter.attention = "triton"`` (or
 ``HEADROUTER_ATTENTION=triton``) and runs the same kernels under the Triton interpreter: slow, for tests that hold
-the GPU path to the CPU path's answers inside the engine. Only full causal decoder attention in fp32/fp16/bf16 is
-supported; anything else is refused when the layer is built, with the reason.
+the GPU path to the CPU path's answers inside the engine. ``headrouter.attention = "torch"`` runs the kernels'
+plain-torch references instead (the CPU path for ``per_head`` mode). Only full causal decoder attention in
+fp32/fp16/bf16 is supported; anything else is refused when the layer is built, with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from headrouter_vllm.attention.kernels import split_kv_cache, triton_kernels
+from headrouter_vllm.attention.kernels import kernels_for, split_kv_cache
 
 BACKEND_PATH = "headrouter_vllm.attention.backend.HeadRouterAttentionBackend"
 
@@ -85,6 +86,16 @@ class HeadRouterAttentionMetadataBuilder(AttentionMetadataBuilder[HeadRouterAtte
             span_start=span_start[:num_seqs], span_slots=span_slots[:num_seqs], kept=kept[:num_seqs])
 
 
+def _configured_attention() -> str:
+    """``torch`` or ``triton``: which operations this engine's HeadRouter config asks the backend for."""
+    from vllm.config import get_current_vllm_config
+
+    from headrouter_vllm.config import HeadRouterConfig
+
+    config = HeadRouterConfig.from_vllm_config(get_current_vllm_config())
+    return "torch" if config is not None and config.resolved_attention() == "torch" else "triton"
+
+
 class HeadRouterAttentionImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
                  sliding_window: int | None, kv_cache_dtype: str, logits_soft_cap: float | None = None,
@@ -104,7 +115,7 @@ class HeadRouterAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
-        self.kernels = triton_kernels()
+        self.kernels = kernels_for(_configured_attention())
         # rows per program in prefill and mixed batches: the kernel's GPU default, here too (the interpreter's
         # default is smaller), so that CPU tests run the tile shapes a GPU runs
         self.prefill_block_m = max(64, 1 << (num_heads // num_kv_heads - 1).bit_length())

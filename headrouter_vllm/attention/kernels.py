@@ -35,6 +35,29 @@ def triton_kernels() -> SimpleNamespace:
                            paged_probe_scores=probe.paged_probe_scores, compact_kv=compact.compact_kv)
 
 
+@functools.cache
+def torch_kernels() -> SimpleNamespace:
+    """The same four operations as :func:`triton_kernels`, as the kernels' plain-torch references (``reference.py``:
+    the semantics the Triton kernels are tested against). Launch-tuning keywords are accepted and ignored."""
+    from headrouter_vllm.kernels.compact_kv.reference import compact_kv
+    from headrouter_vllm.kernels.head_sparse_paged_attention.reference import head_sparse_paged_attention
+    from headrouter_vllm.kernels.probe_scores.reference import paged_probe_scores
+    from headrouter_vllm.kernels.write_kv_cache.reference import write_kv_cache
+
+    def attention(*args, out=None, max_query_len=None, max_seq_len=None, num_kv_splits=None, block_m=None):
+        result = head_sparse_paged_attention(*args)
+        return result if out is None else out.copy_(result)
+
+    return SimpleNamespace(write_kv_cache=lambda *args, tokens=16: write_kv_cache(*args), attention=attention,
+                           paged_probe_scores=lambda *args, block_m=16, **kw: paged_probe_scores(*args, **kw),
+                           compact_kv=lambda *args, tile=32: compact_kv(*args))
+
+
+def kernels_for(attention: str) -> SimpleNamespace:
+    """The operations HeadRouter's backend runs for ``headrouter.attention`` (``torch`` or ``triton``)."""
+    return torch_kernels() if attention == "torch" else triton_kernels()
+
+
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM 0.32's logical ``[num_blocks, Hkv, block_size, 2 * d]`` layer cache as K and V views
     ``[num_blocks, block_size, Hkv, d]`` (strided; the last dimension contiguous), as its Triton backend reads it."""

@@ -66,16 +66,16 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
         if config.attention == "platform":
             raise ConfigError("headrouter.attention 'platform' is CPU only: on a GPU HeadRouter serves with its "
                               "own attention backend ('auto' or 'triton')")
-        select_headrouter_attention(vllm_config)
+        select_headrouter_attention(vllm_config, "torch" if config.attention == "torch" else "triton")
         if getattr(sched, "async_scheduling", False):
             # our scheduler frees a routed request's tail blocks after its prompt step's output: synchronous
             sched.async_scheduling = False
             logger.warning("HeadRouter turns vLLM's async scheduling off")
-    elif config.resolved_attention() == "triton":
-        select_headrouter_attention(vllm_config)
+    elif config.resolved_attention() in ("triton", "torch"):
+        select_headrouter_attention(vllm_config, config.resolved_attention())
     elif config.mode == "per_head":
-        raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' (on CPU: HeadRouter's backend with "
-                          "its kernels interpreted; vLLM's CPU attention cannot skip each head's pruned slots)")
+        raise ConfigError("headrouter.mode 'per_head' needs attention 'torch' or 'triton' (HeadRouter's backend; "
+                          "vLLM's CPU attention cannot skip each head's pruned slots)")
     if vllm_config.cache_config.enable_prefix_caching:
         vllm_config.cache_config.enable_prefix_caching = False
         logger.warning("HeadRouter rewrites routed requests' KV blocks: prefix caching is turned off")
@@ -86,20 +86,23 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     return config
 
 
-def select_headrouter_attention(vllm_config) -> None:
+def select_headrouter_attention(vllm_config, kernels: str) -> None:
     """Serve the decoder layers with HeadRouter's backend (vLLM's CUSTOM slot; see attention_backend.py)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from headrouter_vllm.patch.attention_backend import register_custom_backend
 
     if not register_custom_backend():
-        raise ConfigError("headrouter.attention 'triton' needs vLLM's CUSTOM attention backend slot, which another "
-                          "plugin has registered")
+        raise ConfigError(f"headrouter.attention {kernels!r} needs vLLM's CUSTOM attention backend slot, which "
+                          "another plugin has registered")
     attention = vllm_config.attention_config
     if attention.backend not in (None, AttentionBackendEnum.CUSTOM):
-        raise ConfigError(f"headrouter.attention 'triton' conflicts with --attention-backend {attention.backend.name}")
+        raise ConfigError(f"headrouter.attention {kernels!r} conflicts with --attention-backend "
+                          f"{attention.backend.name}")
     attention.backend = AttentionBackendEnum.CUSTOM
-    if not _on_cuda():
+    if kernels == "torch":
+        logger.info("HeadRouter attention backend selected, with the kernels' torch references")
+    elif not _on_cuda():
         logger.warning("HeadRouter attention backend selected on CPU: its Triton kernels run under the Triton "
                        "interpreter (slow; meant for tests)")
 
