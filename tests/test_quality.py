@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from headrouter_vllm.benchmarks.quality import report
 from headrouter_vllm.benchmarks.quality.run import Answer, Method, methods
 
@@ -17,6 +19,11 @@ def test_method_grid_and_labels():
     assert labels == {"headrouter[named]", "headrouter[auto]", "oracle[named]", "uniform",
                       "headrouter[named]/in_prompt"}
     assert Method("uniform", 0.5, "in_prompt").label == "uniform/in_prompt"
+    per_head = methods([0.5], ["uniform"], [], ["headrouter:named"])
+    assert [(m.label, m.engine) for m in per_head[1:]] == [("uniform", ("after_prompt", "shared")),
+                                                           ("headrouter[named]/per_head", ("after_prompt", "per_head"))]
+    with pytest.raises(ValueError, match="baselines stay shared"):
+        methods([0.5], [], [], ["uniform"])
 
 
 def test_wilson_interval():

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policy[:named|auto] under after_prompt semantics")
     parser.add_argument("--in-prompt-policies", nargs="*", default=["headrouter:named", "uniform"],
                         help="policy[:named|auto] under in_prompt semantics (none: skip)")
+    parser.add_argument("--per-head-policies", nargs="*", default=[],
+                        help="policy[:named|auto] in per_head mode (HeadRouter's backend, torch references on CPU)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<name>/")
     parser.add_argument("--name", default=None, help="run name (default: quality-<timestamp>)")
@@ -75,7 +77,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from headrouter_vllm.calibrate import calibrate
     from headrouter_vllm.listening import suite
 
-    chosen = methods(args.retentions, args.policies, args.in_prompt_policies)
+    chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies)
     clips = suite.generate(args.split, args.clips, progress=True)
     engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
                          limit_mm_per_prompt={"audio": 1}, max_num_seqs=args.max_num_seqs,
@@ -86,20 +88,19 @@ def main(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="headrouter-quality-") as tmp:
         tmp = Path(tmp)
         manifest = calibration_manifest(args.calibration_clips, tmp / "calibration")
-        semantics_runs = len({m.semantics for m in chosen})
-        progress = tqdm(total=len(clips) * semantics_runs * len(args.models), desc="clips x engines", unit="clip")
+        engines = sorted({m.engine for m in chosen})
+        progress = tqdm(total=len(clips) * len(engines) * len(args.models), desc="clips x engines", unit="clip")
         for name in args.models:
             model = _model_dir(name, tmp)
             label = Path(name).name
             profiles = tmp / f"{label}-profiles.json"
             calibrate(model, manifest, profiles)
-            for semantics in ("after_prompt", "in_prompt"):
-                mine = [m for m in chosen if m.semantics == semantics]
-                if mine:
-                    for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs,
-                                         progress=progress):
-                        a.model = label
-                        answers.append(a)
+            for semantics, mode in engines:
+                mine = [m for m in chosen if m.engine == (semantics, mode)]
+                for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs, progress=progress,
+                                     mode=mode):
+                    a.model = label
+                    answers.append(a)
         progress.close()
     rows = [row for name in args.models
             for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name)]

@@ -20,22 +20,38 @@ class Method:
     retention: float
     semantics: str = "after_prompt"
     task: str | None = None
+    mode: str = "shared"  # per_head: an engine with mode per_head on HeadRouter's backend (torch references)
 
     @property
     def label(self) -> str:
         if self.retention >= 1.0:
             return "full"
         name = self.policy + (f"[{self.task}]" if self.task else "")
-        return name + ("" if self.semantics == "after_prompt" else f"/{self.semantics}")
+        name += "" if self.semantics == "after_prompt" else f"/{self.semantics}"
+        return name + ("" if self.mode == "shared" else f"/{self.mode}")
+
+    @property
+    def engine(self) -> tuple[str, str]:
+        """Methods with the same (semantics, mode) share one engine."""
+        return self.semantics, self.mode
 
 
-def methods(retentions: list[float], policies: list[str], in_prompt_policies: list[str]) -> list[Method]:
+def methods(retentions: list[float], policies: list[str], in_prompt_policies: list[str],
+            per_head_policies: list[str] = ()) -> list[Method]:
+    from headrouter_vllm.plan import PER_HEAD_POLICIES
+
+    for name in per_head_policies:
+        if name.partition(":")[0] not in PER_HEAD_POLICIES:
+            raise ValueError(f"per_head mode applies to the policies {PER_HEAD_POLICIES} (the baselines stay "
+                             f"shared), got {name!r}")
     out = [Method("uniform", 1.0)]
+    groups = (("after_prompt", "shared", policies), ("in_prompt", "shared", in_prompt_policies),
+              ("after_prompt", "per_head", per_head_policies))
     for r in retentions:
-        for semantics, names in (("after_prompt", policies), ("in_prompt", in_prompt_policies)):
+        for semantics, mode, names in groups:
             for name in names:
                 policy, _, task = name.partition(":")
-                out.append(Method(policy, r, semantics, task or ("named" if policy == "oracle" else None)))
+                out.append(Method(policy, r, semantics, task or ("named" if policy == "oracle" else None), mode))
     return out
 
 
@@ -53,8 +69,8 @@ class Answer:
 
 
 def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], semantics: str, profiles: str | None,
-                engine_kwargs: dict, clips_per_call: int = 8, progress=None) -> list[Answer]:
-    """All of ``chosen`` (one semantics) on every question of every clip, one engine. Each generate call holds
+                engine_kwargs: dict, clips_per_call: int = 8, progress=None, mode: str = "shared") -> list[Answer]:
+    """All of ``chosen`` (one semantics and mode) on every question of every clip, one engine. Each generate call holds
     every method's questions on ``clips_per_call`` clips, so vLLM's encoder cache (keyed by the audio's hash)
     encodes each clip once for all its questions and methods, and the engine still batches hundreds of
     requests."""
@@ -63,6 +79,8 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
     from headrouter_vllm.api.options import route_args
 
     section = {"retention": 1.0, "semantics": semantics}
+    if mode == "per_head":  # served by HeadRouter's backend; on CPU with the kernels' torch references
+        section.update(mode="per_head", attention="torch")
     if profiles:
         section["profiles"] = profiles
     llm = LLM(model=model, additional_config={"headrouter": section}, **engine_kwargs)
