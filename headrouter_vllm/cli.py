@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 
-from headrouter_vllm.config import SEMANTICS, ConfigError, HeadRouterConfig
+from headrouter_vllm.config import ATTENTION, MODES, SEMANTICS, ConfigError, HeadRouterConfig
 
 MIDDLEWARE = "headrouter_vllm.api.middleware.HeadRouterMiddleware"
 
@@ -19,7 +19,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS
 
     section = {"retention": args.retention, "semantics": args.semantics, "default_task": args.default_task}
-    for key in ("probe_layer", "profiles", "policy"):
+    for key in ("probe_layer", "profiles", "policy", "mode", "attention", "per_head_cap"):
         if getattr(args, key) is not None:
             section[key] = getattr(args, key)
     HeadRouterConfig.from_dict(section)  # fail here, before a 30 s server start
@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--profiles", default=None, help="head-profile file from `headrouter-vllm calibrate`")
     serve.add_argument("--policy", default=None, help="selection policy for requests that name none "
                                                       "(default headrouter)")
+    serve.add_argument("--mode", choices=MODES, default=None, help="shared (default) or per_head")
+    serve.add_argument("--per-head-cap", type=float, default=None,
+                       help="per_head: a KV head keeps at most this multiple of the mean budget (default 1.5)")
+    serve.add_argument("--attention", choices=ATTENTION, default=None,
+                       help="platform, triton or torch (default auto: see README, engine settings)")
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
 
     demo = sub.add_parser("demo", help="ask one clip every listening-suite question at several retentions "

@@ -192,6 +192,16 @@ def test_serve_command(capsys):
     assert "--no-enable-prefix-caching" in cmd and cmd[-2:] == ["--port", "8001"]
 
 
+def test_serve_passes_mode_and_attention(capsys):
+    from headrouter_vllm.cli import main
+
+    assert main(["serve", "/models/m", "--mode", "per_head", "--attention", "torch", "--per-head-cap", "2",
+                 "--print-command"]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    section = json.loads(cmd[cmd.index("--additional-config") + 1])["headrouter"]
+    assert (section["mode"], section["attention"], section["per_head_cap"]) == ("per_head", "torch", 2.0)
+
+
 def test_serve_rejects_bad_settings_before_starting(capsys):
     from headrouter_vllm.cli import main
 
@@ -201,13 +211,14 @@ def test_serve_rejects_bad_settings_before_starting(capsys):
     assert "retention must be in (0, 1]" in capsys.readouterr().err
 
 
-def test_dockerfile_entrypoint_builds_a_server_command(capsys):
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfile_entrypoint_builds_a_server_command(capsys, name):
     """No container engine here: check the command line the image runs."""
     from pathlib import Path
 
     from headrouter_vllm.cli import main
 
-    dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text()
+    dockerfile = (Path(__file__).parents[1] / name).read_text()
     entry = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT")).split(" ", 1)[1])
     assert entry[0] == "headrouter-vllm" and "headrouter-vllm = headrouter_vllm.cli:main" in (
         Path(__file__).parents[1] / "setup.py").read_text()

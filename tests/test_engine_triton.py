@@ -39,6 +39,10 @@ ENGINES = {  # (engine settings, cases, phases)
     "torch": (dict(headrouter={"attention": "torch"}), NAMES, ["batch"]),
     "torch_per_head": (dict(headrouter={"attention": "torch", "mode": "per_head", "profiles": "<per-head profiles>"},
                             poison=math.nan), ROUTED, PHASES),
+    "torch_per_head_chunked": (dict(headrouter={"attention": "torch", "mode": "per_head",
+                                                "profiles": "<per-head profiles>"},
+                                    enable_chunked_prefill=True, max_num_batched_tokens=64, poison=math.nan),
+                               ROUTED, ["batch"]),
     "cpu_fp16": (dict(headrouter={}, dtype="float16"), FP16_NAMES, ["single"]),
     "triton_fp16": (dict(headrouter=TRITON, dtype="float16"), FP16_NAMES, ["single"]),
 }
@@ -136,8 +140,9 @@ def hf_per_head(tiny_model, speech):
 PER_HEAD = [n for n in ROUTED if "similarity" not in n]
 
 
-@pytest.mark.parametrize("mode", ["triton_per_head", "torch_per_head"])
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize(("mode", "phase"), [("triton_per_head", "single"), ("triton_per_head", "batch"),
+                                             ("torch_per_head", "single"), ("torch_per_head", "batch"),
+                                             ("torch_per_head_chunked", "batch")])
 @pytest.mark.parametrize("name", PER_HEAD)
 def test_per_head_equals_hf_reference(engine, hf_per_head, mode, name, phase):
     """per_head mode: every KV head keeps the HF reference's audio tokens for that head (budgets proportional to
