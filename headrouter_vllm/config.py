@@ -119,11 +119,11 @@ class HeadRouterConfig:
         except ProfileError as e:
             raise ConfigError(f"headrouter.profiles: {e}") from None
 
-    def resolved_attention(self) -> str:
-        """``platform``, ``triton`` or ``torch`` (see ``attention``)."""
+    def resolved_attention(self, on_cuda: bool = False) -> str:
+        """``platform``, ``triton`` or ``torch`` (see ``attention``) on this machine."""
         if self.attention != "auto":
             return self.attention
-        return environment().attention or "platform"
+        return environment().attention or ("triton" if on_cuda else "platform")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> HeadRouterConfig:

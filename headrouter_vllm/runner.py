@@ -173,6 +173,8 @@ class HeadRouterRunnerMixin:
         rows.span_start[:num_reqs].copy_(span_start, non_blocking=True)
         rows.span_slots[:num_reqs].copy_(span_slots, non_blocking=True)
         rows.kept[:num_reqs].copy_(kept, non_blocking=True)
+        # rows past this batch may hold a finished request's skip: a later, larger batch must not read it
+        rows.span_slots[num_reqs:].zero_()
         self._hr_rows_set = bool(self.hr_sparse)
 
     def _shift_shortened(self, req_ids, num_scheduled_tokens) -> None:

@@ -10,6 +10,7 @@ request at a time and all together as one mixed batch; chunked prefill and fp16 
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -180,3 +181,44 @@ def test_fp16_follows_the_cpu_path(engine, name):
 def test_block_pool_returns_to_start(engine, mode):
     result = engine(mode)
     assert result["free_at_end"] == result["free_at_start"]
+
+
+def test_a_finished_per_head_request_leaves_no_skip_behind(tiny_model, speech, profiles_file):
+    """A per_head request finishes while another one runs on; a request that then takes its old batch row must not
+    inherit its per-head skip (the backend reads each row's skip from the runner's persistent buffers)."""
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm.api.options import route_args
+    from tests.test_engine import PROMPTS
+
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"audio": 1},
+              additional_config={"headrouter": {"retention": 1.0, "attention": "torch", "mode": "per_head",
+                                                "profiles": profiles_file}})
+    engine = llm.llm_engine
+
+    def audio(clip):
+        return {"prompt": PROMPTS[clip], "multi_modal_data": {"audio": (speech[clip], 16000)}}
+
+    def greedy(tokens, retention=None):
+        return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True,
+                              extra_args=None if retention is None else route_args(retention=retention))
+
+    alone = list(llm.generate(audio("long"), greedy(12), use_tqdm=False)[0].outputs[0].token_ids)
+    finished = {}
+
+    def run_until(done):
+        while not done():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id.split("-")[0]] = list(out.outputs[0].token_ids)
+
+    engine.add_request("stayer", audio("short"), greedy(60))  # batch row 0
+    engine.add_request("pruned", audio("long"), greedy(4, retention=0.3))  # row 1, per_head
+    run_until(lambda: "pruned" in finished)
+    engine.step()  # the stayer alone
+    engine.add_request("joiner", audio("long"), greedy(12))  # takes row 1 again; not routed
+    run_until(lambda: not engine.has_unfinished_requests())
+    assert finished["joiner"] == alone
+    del llm
+    gc.collect()

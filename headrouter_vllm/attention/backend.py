@@ -89,11 +89,13 @@ class HeadRouterAttentionMetadataBuilder(AttentionMetadataBuilder[HeadRouterAtte
 def _configured_attention() -> str:
     """``torch`` or ``triton``: which operations this engine's HeadRouter config asks the backend for."""
     from vllm.config import get_current_vllm_config
+    from vllm.platforms import current_platform
 
     from headrouter_vllm.config import HeadRouterConfig
 
     config = HeadRouterConfig.from_vllm_config(get_current_vllm_config())
-    return "torch" if config is not None and config.resolved_attention() == "torch" else "triton"
+    on_cuda = current_platform.is_cuda()
+    return "torch" if config is not None and config.resolved_attention(on_cuda) == "torch" else "triton"
 
 
 class HeadRouterAttentionImpl(AttentionImpl):
