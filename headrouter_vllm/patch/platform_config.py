@@ -66,26 +66,23 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     if getattr(parallel, "enable_dbo", False):
         raise ConfigError("HeadRouter does not support dual-batch overlap (--enable-dbo) yet")
     attention = config.resolved_attention(on_cuda)
+    if on_cuda and attention == "platform":
+        # the GPU runner reads and moves KV only in vLLM's standard layout, through HeadRouter's backend
+        raise ConfigError("headrouter.attention 'platform' is CPU only: on a GPU HeadRouter serves with its own "
+                          "attention backend ('auto' or 'triton')")
     if attention != "platform":
         block_size = getattr(vllm_config.cache_config, "block_size", None)
         if block_size is not None and not (block_size >= 16 and block_size & (block_size - 1) == 0):
             raise ConfigError(f"HeadRouter's attention backend needs a block size that is a power of two >= 16, "
                               f"got --block-size {block_size}")
-    if on_cuda:
-        # the GPU runner reads and moves KV only in vLLM's standard layout, through HeadRouter's backend
-        if attention == "platform":
-            raise ConfigError("headrouter.attention 'platform' is CPU only: on a GPU HeadRouter serves with its "
-                              "own attention backend ('auto' or 'triton')")
-        select_headrouter_attention(vllm_config, attention)
-        if getattr(sched, "async_scheduling", False):
-            # our scheduler frees a routed request's tail blocks after its prompt step's output: synchronous
-            sched.async_scheduling = False
-            logger.warning("HeadRouter turns vLLM's async scheduling off")
-    elif attention in ("triton", "torch"):
         select_headrouter_attention(vllm_config, attention)
     elif config.mode == "per_head":
         raise ConfigError("headrouter.mode 'per_head' needs attention 'torch' or 'triton' (HeadRouter's backend; "
                           "vLLM's CPU attention cannot skip each head's pruned slots)")
+    if on_cuda and getattr(sched, "async_scheduling", False):
+        # our scheduler frees a routed request's tail blocks after its prompt step's output: synchronous
+        sched.async_scheduling = False
+        logger.warning("HeadRouter turns vLLM's async scheduling off")
     if vllm_config.cache_config.enable_prefix_caching:
         vllm_config.cache_config.enable_prefix_caching = False
         logger.warning("HeadRouter rewrites routed requests' KV blocks: prefix caching is turned off")
