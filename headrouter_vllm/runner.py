@@ -394,6 +394,12 @@ class HeadRouterRunnerMixin:
         computed = item.computed + item.num_tokens
         if self.hr_kernels is None:
             src, dst = compaction_moves(plan, kept, computed)
+        else:  # the compact_kv arguments but the block table, once for every layer
+            kept_slots, counts = self._region_slots(item.state)
+            int32 = dict(dtype=torch.int32, device=self.device)
+            first, region_len = plan.spans[0].start, plan.probe_start - plan.spans[0].start
+            region_args = (torch.tensor([first], **int32), torch.tensor([region_len], **int32),
+                           torch.tensor([computed], **int32), kept_slots.to(self.device))
         vacated = torch.arange(computed - plan.removed, computed)
         seen = set()
         row = self.input_batch.req_id_to_index.get(item.req_id)
@@ -401,6 +407,8 @@ class HeadRouterRunnerMixin:
             block_size = group.kv_cache_spec.block_size
             block_ids = state.block_ids[group_id]
             table = torch.tensor(block_ids, dtype=torch.int64)
+            if self.hr_kernels is not None:
+                paged_args = (table.to(dtype=torch.int32, device=self.device)[None], *region_args)
             for name in group.layer_names:
                 layer = self.compilation_config.static_forward_context[name]
                 kv = layer.kv_cache
@@ -408,7 +416,7 @@ class HeadRouterRunnerMixin:
                     continue
                 seen.add(kv.data_ptr())
                 if self.hr_kernels is not None:
-                    self._compact_paged(layer, kv, block_size, table, item.state, computed, vacated)
+                    self._compact_paged(layer, kv, block_size, paged_args, table, plan, counts, vacated)
                     continue
                 pages = CpuKvPages(kv, layer.isa, layer.impl.kv_cache_dtype)
                 if pages.block_size != block_size:
@@ -430,50 +438,46 @@ class HeadRouterRunnerMixin:
         if plan.mode == "per_head":
             first = plan.spans[0].start
             region_slots = plan.probe_start - first - plan.removed
-            self.hr_sparse[item.req_id] = (first, region_slots, self._region_slots(item.state)[1])
+            self.hr_sparse[item.req_id] = (first, region_slots, counts)
 
-    @staticmethod
-    def _region_slots(state: RouteState) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per KV head, the surviving slots of the region from the first audio span to the end of the last (its
-        kept audio and the text between spans, ascending), and their counts ``[Hkv]`` (int32). Shared mode: the
-        same slots for every head."""
+    def _region_slots(self, state: RouteState) -> tuple[torch.Tensor, torch.Tensor]:
+        """``compact_kv``'s kept slots ``[1, Hkv, region slots]`` (int32, -1 padded): per KV head, the surviving
+        slots of the region from the first audio span to the end of the last (its kept audio and the text between
+        spans, ascending; the same for every head in shared mode), and their counts ``[Hkv]`` (int32)."""
         plan = state.plan
         first, region_end = plan.spans[0].start, plan.probe_start
         between = torch.ones(region_end - first, dtype=torch.bool)
         for sp in plan.spans:
             between[sp.start - first:sp.end - first] = False
         text = torch.nonzero(between).flatten() + first
-        heads = state.kept_per_head if state.kept_per_head is not None else [state.kept]
-        slots = [torch.cat([kept, text]).sort().values for kept in heads]
-        return slots, torch.tensor([len(x) for x in slots], dtype=torch.int32)
+        num_kv_heads = self.hr_route_rows.kept.shape[1]
+        heads = state.kept_per_head if state.kept_per_head is not None else [state.kept] * num_kv_heads
+        kept_slots = torch.full((1, num_kv_heads, region_end - first - plan.removed), -1, dtype=torch.int32)
+        counts = torch.empty(num_kv_heads, dtype=torch.int32)
+        for g, kept in enumerate(heads):
+            slots = torch.cat([kept, text]).sort().values
+            kept_slots[0, g, :slots.numel()] = slots
+            counts[g] = slots.numel()
+        return kept_slots, counts
 
-    def _compact_paged(self, layer, kv_cache, block_size: int, table: torch.Tensor, state: RouteState,
-                       computed: int, vacated: torch.Tensor) -> None:
-        """Compaction on HeadRouter's backend: the ``compact_kv`` kernel, with the region from the first audio span
-        to the end of the last as its span and each KV head's surviving slots in it as its kept slots (the same
-        for every head in shared mode). The suffix moves to the region's start + its slots after compaction."""
+    def _compact_paged(self, layer, kv_cache, block_size: int, args: tuple, table: torch.Tensor, plan: RoutePlan,
+                       counts: torch.Tensor, vacated: torch.Tensor) -> None:
+        """Compaction on HeadRouter's backend: the ``compact_kv`` kernel (``args``: its block table, span, length and
+        kept-slot arguments, from :meth:`_region_slots`), with the region from the first audio span to the end of
+        the last as its span and each KV head's surviving slots in it as its kept slots. The suffix moves to the
+        region's start + its slots after compaction."""
         key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
         if key_cache.shape[1] != block_size:
             raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
-        plan = state.plan
-        first, region_len = plan.spans[0].start, plan.probe_start - plan.spans[0].start
-        region_slots = region_len - plan.removed
-        heads, counts = self._region_slots(state)
-        num_kv_heads = key_cache.shape[2]
-        kept_slots = torch.full((1, num_kv_heads, region_slots), -1, dtype=torch.int32)
-        for g in range(num_kv_heads):
-            head = heads[g if len(heads) > 1 else 0]
-            kept_slots[0, g, :head.numel()] = head
-        device = key_cache.device
-        int32 = dict(dtype=torch.int32, device=device)
-        self.hr_kernels.compact_kv(key_cache, value_cache, table.to(**int32)[None], torch.tensor([first], **int32),
-                                   torch.tensor([region_len], **int32), torch.tensor([computed], **int32),
-                                   kept_slots.to(device))
+        self.hr_kernels.compact_kv(key_cache, value_cache, *args)
         if self.hr_poison is not None:  # tests: vacated slots (incl. the blocks about to be freed), stale head slots
+            first = plan.spans[0].start
+            region_slots = plan.probe_start - first - plan.removed
+            device = key_cache.device
             for cache in (key_cache, value_cache):
                 cache[table[vacated // block_size].to(device), (vacated % block_size).to(device)] = self.hr_poison
-                if len(heads) > 1:
-                    for g in range(num_kv_heads):
+                if plan.mode == "per_head":
+                    for g in range(key_cache.shape[2]):
                         stale = torch.arange(first + int(counts[g]), first + region_slots)
                         cache[table[stale // block_size].to(device), (stale % block_size).to(device), g] = \
                             self.hr_poison
