@@ -12,6 +12,7 @@ import collections
 import dataclasses
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
 from headrouter_vllm.api.options import parse_route_options
@@ -64,7 +65,7 @@ class HeadRouterScheduler(Scheduler):
         # per-request report, returned with the request's final output (``kv_transfer_params["headrouter"]``,
         # which the HTTP middleware moves into ``usage.headrouter`` and the front end counts: metrics.py)
         self._hr_usage: dict[str, dict] = {}
-        self._hr_finished_usage: dict[str, dict] = {}
+        self._hr_finished_usage: dict[str, tuple[int, dict]] = {}  # request id -> (client index, report)
         wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed)
         logger.info("HeadRouter on: %s", self.hr_config)
 
@@ -142,10 +143,20 @@ class HeadRouterScheduler(Scheduler):
                 self._free_tail(request, keep_tokens)
         for engine_outputs in outputs.values():
             for out in engine_outputs.outputs:
-                usage = self._hr_finished_usage.pop(out.request_id, None)
+                _, usage = self._hr_finished_usage.pop(out.request_id, (None, None))
                 if usage is not None and out.finish_reason is not None and out.kv_transfer_params is None:
                     out.kv_transfer_params = {"headrouter": usage}
-        self._hr_finished_usage.clear()  # aborted requests: no output to carry it
+        # Requests aborted since the last step (a client gone, or a stop string: vLLM matches those in the front
+        # end and aborts the request here) get no output from vLLM. Their report goes out on an output of its
+        # own, so the front end's metrics count them; vLLM's output processor skips outputs of requests it no
+        # longer tracks. Aborts free requests and so always cause one more step, this one.
+        for req_id, (client, usage) in self._hr_finished_usage.items():
+            batch = outputs.get(client)
+            if batch is None:
+                batch = outputs[client] = EngineCoreOutputs()
+            batch.outputs.append(EngineCoreOutput(request_id=req_id, new_token_ids=[], finish_reason=FinishReason.ABORT,
+                                                  kv_transfer_params={"headrouter": {**usage, "aborted": True}}))
+        self._hr_finished_usage.clear()
         return outputs
 
     def _free_tail(self, request: Request, keep_tokens: int) -> None:
@@ -180,13 +191,17 @@ class HeadRouterScheduler(Scheduler):
 
     def _free_request(self, request: Request, *args, **kwargs):
         out = super()._free_request(request, *args, **kwargs)
+        routed = request.request_id in self.hr_removed
         self._forget(request.request_id)
         self.hr_plans.pop(request.request_id, None)
         usage = self._hr_usage.pop(request.request_id, None)
         if usage is not None:
+            if usage["task"] is not None and not routed:  # aborted before its prompt step: nothing was pruned
+                usage.update(kept_audio_tokens=usage["audio_tokens"], task=None, policy=None, retention=1.0,
+                             probe_seconds=0.0)
             if usage["probe_seconds"] is not None:
                 usage["probe_seconds"] = round(usage["probe_seconds"], 6)
-            self._hr_finished_usage[request.request_id] = usage
+            self._hr_finished_usage[request.request_id] = (request.client_index, usage)
         return out
 
     # ---- introspection (tests, demo) -------------------------------------------------------------

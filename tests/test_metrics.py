@@ -207,3 +207,36 @@ def test_metrics_endpoint_counts_streaming_and_non_streaming_requests(server, sp
         sum(int(f["audio_tokens"]) for f in fields) + reports[2]["audio_tokens"]
     assert delta["headrouter_kv_blocks_freed_total"] == \
         sum(int(f["blocks_before"]) - int(f["blocks_after"]) for f in fields)
+
+
+def test_requests_ending_on_a_stop_string_or_aborted_are_counted(server, speech):
+    """vLLM gives no final output for these (the front end aborts them in the engine); their reports still count."""
+    import time
+
+    from tests.test_http import audio_message
+
+    options = {"headrouter_task": "asr", "headrouter_retention": "0.5"}
+    full = chat(server, speech["long"], metadata=options)
+    report = full.usage.model_extra["headrouter"]
+    start = scrape(server)
+    long_answer = dict(model=MODEL_NAME, messages=audio_message(speech["long"]), temperature=0, max_tokens=400,
+                       metadata=options, extra_body={"ignore_eos": True})
+    # greedy, so the answer starts as before: a stop on its first character ends it after one token
+    stopped = server["client"].chat.completions.create(stop=[full.choices[0].message.content[:1]], **long_answer)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens < 400
+    stream = server["client"].chat.completions.create(stream=True, **long_answer)
+    next(iter(stream))  # the first chunk comes after the prompt step; then the client goes away
+    stream.close()
+    deadline, delta = time.time() + 30, {}
+    while time.time() < deadline:
+        end = scrape(server)
+        delta = {name: end[(name, ())] - start[(name, ())] for name in COUNTERS}
+        if delta["headrouter_audio_requests_total"] >= 2:
+            break
+        time.sleep(0.2)
+    assert delta["headrouter_audio_requests_total"] == 2
+    assert delta["headrouter_audio_tokens_seen_total"] == 2 * report["audio_tokens"]
+    assert delta["headrouter_audio_tokens_kept_total"] == 2 * report["kept_audio_tokens"]
+    assert delta["headrouter_kv_blocks_freed_total"] == 2 * report["kv_blocks_freed"]
+    assert routed(end, "asr", "headrouter") - routed(start, "asr", "headrouter") == 2
+    assert chat(server, speech["short"]).choices[0].finish_reason == "length"  # and the server still serves

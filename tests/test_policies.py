@@ -286,3 +286,79 @@ def test_coverage_spreads_over_every_window_and_leans_to_the_mass():
     assert select_coverage(spiky, 60, segments=8).numel() == 60
     # no mass at all: evenly spread by length
     assert select_coverage(torch.zeros(40), 8, segments=8).tolist() == list(range(2, 40, 5))
+
+
+def test_coverage_floor_one_is_exactly_uniform():
+    from headrouter_vllm.routing.select import select_coverage
+
+    score = torch.rand(301, generator=torch.Generator().manual_seed(3))
+    for keep in (1, 17, 90, 301):
+        assert torch.equal(select_coverage(score, keep, segments=8, floor=1.0), uniform_indices(301, keep))
+
+
+@pytest.mark.parametrize("bad", [dict(segments=0), dict(segments=2.5), dict(segments=True), dict(floor=-0.1),
+                                 dict(floor=1.5)], ids=["segments0", "segments_float", "segments_bool",
+                                                        "floor_negative", "floor_above_1"])
+def test_coverage_settings_are_checked(bad):
+    from headrouter_vllm.routing.select import Coverage
+
+    with pytest.raises(ValueError, match="coverage"):
+        Coverage(**bad)
+
+
+def test_coverage_mix_follows_the_routed_groups():
+    from headrouter_vllm.routing.select import Coverage
+
+    by_group = {"semantic": Coverage(16, 0.25), "acoustic": Coverage(4, 1.0), "mixed": Coverage(8, 0.5)}
+    assert Coverage.mix(by_group, {"semantic": 1.0, "acoustic": 0.0, "mixed": 0.0}) == Coverage(16, 0.25)
+    mixed = Coverage.mix(by_group, {"semantic": 0.25, "acoustic": 0.75, "mixed": 0.0})
+    assert mixed.segments == 4 and mixed.floor == pytest.approx(0.8125)
+
+
+def test_coverage_policy_reads_its_settings_from_the_profile_file(tmp_path):
+    from headrouter_vllm.routing.select import Coverage
+
+    probe = make_probe(120, seed=5)
+    scores = probe.head_scores.clone()
+    scores[:, :30] *= 20  # the mass sits in the first quarter
+    probe = dataclasses.replace(probe, head_scores=scores)
+    settings = RouteSettings(policy="coverage", task="asr")
+    as_uniform = dataclasses.replace(make_profiles(), coverage={g: Coverage(8, 1.0) for g in GROUPS})
+    assert torch.equal(select(probe, 40, settings, as_uniform).kept, uniform_indices(120, 40))
+    by_mass = dataclasses.replace(make_profiles(), coverage={g: Coverage(8, 0.0) for g in GROUPS})
+    assert not torch.equal(select(probe, 40, settings, by_mass).kept, uniform_indices(120, 40))
+    # round trip through the file, and no coverage section at all stays readable (older files)
+    path = tmp_path / "p.json"
+    by_mass.save(path)
+    assert ProfileSet.load(path).coverage == by_mass.coverage
+    make_profiles().save(path)
+    assert ProfileSet.load(path).coverage == {}
+
+
+@pytest.mark.parametrize("coverage,match", [
+    ({"semantic": {"segments": 8, "floor": 0.5}}, "every group"),
+    ({g: {"segments": 8, "floor": 2.0} for g in GROUPS}, "floor"),
+    ({g: {"segments": "8", "floor": 0.5} for g in GROUPS}, "segments"),
+    ({g: {"segments": 8, "floor": 0.5, "window": 3} for g in GROUPS}, "must be"),
+    ([1, 2], "every group"),
+], ids=["missing_group", "floor_2", "segments_str", "unknown_key", "list"])
+def test_malformed_coverage_section_is_a_profile_error(coverage, match):
+    data = make_profiles().to_json()
+    data["coverage"] = coverage
+    with pytest.raises(ProfileError, match=match):
+        ProfileSet.from_json(data)
+
+
+def test_coverage_tuning_choice_prefers_accuracy_then_the_uniform_side():
+    from headrouter_vllm.benchmarks.quality.tune import choose, parse_grid
+    from headrouter_vllm.routing.select import Coverage
+
+    grid = parse_grid([0.25, 1.0], [4, 8])
+    assert grid == [Coverage(4, 0.25), Coverage(8, 0.25), Coverage(1, 1.0)]
+    accuracy = {Coverage(4, 0.25): {"semantic": 80.0, "acoustic": 90.0, "all": 85.0},
+                Coverage(8, 0.25): {"semantic": 82.0, "acoustic": 88.0, "all": 85.0},
+                Coverage(1, 1.0): {"semantic": 70.0, "acoustic": 90.0, "all": 85.0}}
+    chosen = choose(accuracy)
+    assert chosen["semantic"] == Coverage(8, 0.25)
+    assert chosen["acoustic"] == Coverage(1, 1.0)  # a tie goes to the larger floor
+    assert chosen["mixed"] == Coverage(1, 1.0)

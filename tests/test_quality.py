@@ -43,3 +43,22 @@ def test_summary_per_task_and_group():
     assert row["kept_fraction"] == 0.5
     assert row["mean_lo"] < 75.0 < row["mean_hi"]
     assert "| m | uniform | 0.5 |" in report.markdown([row])
+
+
+def test_paired_difference_against_uniform():
+    def answer(clip, task, method, correct):
+        return Answer(clip, task, method, 0.3, "", correct, 100, 30)
+
+    answers = []
+    for i in range(40):  # digits: coverage right on every question, uniform on half of them
+        answers += [answer(f"c{i}", "digits", "coverage", True), answer(f"c{i}", "digits", "uniform", i % 2 == 0)]
+        answers += [answer(f"c{i}", "beeps", "coverage", i % 4 != 0), answer(f"c{i}", "beeps", "uniform", True)]
+    answers.append(answer("only-coverage", "digits", "coverage", False))  # unpaired: ignored
+    diff = report.paired_difference(answers, "coverage", 0.3)
+    assert diff["semantic"][0] == pytest.approx(50.0) and diff["semantic"][1] > 0  # above, beyond the interval
+    assert diff["acoustic"][0] == pytest.approx(-25.0) and diff["acoustic"][2] < 0  # below, beyond the interval
+    assert diff["mean"][0] == pytest.approx(12.5)
+    assert report.paired_difference(answers, "coverage", 0.5) == {}
+    rows = report.summarise(answers, "m")
+    table = report.versus_uniform(rows)
+    assert "| m | coverage | 0.3 | +50.0" in table and "**above**" in table and "**below**" in table

@@ -31,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "calibrate the profiles); report on test")
     parser.add_argument("--calibration-clips", type=int, default=40, help="validation clips for the profiles")
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    parser.add_argument("--tune-coverage", action="store_true",
+                        help="before the run, tune the coverage policy's settings per task group on --tune-clips "
+                             "further validation clips (disjoint from calibration and test) and serve them")
+    parser.add_argument("--tune-clips", type=int, default=64, help="validation clips for --tune-coverage")
+    parser.add_argument("--coverage-floors", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="--tune-coverage grid: floor values (1.0 = uniform)")
+    parser.add_argument("--coverage-segments", type=int, nargs="+", default=[4, 8, 16],
+                        help="--tune-coverage grid: window counts")
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
                         help="policy[:named|auto] under after_prompt semantics")
     parser.add_argument("--in-prompt-policies", nargs="*", default=["headrouter:named", "uniform"],
@@ -50,11 +58,10 @@ def _model_dir(name: str, tmp: Path) -> str:
     return str(make_model(name, tmp / name))
 
 
-def calibration_manifest(count: int, folder: Path) -> Path:
+def calibration_manifest(clips: list, folder: Path) -> Path:
     """Validation clips as wav files and a calibrate manifest: one line per (clip, question), task = suite task."""
     from headrouter_vllm.listening import suite
 
-    clips = suite.generate("validation", count)
     suite.save_waves(clips, folder / "clips")
     lines = [json.dumps({"audio": f"clips/{c.id}.wav", "task": task, "group": suite.TASK_GROUPS[task],
                          "question": suite.QUESTIONS[task]}) for c in clips for task in c.answers]
@@ -73,6 +80,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     from headrouter_vllm.benchmarks.quality import report
     from headrouter_vllm.benchmarks.quality.run import methods, run_methods
+    from headrouter_vllm.benchmarks.quality.tune import parse_grid, tune_coverage
     from headrouter_vllm.benchmarks.serving.report import machine, machine_slug
     from headrouter_vllm.calibrate import calibrate
     from headrouter_vllm.listening import suite
@@ -84,10 +92,15 @@ def main(args: argparse.Namespace) -> list[dict]:
                          max_num_batched_tokens=8192)
     info = machine()
     out = Path(args.out) / machine_slug(info) / (args.name or time.strftime("quality-%Y%m%d-%H%M%S"))
-    answers, t0 = [], time.time()
+    # Clip i of a split is the same clip whatever the count, so calibration and tuning clips are disjoint.
+    validation = suite.generate("validation", args.calibration_clips + (args.tune_clips if args.tune_coverage else 0))
+    calibration = [c for c in validation if int(c.id.removeprefix("validation")) < args.calibration_clips]
+    tuning = [c for c in validation if int(c.id.removeprefix("validation")) >= args.calibration_clips]
+    grid = parse_grid(args.coverage_floors, args.coverage_segments)
+    answers, tuned, t0 = [], {}, time.time()
     with tempfile.TemporaryDirectory(prefix="headrouter-quality-") as tmp:
         tmp = Path(tmp)
-        manifest = calibration_manifest(args.calibration_clips, tmp / "calibration")
+        manifest = calibration_manifest(calibration, tmp / "calibration")
         engines = sorted({m.engine for m in chosen})
         progress = tqdm(total=len(clips) * len(engines) * len(args.models), desc="clips x engines", unit="clip")
         for name in args.models:
@@ -95,6 +108,11 @@ def main(args: argparse.Namespace) -> list[dict]:
             label = Path(name).name
             profiles = tmp / f"{label}-profiles.json"
             calibrate(model, manifest, profiles)
+            if args.tune_coverage:
+                with tqdm(total=len(grid), desc=f"tuning coverage ({label})", unit="point") as bar:
+                    tuned[label] = tune_coverage(model, tuning, profiles, args.retentions, grid, engine_kwargs,
+                                                 tmp, progress=bar)
+                print(f"{label}: coverage settings tuned on {len(tuning)} validation clips: {tuned[label]['chosen']}")
             for semantics, mode in engines:
                 mine = [m for m in chosen if m.engine == (semantics, mode)]
                 for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs, progress=progress,
@@ -107,8 +125,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
     meta = {"command": command, "machine": info, "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
-            "methods": [m.label for m in chosen]}
+            "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {})}
     report.write(out, rows, answers, meta)
     print(report.markdown(rows))
+    print(report.versus_uniform(rows))
     print(f"\nwrote {out}")
     return rows

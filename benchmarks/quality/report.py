@@ -41,6 +41,28 @@ GROUPS = {"semantic": [t for t, g in TASK_GROUPS.items() if g == "semantic"],
           "mean": list(TASK_GROUPS)}
 
 
+def paired_difference(answers: list, method: str, retention: float, base: str = "uniform") -> dict[str, tuple]:
+    """Accuracy of ``method`` minus ``base`` at ``retention`` on the same questions, per group, with a normal 95%
+    interval of the paired differences (each task's mean difference and its standard error; the group is the
+    unweighted mean of its tasks). Empty when ``base`` did not run at ``retention``."""
+    mine = {(a.clip, a.task): a.correct for a in answers if a.method == method and a.retention == retention}
+    theirs = {(a.clip, a.task): a.correct for a in answers if a.method == base and a.retention == retention}
+    per_task: dict[str, list[int]] = collections.defaultdict(list)
+    for key in mine.keys() & theirs.keys():
+        per_task[key[1]].append(int(mine[key]) - int(theirs[key]))
+    out = {}
+    for group, tasks in GROUPS.items():
+        diffs = [per_task[t] for t in tasks if per_task.get(t)]
+        if not diffs:
+            continue
+        means = [sum(d) / len(d) for d in diffs]
+        var = sum(sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d)
+                  for d, m in zip(diffs, means, strict=True)) / len(diffs) ** 2
+        mean, half = sum(means) / len(diffs), Z95 * math.sqrt(var)
+        out[group] = (100 * mean, 100 * (mean - half), 100 * (mean + half))
+    return out
+
+
 def summarise(answers: list, model: str) -> list[dict]:
     """One row per (method, retention): accuracy per task and group with intervals, audio kept."""
     cells: dict[tuple[str, float], dict[str, list[int]]] = collections.defaultdict(
@@ -63,6 +85,10 @@ def summarise(answers: list, model: str) -> list[dict]:
         for group, tasks in GROUPS.items():
             acc, lo, hi = group_mean(per_task, tasks)
             row.update({group: round(acc, 2), f"{group}_lo": round(lo, 2), f"{group}_hi": round(hi, 2)})
+        if method != "uniform" and retention < 1.0:
+            for group, (d, lo, hi) in paired_difference(answers, method, retention).items():
+                row.update({f"{group}_vs_uniform": round(d, 2), f"{group}_vs_uniform_lo": round(lo, 2),
+                            f"{group}_vs_uniform_hi": round(hi, 2)})
         rows.append(row)
     rows.sort(key=lambda r: (r["model"], -r["retention"], r["method"]))
     return rows
@@ -80,6 +106,38 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def versus_uniform(rows: list[dict]) -> str:
+    """Markdown: each pruned method minus uniform on the same questions, per group, paired 95% intervals; a cell
+    is marked below / above when the whole interval is."""
+    head = ["model", "method", "r", "semantic", "acoustic", "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "mean_vs_uniform" not in r:
+            continue
+        cells = [r["model"], r["method"], f"{r['retention']:.1f}"]
+        for group in ("semantic", "acoustic", "mean"):
+            d, lo, hi = (r.get(f"{group}_vs_uniform{k}", math.nan) for k in ("", "_lo", "_hi"))
+            mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
+            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def tuning(meta: dict) -> str:
+    """Markdown: the coverage settings tuned on validation clips, per model, with the grid's accuracies."""
+    if not meta.get("coverage_tuning"):
+        return ""
+    parts = ["\n## Coverage settings tuned on validation clips\n"]
+    for model, record in meta["coverage_tuning"].items():
+        chosen = ", ".join(f"{g}: {c['segments']} windows, floor {c['floor']}" for g, c in record["chosen"].items())
+        parts += [f"**{model}** ({record['clips']} clips, r = {record['retentions']}): {chosen}\n",
+                  "| segments | floor | semantic | acoustic | all |", "|---|---|---|---|---|"]
+        parts += [f"| {p['segments']} | {p['floor']} | {p.get('semantic', math.nan):.1f} | "
+                  f"{p.get('acoustic', math.nan):.1f} | {p['all']:.1f} |" for p in record["grid"]]
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
 def write(out: Path, rows: list[dict], answers: list, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "summary.csv", "w", newline="") as f:
@@ -91,8 +149,10 @@ def write(out: Path, rows: list[dict], answers: list, meta: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(answers[0])])
         writer.writeheader()
         writer.writerows(dataclasses.asdict(a) for a in answers)
+    versus = versus_uniform(rows)
+    versus = f"\n## Minus uniform on the same questions (paired 95% intervals)\n\n{versus}\n" if versus else ""
     (out / "summary.md").write_text(f"# Listening-suite accuracy vs retention\n\nCommand: `{meta['command']}`\n\n"
-                                    f"Machine: {meta['machine']}\n\n{markdown(rows)}\n")
+                                    f"Machine: {meta['machine']}\n\n{markdown(rows)}\n{versus}{tuning(meta)}")
     plot(out, rows)
 
 

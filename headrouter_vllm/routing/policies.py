@@ -8,7 +8,7 @@ the offline references call the same :func:`select`.
 |---|---|---|---|
 | ``headrouter`` | mean attention of the rows after the audio | yes | routed from profiles (uniform without) |
 | ``oracle`` | as headrouter | yes | the true task's group profile (no input routing) |
-| ``coverage`` | as headrouter, then spread: window budgets from the routed mass, evenly spaced inside | yes | routed |
+| ``coverage`` | as headrouter, then spread over windows (settings per group: profile file) | yes | routed |
 | ``fastv`` | the last prompt row's attention | no | uniform |
 | ``random`` | seeded permutation | - | - |
 | ``uniform`` | evenly spaced tokens | - | - |
@@ -26,7 +26,7 @@ from headrouter_vllm.routing.budgets import per_head_budgets
 from headrouter_vllm.routing.profiles import ProfileSet
 from headrouter_vllm.routing.router import route
 from headrouter_vllm.routing.scores import calibrated_position_prior, debias, fallback_position_prior, selectivity
-from headrouter_vllm.routing.select import select_coverage, select_per_head, select_shared
+from headrouter_vllm.routing.select import Coverage, select_coverage, select_per_head, select_shared, uniform_indices
 from headrouter_vllm.routing.tasks import BUILTIN_TASKS, GROUPS, group_prior, task_prior
 
 POLICIES = ("headrouter", "oracle", "coverage", "fastv", "random", "uniform", "similarity")
@@ -84,11 +84,6 @@ def select(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Profi
     return Selection(_dissimilar(probe, keep))
 
 
-def uniform_indices(n: int, keep: int) -> torch.Tensor:
-    """``keep`` evenly spaced indices in ``[0, n)``: the centre of each of ``keep`` equal segments."""
-    return ((torch.arange(keep, dtype=torch.float64) + 0.5) * n / keep).floor().long().clamp_max(n - 1)
-
-
 def _routed(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: ProfileSet | None) -> Selection:
     n = probe.head_scores.shape[-1]
     if profiles is not None and profiles.position_prior is not None:
@@ -111,8 +106,11 @@ def _routed(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Prof
         if settings.mode != "shared":
             raise ValueError("policy 'coverage' has no per-head mode; use mode 'shared'")
         w = weights if weights is not None else torch.full((scores.shape[0],), 1.0 / scores.shape[0])
-        return Selection(select_coverage((w.float()[:, None] * scores.float()).sum(dim=0), keep),
-                         head_weights=weights, alpha=alpha)
+        params = Coverage()
+        if profiles is not None and profiles.coverage:
+            params = Coverage.mix(profiles.coverage, alpha or {})
+        kept = select_coverage((w.float()[:, None] * scores.float()).sum(dim=0), keep, params.segments, params.floor)
+        return Selection(kept, head_weights=weights, alpha=alpha)
     if settings.mode == "shared":
         kept, margin = select_shared(scores, keep, weights)
         return Selection(kept, head_weights=weights, alpha=alpha, margin=margin)

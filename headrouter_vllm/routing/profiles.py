@@ -8,6 +8,8 @@
  "profiles": {"semantic": {"prototype": [...], "weights": [...]}, "acoustic": {...}, "mixed": {...}},
  "position_prior": [[...], ...],            // [num_heads][bins], or null
  "tasks": {"asr": {"semantic": 0.8, "acoustic": 0.1, "mixed": 0.1}, ...},
+ "coverage": {"semantic": {"segments": 8, "floor": 0.25}, ...},  // optional, per group (policy coverage);
+                                            // written by `headrouter-vllm quality --tune-coverage`
  "calibration": {...}}                      // free-form provenance
 ```
 """
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from headrouter_vllm.routing.router import Profile
+from headrouter_vllm.routing.select import Coverage
 from headrouter_vllm.routing.tasks import GROUPS
 
 FORMAT = "headrouter-profiles"
@@ -58,6 +61,7 @@ class ProfileSet:
     position_prior: torch.Tensor | None  # [Hq, bins]
     tasks: dict[str, dict[str, float]]
     calibration: dict = dataclasses.field(default_factory=dict)
+    coverage: dict[str, Coverage] = dataclasses.field(default_factory=dict)  # per group; empty: Coverage()
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks)
@@ -75,7 +79,8 @@ class ProfileSet:
                 "profiles": {g: {"prototype": p.prototype.tolist(), "weights": p.weights.tolist()}
                              for g, p in self.profiles.items()},
                 "position_prior": None if self.position_prior is None else self.position_prior.tolist(),
-                "tasks": self.tasks, "calibration": self.calibration}
+                "tasks": self.tasks, "calibration": self.calibration,
+                **({"coverage": {g: dataclasses.asdict(c) for g, c in self.coverage.items()}} if self.coverage else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -124,7 +129,9 @@ class ProfileSet:
             tau = float(data["tau"])
             if not tau > 0:
                 raise ProfileError("tau must be positive")
-            return cls(model, int(data["probe_layer"]), tau, profiles, prior_t, tasks, data.get("calibration", {}))
+            coverage = _coverage(data.get("coverage"))
+            return cls(model, int(data["probe_layer"]), tau, profiles, prior_t, tasks, data.get("calibration", {}),
+                       coverage)
         except (KeyError, TypeError) as e:
             raise ProfileError(f"missing or malformed field: {e}") from None
 
@@ -134,3 +141,19 @@ def _vector(values: Any, n: int, name: str) -> torch.Tensor:
     if t.shape != (n,) or not bool(torch.isfinite(t).all()):
         raise ProfileError(f"{name} must be {n} finite numbers")
     return t
+
+
+def _coverage(data: Any) -> dict[str, Coverage]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or set(data) != set(GROUPS):
+        raise ProfileError(f"coverage must give settings for every group {GROUPS}")
+    out = {}
+    for group, entry in data.items():
+        if not isinstance(entry, dict) or set(entry) - {"segments", "floor"}:
+            raise ProfileError(f"coverage.{group} must be {{\"segments\": int, \"floor\": number}}")
+        try:
+            out[group] = Coverage(**entry)
+        except (TypeError, ValueError) as e:
+            raise ProfileError(f"coverage.{group}: {e}") from None
+    return out

@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """Settings of :func:`select_coverage`. ``floor`` 1.0 spreads by length only (exactly ``uniform``); 0.0 spreads
+    by the score mass only. The profile file holds one per task group, tuned on validation clips."""
+
+    segments: int = 8
+    floor: float = 0.5
+
+    def __post_init__(self):
+        if not isinstance(self.segments, int) or isinstance(self.segments, bool) or self.segments < 1:
+            raise ValueError(f"coverage segments must be a positive integer, got {self.segments!r}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"coverage floor must be in [0, 1], got {self.floor!r}")
+
+    @staticmethod
+    def mix(by_group: dict[str, Coverage], alpha: dict[str, float]) -> Coverage:
+        """The routed mixture: floor is alpha-weighted, segments come from the group with the largest weight."""
+        total = sum(alpha.get(g, 0.0) for g in by_group) or 1.0
+        floor = sum(alpha.get(g, 0.0) * c.floor for g, c in by_group.items()) / total
+        top = max(by_group, key=lambda g: alpha.get(g, 0.0))
+        return Coverage(by_group[top].segments, min(1.0, max(0.0, floor)))
 
 
 def select_shared(head_scores: torch.Tensor, keep: int,
@@ -41,6 +66,8 @@ def select_coverage(score: torch.Tensor, keep: int, segments: int = 8, floor: fl
     n = score.numel()
     if not 1 <= keep <= n:
         raise ValueError(f"keep must be in [1, {n}], got {keep}")
+    if floor >= 1.0:  # spread by length alone: every-k-th token
+        return uniform_indices(n, keep)
     segments = max(1, min(segments, keep))
     edges = torch.linspace(0, n, segments + 1, dtype=torch.float64).round().long()
     lengths = edges[1:] - edges[:-1]
@@ -56,6 +83,11 @@ def select_coverage(score: torch.Tensor, keep: int, segments: int = 8, floor: fl
     kept = [edges[i] + ((torch.arange(int(b), dtype=torch.float64) + 0.5) * int(lengths[i]) / int(b)).floor().long()
             for i, b in enumerate(budgets.tolist()) if b]
     return torch.cat(kept)
+
+
+def uniform_indices(n: int, keep: int) -> torch.Tensor:
+    """``keep`` evenly spaced indices in ``[0, n)``: the centre of each of ``keep`` equal segments."""
+    return ((torch.arange(keep, dtype=torch.float64) + 0.5) * n / keep).floor().long().clamp_max(n - 1)
 
 
 def select_per_head(head_scores: torch.Tensor, budgets: torch.Tensor, head_weights: torch.Tensor | None = None,
