@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 
-from headrouter_vllm.config import ATTENTION, MODES, SEMANTICS, ConfigError, HeadRouterConfig
+from headrouter_vllm.config import ATTENTION, MODES, PROBE_POINTS, SEMANTICS, ConfigError, HeadRouterConfig
 
 MIDDLEWARE = "headrouter_vllm.api.middleware.HeadRouterMiddleware"
 
@@ -19,7 +19,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS
 
     section = {"retention": args.retention, "semantics": args.semantics, "default_task": args.default_task}
-    for key in ("probe_layer", "profiles", "policy", "mode", "attention", "per_head_cap"):
+    for key in ("probe_layer", "profiles", "policy", "mode", "attention", "per_head_cap", "probe_point"):
         if getattr(args, key) is not None:
             section[key] = getattr(args, key)
     HeadRouterConfig.from_dict(section)  # fail here, before a 30 s server start
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--semantics", choices=SEMANTICS, default=HeadRouterConfig.semantics)
     serve.add_argument("--default-task", default=HeadRouterConfig.default_task)
     serve.add_argument("--probe-layer", type=int, default=None)
+    serve.add_argument("--probe-point", choices=PROBE_POINTS, default=None,
+                       help="where the probe reads attention when a request names none: prompt (the rows after "
+                            "the audio) or first_token (default: the profile file's choice, else prompt)")
     serve.add_argument("--profiles", default=None, help="head-profile file from `headrouter-vllm calibrate`")
     serve.add_argument("--policy", default=None, help="selection policy for requests that name none "
                                                       "(default headrouter)")

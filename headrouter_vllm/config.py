@@ -17,6 +17,7 @@ from typing import Any, Literal
 CONFIG_KEY = "headrouter"
 MODES = ("shared", "per_head")
 SEMANTICS = ("after_prompt", "in_prompt")
+PROBE_POINTS = ("prompt", "first_token")
 ATTENTION = ("auto", "platform", "triton", "torch")
 
 
@@ -43,6 +44,12 @@ class HeadRouterConfig:
             under chunked prefill) or ``in_prompt`` (the text rows after the audio attend only to
             the kept audio from layer ``probe_layer + 1`` on, as in the paper; needs those rows in
             one prefill chunk).
+        probe_point: where the probe reads attention, for requests that name none (``None``: the profile file's
+            choice, written by ``quality --tune-coverage``, else ``prompt``). ``prompt``: the rows after the
+            audio, in the step that finishes the prompt. ``first_token``: the first generated token's row, in the
+            first decode step; in that step the layers above ``probe_layer`` already attend to the kept audio
+            only, and the KV is compacted after it (prompt rows run dense whatever ``semantics`` says; on a
+            ``per_head`` engine such requests run ``shared``).
         default_task: task for requests that name none (``auto`` = routed from the input alone).
         policy: how kept tokens are chosen for requests that name none: ``headrouter`` or a baseline
             (``oracle``, ``fastv``, ``random``, ``uniform``, ``similarity``).
@@ -64,6 +71,7 @@ class HeadRouterConfig:
     per_head_cap: float = 1.5
     probe_layer: int | None = None
     semantics: Literal["after_prompt", "in_prompt"] = "after_prompt"
+    probe_point: Literal["prompt", "first_token"] | None = None
     default_task: str = "auto"
     policy: str = "headrouter"
     profiles: str | None = None
@@ -83,6 +91,13 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.probe_layer must be a non-negative integer, got {self.probe_layer!r}")
         if self.semantics not in SEMANTICS:
             raise ConfigError(f"headrouter.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
+        if self.probe_point is not None and self.probe_point not in PROBE_POINTS:
+            raise ConfigError(f"headrouter.probe_point must be one of {PROBE_POINTS}, got {self.probe_point!r}")
+        if self.probe_point == "first_token" and self.semantics == "in_prompt":
+            raise ConfigError("headrouter.probe_point 'first_token' probes after the prompt: semantics 'in_prompt' "
+                              "(which re-attends the prompt rows) does not apply; use 'after_prompt'")
+        if self.probe_point == "first_token" and self.mode == "per_head":
+            raise ConfigError("headrouter.mode 'per_head' selects at probe_point 'prompt' only")
         from headrouter_vllm.routing.policies import POLICIES
         from headrouter_vllm.routing.tasks import check_task, register_operator_tasks
 
@@ -99,12 +114,21 @@ class HeadRouterConfig:
         if self.mode == "per_head" and self.attention == "platform":
             raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' or 'torch' (vLLM's own attention "
                               "cannot skip each head's pruned slots)")
+        profile_probe_point = None
         if self.profiles is not None:
-            register_operator_tasks(self.load_profiles().task_names())
+            profiles = self.load_profiles()
+            register_operator_tasks(profiles.task_names())
+            profile_probe_point = profiles.probe_point
+        object.__setattr__(self, "_profile_probe_point", profile_probe_point)
         try:
             check_task(self.default_task)
         except ValueError as e:
             raise ConfigError(f"headrouter.default_task: {e}") from None
+
+    @property
+    def default_probe_point(self) -> str:
+        """The probe point of requests that name none: ``probe_point``, else the profile file's, else ``prompt``."""
+        return self.probe_point or getattr(self, "_profile_probe_point", None) or "prompt"
 
     def load_profiles(self):
         """The profile file's contents, or ``None`` without one; a bad file is a ConfigError."""

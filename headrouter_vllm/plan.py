@@ -55,6 +55,7 @@ class RoutePlan:
     semantics: str
     policy: str
     mode: str = "shared"
+    probe_point: str = "prompt"
 
     @property
     def audio_tokens(self) -> int:
@@ -71,8 +72,20 @@ class RoutePlan:
 
     @property
     def probe_start(self) -> int:
-        """First prompt position after the last audio span: the probe's query rows are [probe_start, L)."""
+        """First prompt position after the last audio span (the compacted region ends here)."""
         return self.spans[-1].end
+
+    @property
+    def probe_rows(self) -> tuple[int, int]:
+        """The probe's query positions ``[start, end)``: the prompt rows after the audio (``prompt``), or the
+        first generated token's row (``first_token``, position L). The step whose rows reach ``end`` selects,
+        and the KV is compacted after it."""
+        length = self.num_prompt_tokens
+        return (length, length + 1) if self.probe_point == "first_token" else (self.probe_start, length)
+
+    @property
+    def probe_end(self) -> int:
+        return self.probe_rows[1]
 
 
 def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple[int, int]],
@@ -82,14 +95,18 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     retention = options.retention if options.retention is not None else config.retention
     task = options.task if options.task is not None else config.default_task
     policy = options.policy if options.policy is not None else config.policy
+    probe_point = options.probe_point if options.probe_point is not None else config.default_probe_point
     if not spans or retention >= 1.0:
         return None
-    mode = "per_head" if config.mode == "per_head" and policy in PER_HEAD_POLICIES else "shared"
+    # per_head selects per KV head at the prompt probe only; other requests on a per_head engine run shared
+    per_head = config.mode == "per_head" and policy in PER_HEAD_POLICIES and probe_point == "prompt"
+    mode = "per_head" if per_head else "shared"
     plan_spans = tuple(Span(s, n, keep, per_head_cap(config.per_head_cap, keep, n) if mode == "per_head" else keep)
                        for s, n, keep in ((s, n, keep_count(retention, n)) for s, n in spans))
     if all(sp.keep == sp.length for sp in plan_spans) or plan_spans[-1].end >= num_prompt_tokens:
         return None
-    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, config.semantics, policy, mode)
+    semantics = config.semantics if probe_point == "prompt" else "after_prompt"
+    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, semantics, policy, mode, probe_point)
 
 
 def per_head_cap(ratio: float, keep: int, n: int) -> int:

@@ -80,7 +80,7 @@ class ProbeItem:
 
     @property
     def final(self) -> bool:
-        return self.computed + self.num_tokens >= self.state.plan.num_prompt_tokens
+        return self.computed + self.num_tokens >= self.state.plan.probe_end
 
 
 class HeadRouterRunnerMixin:
@@ -150,7 +150,8 @@ class HeadRouterRunnerMixin:
                     continue
                 state = self.requests[req_id]
                 computed, n = state.num_computed_tokens, int(num_scheduled_tokens[row])
-                if computed < route.plan.num_prompt_tokens and computed + n > route.plan.probe_start:
+                rows_start, rows_end = route.plan.probe_rows
+                if computed < rows_end and computed + n > rows_start:
                     self.hr_step.append(ProbeItem(req_id, route, starts[row], computed, n,
                                                   torch.tensor(state.block_ids[0], dtype=torch.int64)))
         if self.hr_removed:
@@ -201,7 +202,7 @@ class HeadRouterRunnerMixin:
                 self.hr_kernels = layer.impl.kernels
             if index == self.hr_probe_layer:
                 wrap_impl_forward(layer.impl, before=self._probe)
-            elif index > self.hr_probe_layer and self.hr_config.semantics == "in_prompt":
+            elif index > self.hr_probe_layer:  # in_prompt, and any request may probe at first_token
                 wrap_impl_forward(layer.impl, after=self._attend_kept_only)
         for groups in self.attn_groups:
             for group in groups:
@@ -236,8 +237,9 @@ class HeadRouterRunnerMixin:
         for item in self.hr_step:
             t0 = time.perf_counter()
             plan, route = item.state.plan, item.state
-            hi = min(item.computed + item.num_tokens, plan.num_prompt_tokens)
-            positions = torch.arange(max(plan.probe_start, item.computed), hi)
+            rows_start, rows_end = plan.probe_rows
+            hi = min(item.computed + item.num_tokens, rows_end)
+            positions = torch.arange(max(rows_start, item.computed), hi)
             q = query[item.token_start + positions - item.computed]
             k, v = self._layer_keys(layer, item, key, value, kv_cache, upto=hi, values=plan.policy == "similarity")
             columns = torch.cat([torch.arange(sp.start, sp.end) for sp in plan.spans])
@@ -246,7 +248,7 @@ class HeadRouterRunnerMixin:
             if item.final:
                 # the last prompt row is in the final step (FastV's signal)
                 last_row = probe_scores(q[-1:], k, positions[-1:], columns, layer.impl.scale)
-                self._select(item, route.head_mass / (plan.num_prompt_tokens - plan.probe_start), last_row,
+                self._select(item, route.head_mass / (rows_end - rows_start), last_row,
                              None if v is None else v[columns], k.shape[1], time.perf_counter() - t0)
             route.seconds += time.perf_counter() - t0
 
@@ -263,9 +265,10 @@ class HeadRouterRunnerMixin:
         finals = [item for item in self.hr_step if item.final]
         for index, item in enumerate([*self.hr_step, *finals]):
             plan = item.state.plan
-            hi = min(item.computed + item.num_tokens, plan.num_prompt_tokens)
+            rows_start, rows_end = plan.probe_rows
+            hi = min(item.computed + item.num_tokens, rows_end)
             last_row_only = index >= len(self.hr_step)
-            pos = torch.arange(hi - 1 if last_row_only else max(plan.probe_start, item.computed), hi)
+            pos = torch.arange(hi - 1 if last_row_only else max(rows_start, item.computed), hi)
             rows.append(item.token_start + pos - item.computed)
             positions.append(pos)
             regions.append((plan.spans[0].start, plan.probe_start - plan.spans[0].start))
@@ -292,7 +295,8 @@ class HeadRouterRunnerMixin:
                 values = None
                 if plan.policy == "similarity":
                     values = gather_slots(value_cache, item.block_ids, columns).cpu()
-                self._select(item, route.head_mass / (plan.num_prompt_tokens - plan.probe_start), last_row, values,
+                rows_start, rows_end = plan.probe_rows
+                self._select(item, route.head_mass / (rows_end - rows_start), last_row, values,
                              key_cache.shape[2], seconds + time.perf_counter() - t1)
                 route.seconds += time.perf_counter() - t1
 
@@ -323,17 +327,20 @@ class HeadRouterRunnerMixin:
 
     @torch.inference_mode()
     def _attend_kept_only(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
-        """``in_prompt``: recompute the prompt rows after the audio with the dropped audio keys masked."""
+        """Above the probe layer, in the step that selects, recompute the probe rows with the dropped audio keys
+        masked: the prompt rows after the audio (``in_prompt``) or the first generated token's row
+        (``first_token``)."""
         if attn_metadata is None:
             return
         for item in self.hr_step:
-            if not item.final:
+            plan = item.state.plan
+            if not item.final or (plan.semantics != "in_prompt" and plan.probe_point != "first_token"):
                 continue
             t0 = time.perf_counter()
-            plan, kept = item.state.plan, item.state.kept
-            length = plan.num_prompt_tokens
-            assert item.computed <= plan.probe_start, "in_prompt: rows after the audio split across chunks"
-            positions = torch.arange(plan.probe_start, length)
+            kept = item.state.kept
+            rows_start, length = plan.probe_rows
+            assert item.computed <= rows_start, "probe rows split across chunks"
+            positions = torch.arange(rows_start, length)
             q = query[item.token_start + positions - item.computed].float()
             k, v = self._layer_keys(layer, item, key, value, kv_cache, upto=length, values=True)
             group = q.shape[1] // k.shape[1]

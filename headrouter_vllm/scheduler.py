@@ -98,9 +98,10 @@ class HeadRouterScheduler(Scheduler):
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
         """Where a routed request's prefill chunk may end.
 
-        * A request re-prefilled after preemption (prompt and generated tokens recomputed) stops its chunk at
-          the end of the prompt, so it is probed and compacted there, and its generated tokens are recomputed
-          over the kept audio only, as they first were. Otherwise they would attend to all the audio and drift.
+        * A request re-prefilled after preemption (prompt and generated tokens recomputed) stops its chunk where
+          its probe rows end (the prompt's end; one token later for ``first_token``), so it is probed and
+          compacted there, and its later tokens are recomputed over the kept audio only, as they first were.
+          Otherwise they would attend to all the audio and drift.
         * ``in_prompt``: every prompt row after the audio must be in one chunk (they are re-attended with only the
           kept audio in the same forward that picks it), so a chunk may not end inside them.
         """
@@ -109,8 +110,8 @@ class HeadRouterScheduler(Scheduler):
         if plan is None or request.request_id in self.hr_removed:
             return num_new_tokens
         end = num_computed_tokens + num_new_tokens
-        if num_computed_tokens < plan.num_prompt_tokens < end:
-            num_new_tokens = plan.num_prompt_tokens - num_computed_tokens
+        if num_computed_tokens < plan.probe_end < end:
+            num_new_tokens = plan.probe_end - num_computed_tokens
         elif plan.semantics == "in_prompt" and plan.probe_start < end < plan.num_prompt_tokens:
             num_new_tokens = max(0, plan.probe_start - num_computed_tokens)
         return num_new_tokens
@@ -125,7 +126,7 @@ class HeadRouterScheduler(Scheduler):
             if plan is None or req_id in self.hr_removed:
                 continue
             request = self.requests[req_id]
-            if request.num_computed_tokens >= request.num_prompt_tokens:
+            if request.num_computed_tokens >= plan.probe_end:
                 self.hr_removed[req_id] = plan.removed
                 self._hr_tail_free[req_id] = request.num_computed_tokens - plan.removed
 

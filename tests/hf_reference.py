@@ -5,10 +5,13 @@ similarity policy); the kept set from the same routing policy the engine calls; 
 from every layer; greedy decode with the original positions. ``in_prompt``: the prefill is re-run with the
 rows after the audio masked from the dropped audio in layers above the probe layer. ``per_head``: each KV head
 keeps its own set; the audio KV stays in the cache and every decode step masks, per head, the audio that head
-dropped."""
+dropped. ``first_token``: the prompt runs dense and gives the first token; the first decode step runs once with
+attentions (its row at the probe layer is the probe, also FastV's row), then again from the prompt's cache with
+the dropped audio masked in the layers above the probe layer, and the dropped audio is deleted after it."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -31,7 +34,7 @@ def keep_count(r: float, n: int) -> int:
 @torch.no_grad()
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
               semantics: str = "after_prompt", policy: str = "headrouter", task: str = "auto", seed: int = 0,
-              profiles=None, mode: str = "shared", per_head_cap: float = 1.5) -> dict:
+              profiles=None, mode: str = "shared", per_head_cap: float = 1.5, probe_point: str = "prompt") -> dict:
     model, processor = load(model_dir)
     if wave is None:
         inputs = processor.tokenizer(prompt, return_tensors="pt")
@@ -58,11 +61,22 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             out = model(**kwargs, output_attentions=True)
         finally:
             hook.remove()
-        attn = out.attentions[probe_layer][0]  # [Hq, L, L] softmax probabilities
         num_kv = model.config.text_config.num_key_value_heads
-        probe = SpanProbe(head_scores=attn[:, start + n:length, start:start + n].mean(dim=1),
-                          last_row=attn[:, length - 1, start:start + n], num_kv_heads=num_kv,
-                          values=values[0][start:start + n].view(n, num_kv, -1))
+        audio_values = values[0][start:start + n].view(n, num_kv, -1)
+        if probe_point == "first_token":
+            first = int(out.logits[0, -1].argmax())
+            prompt_cache = copy.deepcopy(out.past_key_values)
+            step = dict(input_ids=torch.tensor([[first]]), position_ids=torch.tensor([[length]]),
+                        attention_mask=torch.ones(1, length + 1, dtype=torch.long), use_cache=True)
+            row = model(**step, past_key_values=out.past_key_values, output_attentions=True)
+            attn = row.attentions[probe_layer][0]  # [Hq, 1, L + 1]
+            probe = SpanProbe(head_scores=attn[:, :, start:start + n].mean(dim=1),
+                              last_row=attn[:, -1, start:start + n], num_kv_heads=num_kv, values=audio_values)
+        else:
+            attn = out.attentions[probe_layer][0]  # [Hq, L, L] softmax probabilities
+            probe = SpanProbe(head_scores=attn[:, start + n:length, start:start + n].mean(dim=1),
+                              last_row=attn[:, length - 1, start:start + n], num_kv_heads=num_kv,
+                              values=audio_values)
         keep = keep_count(retention, n)
         cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
         selection = select(probe, keep, RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap),
@@ -82,15 +96,27 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             out = _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer)
     else:
         out = model(**kwargs)
+    tokens, logprobs, done = [], [], 0
+    if probe_point == "first_token" and kept is not None:
+        # the first token came from the dense prompt; its step attends above the probe layer to the kept audio only
+        tokens.append(first)
+        logprobs.append(float(torch.log_softmax(out.logits[0, -1].float(), dim=-1)[first]))
+        visible = torch.ones(length + 1, dtype=torch.bool)
+        visible[start:start + n] = False
+        visible[start + kept] = True
+        mask = torch.zeros(1, 1, 1, length + 1).masked_fill_(~visible, torch.finfo(torch.float32).min)
+        out = _with_attention_mask(model, range(probe_layer + 1, len(model.model.language_model.layers)), mask,
+                                   **step, past_key_values=prompt_cache)
+        done = 1
     cache = out.past_key_values
     if kept is not None:
-        keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, length)])
+        total = length + done
+        keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, total)])
         for layer in cache.layers:  # [B, Hkv, T, d]
             layer.keys = layer.keys[:, :, keep_idx].contiguous()
             layer.values = layer.values[:, :, keep_idx].contiguous()
     logits = out.logits[0, -1]
-    tokens, logprobs = [], []
-    for i in range(max_tokens):
+    for i in range(done, max_tokens):
         token = int(logits.argmax())
         tokens.append(token)
         logprobs.append(float(torch.log_softmax(logits.float(), dim=-1)[token]))

@@ -69,6 +69,10 @@ ENGINES = {
     "in_prompt": dict(headrouter={"semantics": "in_prompt", "probe_layer": 1}),
     "in_prompt_chunked": dict(headrouter={"semantics": "in_prompt", "probe_layer": 1}, enable_chunked_prefill=True,
                               max_num_batched_tokens=64),
+    # the probe is the first generated token's row, in the first decode step; layers 2-3 of it see the kept audio
+    "first_token": dict(headrouter={"probe_point": "first_token", "probe_layer": 1}),
+    "first_token_chunked_poisoned": dict(headrouter={"probe_point": "first_token", "probe_layer": 1}, poison=1e4,
+                                         enable_chunked_prefill=True, max_num_batched_tokens=64),
 }
 
 
@@ -143,13 +147,13 @@ def engine(tiny_model, cases):
 def hf(tiny_model, cases):
     cache = {}
 
-    def get(name, semantics="after_prompt", probe_layer=PROBE_LAYER):
-        key = (name, semantics, probe_layer)
+    def get(name, semantics="after_prompt", probe_layer=PROBE_LAYER, probe_point="prompt"):
+        key = (name, semantics, probe_layer, probe_point)
         if key not in cache:
             c = next(c for c in cases if c.name == name)
             cache[key] = reference(tiny_model, c.prompt, c.wave, 1.0 if c.retention is None else c.retention,
                                    NEW_TOKENS, probe_layer=probe_layer, semantics=semantics,
-                                   policy=c.policy or "headrouter", task=c.task or "auto")
+                                   policy=c.policy or "headrouter", task=c.task or "auto", probe_point=probe_point)
         return cache[key]
 
     return get
@@ -192,6 +196,36 @@ def test_in_prompt_semantics_equal_hf_reference(engine, hf, mode, name, phase):
     got, ref = engine(mode)[phase][name], hf(name, "in_prompt", probe_layer=1)
     assert got["log"] is not None and got["log"].kept == ref["kept"]
     assert got["tokens"] == ref["tokens"]
+
+
+@pytest.mark.parametrize("mode", ["first_token", "first_token_chunked_poisoned"])
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", ROUTED)
+def test_first_token_probe_equals_hf_reference(engine, hf, mode, name, phase):
+    """The first generated token's row at the probe layer picks the kept audio; that step's upper layers see only
+    the kept audio; compaction follows it (poisoned: vacated and freed slots hold 1e4; chunked prefill)."""
+    got, ref = engine(mode)[phase][name], hf(name, probe_layer=1, probe_point="first_token")
+    assert got["log"] is not None and got["log"].kept == ref["kept"]
+    assert got["tokens"] == ref["tokens"]
+    assert max(abs(a - b) for a, b in zip(got["logprobs"], ref["logprobs"], strict=True)) < 1e-3
+    record, n, length = got["record"], ref["audio_tokens"], ref["length"]
+    assert record.blocks_before == cdiv(length + 1, BLOCK)  # the prompt and the first token's KV
+    assert record.blocks_after == cdiv(length + 1 - (n - len(ref["kept"])), BLOCK)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", UNROUTED)
+def test_first_token_engine_runs_unrouted_requests_as_vanilla(engine, name, phase):
+    ours, vanilla = engine("first_token")[phase][name], engine("vanilla")[phase][name]
+    assert ours["tokens"] == vanilla["tokens"] and ours["log"] is None
+
+
+def test_first_token_probe_is_a_different_selection(hf):
+    """The probe points really select differently on this model, so the first_token tests discriminate."""
+    first = [hf(n, probe_layer=1, probe_point="first_token") for n in ROUTED]
+    prompt = [hf(n, probe_layer=1) for n in ROUTED]
+    assert sum(a["kept"] != b["kept"] for a, b in zip(first, prompt, strict=True)) >= len(ROUTED) // 2
+    assert any(a["tokens"] != b["tokens"] for a, b in zip(first, prompt, strict=True))
 
 
 @pytest.mark.parametrize("name", ROUTED)
@@ -252,8 +286,9 @@ def test_offline_api_rejects_bad_options(tiny_model, speech):
     gc.collect()
 
 
-@pytest.mark.parametrize("semantics", ["after_prompt", "in_prompt"])
-def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speech, semantics):
+@pytest.mark.parametrize("options", [{}, {"semantics": "in_prompt"}, {"probe_point": "first_token"}],
+                         ids=["after_prompt", "in_prompt", "first_token"])
+def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speech, options):
     """A KV pool too small for the batch forces recompute preemptions; preempted routed requests are re-prefilled,
     re-probed and compacted at the prompt's end before their generated tokens are recomputed, so every request
     gives exactly the tokens it gives alone, and no block leaks."""
@@ -264,7 +299,7 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speec
 
     llm = LLM(model=tiny_model, dtype="float32", max_model_len=448, block_size=BLOCK, enforce_eager=True, seed=0,
               num_gpu_blocks_override=16, max_num_seqs=8, limit_mm_per_prompt={"audio": 1},
-              additional_config={"headrouter": {"retention": 1.0, "semantics": semantics, "probe_layer": 1}})
+              additional_config={"headrouter": {"retention": 1.0, "probe_layer": 1, **options}})
     scheduler = inprocess.scheduler(llm)
     preempted = []
     original = scheduler._preempt_request

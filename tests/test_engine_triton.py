@@ -44,6 +44,12 @@ ENGINES = {  # (engine settings, cases, phases)
                                                 "profiles": "<per-head profiles>"},
                                     enable_chunked_prefill=True, max_num_batched_tokens=64, poison=math.nan),
                                ROUTED, ["batch"]),
+    # the first_token probe point: probe kernel on the first decode row, kept-only attention above it, compaction
+    "cpu_first_token": (dict(headrouter={"probe_point": "first_token"}), ROUTED, ["single"]),
+    "triton_first_token_chunked_poisoned": (dict(headrouter={**TRITON, "probe_point": "first_token"},
+                                                 enable_chunked_prefill=True, max_num_batched_tokens=64,
+                                                 poison=math.nan), ROUTED, ["batch"]),
+    "torch_first_token": (dict(headrouter={"attention": "torch", "probe_point": "first_token"}), ROUTED, ["batch"]),
     "cpu_fp16": (dict(headrouter={}, dtype="float16"), FP16_NAMES, ["single"]),
     "triton_fp16": (dict(headrouter=TRITON, dtype="float16"), FP16_NAMES, ["single"]),
 }
@@ -117,6 +123,16 @@ def test_routed_requests_equal_cpu_path(engine, mode, name, phase):
     """fp32: the same kept audio tokens (probe kernel), the same freed blocks and the same greedy tokens as the CPU
     path (compaction kernel, attention on the shortened sequences), alone and in a mixed batch."""
     ours, cpu = engine(mode)[phase][name], engine("cpu")["single"][name]
+    assert ours["log"] is not None and ours["log"].kept == cpu["log"].kept
+    assert ours["record"].blocks_after == cpu["record"].blocks_after
+    assert ours["tokens"] == cpu["tokens"]
+    assert max_difference(ours["logprobs"], cpu["logprobs"]) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["triton_first_token_chunked_poisoned", "torch_first_token"])
+@pytest.mark.parametrize("name", ROUTED)
+def test_first_token_probe_equals_cpu_path(engine, mode, name):
+    ours, cpu = engine(mode)["batch"][name], engine("cpu_first_token")["single"][name]
     assert ours["log"] is not None and ours["log"].kept == cpu["log"].kept
     assert ours["record"].blocks_after == cpu["record"].blocks_after
     assert ours["tokens"] == cpu["tokens"]

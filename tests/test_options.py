@@ -26,6 +26,8 @@ def test_good_options(extra, task, retention):
 @pytest.mark.parametrize("extra,field", [
     ({"headrouter_task": "karaoke"}, "headrouter_task"),
     ({"headrouter_task": 3}, "headrouter_task"),
+    ({"headrouter_probe_point": "last_token"}, "headrouter_probe_point"),
+    ({"headrouter_probe_point": 1}, "headrouter_probe_point"),
     ({"headrouter_retention": 0}, "headrouter_retention"),
     ({"headrouter_retention": "0"}, "headrouter_retention"),
     ({"headrouter_retention": 1.5}, "headrouter_retention"),
@@ -77,6 +79,7 @@ def test_same_value_in_both_places_is_fine():
     ({"metadata": {"headrouter_retention": "0.5"}, "vllm_xargs": {"headrouter_retention": 0.7}},
      "metadata.headrouter_retention"),
     ({"metadata": {"headrouter_task": "karaoke"}}, "metadata.headrouter_task"),
+    ({"metadata": {"headrouter_probe_point": "middle"}}, "metadata.headrouter_probe_point"),
     ({"vllm_xargs": {"headrouter_retention": 2}}, "vllm_xargs.headrouter_retention"),
 ], ids=lambda v: str(v)[:50])
 def test_bad_bodies(body, param):

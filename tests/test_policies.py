@@ -362,3 +362,44 @@ def test_coverage_tuning_choice_prefers_accuracy_then_the_uniform_side():
     assert chosen["semantic"] == Coverage(8, 0.25)
     assert chosen["acoustic"] == Coverage(1, 1.0)  # a tie goes to the larger floor
     assert chosen["mixed"] == Coverage(1, 1.0)
+
+
+def test_probe_point_tuning_takes_the_better_group_bests_and_prompt_on_a_tie():
+    from headrouter_vllm.benchmarks.quality.tune import UNIFORM, choose_probe_point
+    from headrouter_vllm.routing.select import Coverage
+
+    spread = Coverage(8, 0.5)
+    prompt = {UNIFORM: {"semantic": 60.0, "acoustic": 90.0, "all": 80.0},
+              spread: {"semantic": 70.0, "acoustic": 85.0, "all": 80.0}}
+    first = {UNIFORM: prompt[UNIFORM], spread: {"semantic": 80.0, "acoustic": 80.0, "all": 80.0}}
+    point, settings = choose_probe_point({"prompt": prompt, "first_token": first})
+    assert point == "first_token" and settings["semantic"] == spread and settings["acoustic"] == UNIFORM
+    assert choose_probe_point({"prompt": prompt, "first_token": prompt})[0] == "prompt"
+
+
+def test_profile_file_probe_point_is_the_engines_default(tmp_path):
+    from headrouter_vllm.config import HeadRouterConfig
+
+    path = tmp_path / "p.json"
+    profiles = dataclasses.replace(make_profiles(), probe_point="first_token", tasks={})  # registers no task
+    profiles.save(path)
+    assert HeadRouterConfig(profiles=str(path)).default_probe_point == "first_token"
+    assert HeadRouterConfig(profiles=str(path), probe_point="prompt").default_probe_point == "prompt"
+    assert HeadRouterConfig().default_probe_point == "prompt"
+    data = profiles.to_json()
+    data["probe_point"] = "last_token"
+    with pytest.raises(ProfileError, match="probe_point"):
+        ProfileSet.from_json(data)
+
+
+def test_first_token_plans_probe_the_first_generated_row():
+    from headrouter_vllm.plan import make_plan
+
+    config = HeadRouterConfig(retention=0.5, semantics="in_prompt")
+    prompt = make_plan(RouteOptions(), config, [(3, 40)], 60)
+    first = make_plan(RouteOptions(probe_point="first_token"), config, [(3, 40)], 60)
+    assert (prompt.probe_rows, prompt.semantics) == ((43, 60), "in_prompt")
+    assert (first.probe_rows, first.semantics, first.removed) == ((60, 61), "after_prompt", prompt.removed)
+    per_head = HeadRouterConfig(retention=0.5, mode="per_head", attention="torch")
+    assert make_plan(RouteOptions(), per_head, [(3, 40)], 60).mode == "per_head"
+    assert make_plan(RouteOptions(probe_point="first_token"), per_head, [(3, 40)], 60).mode == "shared"

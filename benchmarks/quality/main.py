@@ -39,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--tune-coverage grid: floor values (1.0 = uniform)")
     parser.add_argument("--coverage-segments", type=int, nargs="+", default=[4, 8, 16],
                         help="--tune-coverage grid: window counts")
+    parser.add_argument("--tune-probe-points", nargs="+", choices=["prompt", "first_token"],
+                        default=["prompt", "first_token"], help="--tune-coverage grid: probe points")
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
-                        help="policy[:named|auto] under after_prompt semantics")
+                        help="policy[:named|auto][@prompt|first_token] under after_prompt semantics (no @: the "
+                             "engine's probe point, which a tuned profile file may set)")
     parser.add_argument("--in-prompt-policies", nargs="*", default=["headrouter:named", "uniform"],
                         help="policy[:named|auto] under in_prompt semantics (none: skip)")
     parser.add_argument("--per-head-policies", nargs="*", default=[],
@@ -109,10 +112,12 @@ def main(args: argparse.Namespace) -> list[dict]:
             profiles = tmp / f"{label}-profiles.json"
             calibrate(model, manifest, profiles)
             if args.tune_coverage:
-                with tqdm(total=len(grid), desc=f"tuning coverage ({label})", unit="point") as bar:
+                points = len(args.tune_probe_points) * len([c for c in grid if c.floor < 1.0]) + (len(grid) > 0)
+                with tqdm(total=points, desc=f"tuning coverage ({label})", unit="point") as bar:
                     tuned[label] = tune_coverage(model, tuning, profiles, args.retentions, grid, engine_kwargs,
-                                                 tmp, progress=bar)
-                print(f"{label}: coverage settings tuned on {len(tuning)} validation clips: {tuned[label]['chosen']}")
+                                                 tmp, tuple(args.tune_probe_points), progress=bar)
+                print(f"{label}: tuned on {len(tuning)} validation clips: probe point "
+                      f"{tuned[label]['probe_point']}, coverage {tuned[label]['chosen']}")
             for semantics, mode in engines:
                 mine = [m for m in chosen if m.engine == (semantics, mode)]
                 for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs, progress=progress,

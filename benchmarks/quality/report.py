@@ -130,10 +130,12 @@ def tuning(meta: dict) -> str:
     parts = ["\n## Coverage settings tuned on validation clips\n"]
     for model, record in meta["coverage_tuning"].items():
         chosen = ", ".join(f"{g}: {c['segments']} windows, floor {c['floor']}" for g, c in record["chosen"].items())
-        parts += [f"**{model}** ({record['clips']} clips, r = {record['retentions']}): {chosen}\n",
-                  "| segments | floor | semantic | acoustic | all |", "|---|---|---|---|---|"]
-        parts += [f"| {p['segments']} | {p['floor']} | {p.get('semantic', math.nan):.1f} | "
-                  f"{p.get('acoustic', math.nan):.1f} | {p['all']:.1f} |" for p in record["grid"]]
+        parts += [f"**{model}** ({record['clips']} clips, r = {record['retentions']}): probe point "
+                  f"{record.get('probe_point', 'prompt')}; {chosen}\n",
+                  "| probe point | segments | floor | semantic | acoustic | all |", "|---|---|---|---|---|---|"]
+        parts += [f"| {'any (uniform)' if p['floor'] >= 1.0 else p.get('probe_point', 'prompt')} | {p['segments']} | "
+                  f"{p['floor']} | {p.get('semantic', math.nan):.1f} | {p.get('acoustic', math.nan):.1f} | "
+                  f"{p['all']:.1f} |" for p in record["grid"]]
         parts.append("")
     return "\n".join(parts) + "\n"
 

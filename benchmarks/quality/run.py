@@ -21,12 +21,14 @@ class Method:
     semantics: str = "after_prompt"
     task: str | None = None
     mode: str = "shared"  # per_head: an engine with mode per_head on HeadRouter's backend (torch references)
+    probe_point: str | None = None  # None: the engine's (its profile file's choice, else prompt)
 
     @property
     def label(self) -> str:
         if self.retention >= 1.0:
             return "full"
         name = self.policy + (f"[{self.task}]" if self.task else "")
+        name += "" if self.probe_point is None else f"@{self.probe_point}"
         name += "" if self.semantics == "after_prompt" else f"/{self.semantics}"
         return name + ("" if self.mode == "shared" else f"/{self.mode}")
 
@@ -50,8 +52,10 @@ def methods(retentions: list[float], policies: list[str], in_prompt_policies: li
     for r in retentions:
         for semantics, mode, names in groups:
             for name in names:
-                policy, _, task = name.partition(":")
-                out.append(Method(policy, r, semantics, task or ("named" if policy == "oracle" else None), mode))
+                spec, _, probe_point = name.partition("@")
+                policy, _, task = spec.partition(":")
+                out.append(Method(policy, r, semantics, task or ("named" if policy == "oracle" else None), mode,
+                                  probe_point or None))
     return out
 
 
@@ -94,7 +98,8 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                         extra = None
                         if method.retention < 1.0:
                             named = {"named": task, "auto": "auto", None: None}[method.task]
-                            extra = route_args(retention=method.retention, policy=method.policy, task=named)
+                            extra = route_args(retention=method.retention, policy=method.policy, task=named,
+                                               probe_point=method.probe_point)
                         jobs.append((clip, task, method))
                         prompts.append({"prompt": prompt_text(suite.QUESTIONS[task]),
                                         "multi_modal_data": {"audio": (clip.wave, suite.SAMPLE_RATE)}})

@@ -6,7 +6,9 @@ in OpenAI ``metadata`` (string values), which the middleware moves into ``vllm_x
     headrouter_task       a task name (see routing.tasks) or auto / semantic / acoustic / mixed
     headrouter_retention  fraction of audio tokens kept, in (0, 1]
     headrouter_policy     how kept tokens are chosen: headrouter, or a baseline (oracle, fastv, random, uniform,
-                          similarity), for side-by-side comparisons through the same engine
+                          similarity, coverage), for side-by-side comparisons through the same engine
+    headrouter_probe_point  where the probe reads attention: prompt (the rows after the audio) or first_token
+                          (the first generated token's row)
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from headrouter_vllm.routing.tasks import check_task
 XARG_TASK = "headrouter_task"
 XARG_RETENTION = "headrouter_retention"
 XARG_POLICY = "headrouter_policy"
-OPTION_KEYS = (XARG_TASK, XARG_RETENTION, XARG_POLICY)
-FIELD_TO_KEY = {"task": XARG_TASK, "retention": XARG_RETENTION, "policy": XARG_POLICY}
+XARG_PROBE_POINT = "headrouter_probe_point"
+OPTION_KEYS = (XARG_TASK, XARG_RETENTION, XARG_POLICY, XARG_PROBE_POINT)
+FIELD_TO_KEY = {"task": XARG_TASK, "retention": XARG_RETENTION, "policy": XARG_POLICY,
+                "probe_point": XARG_PROBE_POINT}
 
 
 class OptionError(ValueError):
@@ -42,6 +46,16 @@ class RouteOptions(BaseModel):
     task: str | None = None
     retention: float | None = None
     policy: str | None = None
+    probe_point: str | None = None
+
+    @field_validator("probe_point", mode="before")
+    @classmethod
+    def _probe_point(cls, value: Any) -> Any:
+        from headrouter_vllm.config import PROBE_POINTS
+
+        if value is not None and value not in PROBE_POINTS:
+            raise ValueError(f"unknown probe point {value!r}; choose one of {', '.join(PROBE_POINTS)}")
+        return value
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -87,7 +101,8 @@ def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "") 
         raise OptionError(prefix + field, message) from None
 
 
-def route_args(task: str | None = None, retention: float | None = None, policy: str | None = None) -> dict[str, Any]:
+def route_args(task: str | None = None, retention: float | None = None, policy: str | None = None,
+               probe_point: str | None = None) -> dict[str, Any]:
     """``extra_args`` for the offline API: ``SamplingParams(extra_args=route_args(task="asr", retention=0.5))``."""
-    options = RouteOptions(task=task, retention=retention, policy=policy)
+    options = RouteOptions(task=task, retention=retention, policy=policy, probe_point=probe_point)
     return {key: getattr(options, field) for field, key in FIELD_TO_KEY.items() if getattr(options, field) is not None}

@@ -9,7 +9,8 @@
  "position_prior": [[...], ...],            // [num_heads][bins], or null
  "tasks": {"asr": {"semantic": 0.8, "acoustic": 0.1, "mixed": 0.1}, ...},
  "coverage": {"semantic": {"segments": 8, "floor": 0.25}, ...},  // optional, per group (policy coverage);
-                                            // written by `headrouter-vllm quality --tune-coverage`
+ "probe_point": "first_token",              // optional: the default probe point (both written by
+                                            // `headrouter-vllm quality --tune-coverage`)
  "calibration": {...}}                      // free-form provenance
 ```
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from headrouter_vllm.config import PROBE_POINTS
 from headrouter_vllm.routing.router import Profile
 from headrouter_vllm.routing.select import Coverage
 from headrouter_vllm.routing.tasks import GROUPS
@@ -62,6 +64,7 @@ class ProfileSet:
     tasks: dict[str, dict[str, float]]
     calibration: dict = dataclasses.field(default_factory=dict)
     coverage: dict[str, Coverage] = dataclasses.field(default_factory=dict)  # per group; empty: Coverage()
+    probe_point: str | None = None  # the engine's default probe point when its config names none
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks)
@@ -80,7 +83,8 @@ class ProfileSet:
                              for g, p in self.profiles.items()},
                 "position_prior": None if self.position_prior is None else self.position_prior.tolist(),
                 "tasks": self.tasks, "calibration": self.calibration,
-                **({"coverage": {g: dataclasses.asdict(c) for g, c in self.coverage.items()}} if self.coverage else {})}
+                **({"coverage": {g: dataclasses.asdict(c) for g, c in self.coverage.items()}} if self.coverage else {}),
+                **({"probe_point": self.probe_point} if self.probe_point else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -130,8 +134,11 @@ class ProfileSet:
             if not tau > 0:
                 raise ProfileError("tau must be positive")
             coverage = _coverage(data.get("coverage"))
+            probe_point = data.get("probe_point")
+            if probe_point is not None and probe_point not in PROBE_POINTS:
+                raise ProfileError(f"probe_point must be one of {PROBE_POINTS}, got {probe_point!r}")
             return cls(model, int(data["probe_layer"]), tau, profiles, prior_t, tasks, data.get("calibration", {}),
-                       coverage)
+                       coverage, probe_point)
         except (KeyError, TypeError) as e:
             raise ProfileError(f"missing or malformed field: {e}") from None
 
