@@ -45,9 +45,9 @@ def test_summary_per_task_and_group():
     assert "| m | uniform | 0.5 |" in report.markdown([row])
 
 
-def test_paired_difference_against_uniform():
+def test_paired_difference_against_uniform(tmp_path):
     def answer(clip, task, method, correct):
-        return Answer(clip, task, method, 0.3, "", correct, 100, 30)
+        return Answer(clip, task, method, 0.3, "", correct, 100, 30, model="m")
 
     answers = []
     for i in range(40):  # digits: coverage right on every question, uniform on half of them
@@ -62,3 +62,15 @@ def test_paired_difference_against_uniform():
     rows = report.summarise(answers, "m")
     table = report.versus_uniform(rows)
     assert "| m | coverage | 0.3 | +50.0" in table and "**above**" in table and "**below**" in table
+    # rows with and without the paired columns go into one CSV; a folder re-renders from its answers
+    out = tmp_path / "run"
+    meta = {"command": "quality", "machine": {}, "coverage_tuning": {"m": {
+        "clips": 3, "retentions": [0.3], "probe_point": "first_token",
+        "chosen": {g: {"segments": 8, "floor": 0.5} for g in ("semantic", "acoustic", "mixed")},
+        "grid": [{"probe_point": "prompt", "segments": 1, "floor": 1.0, "semantic": 50.0, "acoustic": 90.0,
+                  "all": 80.0}]}}}
+    report.write(out, rows, answers, meta)
+    first = (out / "summary.md").read_text()
+    assert "Minus uniform" in first and "probe point first_token" in first
+    report.rerender(out)
+    assert (out / "summary.md").read_text() == first

@@ -143,7 +143,7 @@ def tuning(meta: dict) -> str:
 def write(out: Path, rows: list[dict], answers: list, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     (out / "summary.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
@@ -186,3 +186,19 @@ def plot(out: Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_retention.png", dpi=110)
     plt.close(fig)
+
+
+def rerender(out: Path) -> None:
+    """Rebuild a result folder's summaries from its ``answers.csv`` and ``summary.json`` (after report changes)."""
+    from headrouter_vllm.benchmarks.quality.run import Answer
+
+    meta = json.loads((out / "summary.json").read_text())
+    meta.pop("rows", None)
+    with open(out / "answers.csv", newline="") as f:
+        answers = [Answer(r["clip"], r["task"], r["method"], float(r["retention"]), r["text"], r["correct"] == "True",
+                          int(r["audio_tokens"]) if r["audio_tokens"] else None,
+                          int(r["kept_tokens"]) if r["kept_tokens"] else None, r["model"])
+                   for r in csv.DictReader(f)]
+    models = list(dict.fromkeys(a.model for a in answers))
+    rows = [row for m in models for row in summarise([a for a in answers if a.model == m], m)]
+    write(out, rows, answers, meta)
