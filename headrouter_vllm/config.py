@@ -119,6 +119,13 @@ class HeadRouterConfig:
             profiles = self.load_profiles()
             register_operator_tasks(profiles.task_names())
             profile_probe_point = profiles.probe_point
+            if profile_probe_point == "first_token" and (self.semantics == "in_prompt" or self.mode == "per_head"):
+                from headrouter_vllm.log import get_logger
+
+                get_logger(__name__).warning(
+                    "the profile file's probe point 'first_token' does not apply to a %s engine: requests that "
+                    "name no probe point probe the prompt", "per_head" if self.mode == "per_head" else "in_prompt")
+                profile_probe_point = None
         object.__setattr__(self, "_profile_probe_point", profile_probe_point)
         try:
             check_task(self.default_task)
@@ -127,7 +134,8 @@ class HeadRouterConfig:
 
     @property
     def default_probe_point(self) -> str:
-        """The probe point of requests that name none: ``probe_point``, else the profile file's, else ``prompt``."""
+        """The probe point of requests that name none: ``probe_point``, else the profile file's (on an
+        ``after_prompt``, ``shared`` engine: the others probe the prompt, see ``__post_init__``), else ``prompt``."""
         return self.probe_point or getattr(self, "_profile_probe_point", None) or "prompt"
 
     def load_profiles(self):

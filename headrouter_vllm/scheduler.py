@@ -66,6 +66,7 @@ class HeadRouterScheduler(Scheduler):
         # which the HTTP middleware moves into ``usage.headrouter`` and the front end counts: metrics.py)
         self._hr_usage: dict[str, dict] = {}
         self._hr_finished_usage: dict[str, tuple[int, dict]] = {}  # request id -> (client index, report)
+        self._hr_routed: set[str] = set()  # requests whose compaction step was scheduled (kept across preemption)
         wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed)
         logger.info("HeadRouter on: %s", self.hr_config)
 
@@ -128,6 +129,7 @@ class HeadRouterScheduler(Scheduler):
             request = self.requests[req_id]
             if request.num_computed_tokens >= plan.probe_end:
                 self.hr_removed[req_id] = plan.removed
+                self._hr_routed.add(req_id)
                 self._hr_tail_free[req_id] = request.num_computed_tokens - plan.removed
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -150,7 +152,9 @@ class HeadRouterScheduler(Scheduler):
         # Requests aborted since the last step (a client gone, or a stop string: vLLM matches those in the front
         # end and aborts the request here) get no output from vLLM. Their report goes out on an output of its
         # own, so the front end's metrics count them; vLLM's output processor skips outputs of requests it no
-        # longer tracks. Aborts free requests and so always cause one more step, this one.
+        # longer tracks. A server's engine loop runs one more step after an abort (freed requests are
+        # "finished" work), this one; the offline LLM steps only inside generate(), so there the report goes
+        # out with the next call's first step.
         for req_id, (client, usage) in self._hr_finished_usage.items():
             batch = outputs.get(client)
             if batch is None:
@@ -192,14 +196,15 @@ class HeadRouterScheduler(Scheduler):
 
     def _free_request(self, request: Request, *args, **kwargs):
         out = super()._free_request(request, *args, **kwargs)
-        routed = request.request_id in self.hr_removed
+        routed = request.request_id in self._hr_routed
+        self._hr_routed.discard(request.request_id)
         self._forget(request.request_id)
         self.hr_plans.pop(request.request_id, None)
         usage = self._hr_usage.pop(request.request_id, None)
         if usage is not None:
-            if usage["task"] is not None and not routed:  # aborted before its prompt step: nothing was pruned
+            if usage["task"] is not None and not routed:  # aborted before its probe step: nothing was pruned
                 usage.update(kept_audio_tokens=usage["audio_tokens"], task=None, policy=None, retention=1.0,
-                             probe_seconds=0.0)
+                             probe_seconds=0.0, kv_blocks_freed=0)
             if usage["probe_seconds"] is not None:
                 usage["probe_seconds"] = round(usage["probe_seconds"], 6)
             self._hr_finished_usage[request.request_id] = (request.client_index, usage)

@@ -386,6 +386,9 @@ def test_profile_file_probe_point_is_the_engines_default(tmp_path):
     assert HeadRouterConfig(profiles=str(path)).default_probe_point == "first_token"
     assert HeadRouterConfig(profiles=str(path), probe_point="prompt").default_probe_point == "prompt"
     assert HeadRouterConfig().default_probe_point == "prompt"
+    # engines whose prompt-step pruning first_token would bypass keep the prompt probe
+    assert HeadRouterConfig(profiles=str(path), semantics="in_prompt").default_probe_point == "prompt"
+    assert HeadRouterConfig(profiles=str(path), mode="per_head", attention="torch").default_probe_point == "prompt"
     data = profiles.to_json()
     data["probe_point"] = "last_token"
     with pytest.raises(ProfileError, match="probe_point"):
