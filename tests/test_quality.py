@@ -61,7 +61,7 @@ def test_paired_difference_against_uniform(tmp_path):
     assert report.paired_difference(answers, "coverage", 0.5) == {}
     rows = report.summarise(answers, "m")
     table = report.versus_uniform(rows)
-    assert "| m | coverage | 0.3 | +50.0" in table and "**above**" in table and "**below**" in table
+    assert "| m | coverage | uniform | 0.3 | +50.0" in table and "**above**" in table and "**below**" in table
     # rows with and without the paired columns go into one CSV; a folder re-renders from its answers
     out = tmp_path / "run"
     meta = {"command": "quality", "machine": {}, "coverage_tuning": {"m": {

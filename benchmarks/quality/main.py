@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             profiles = tmp / f"{label}-profiles.json"
             calibrate(model, manifest, profiles)
             if args.tune_coverage:
-                points = len(args.tune_probe_points) * len([c for c in grid if c.floor < 1.0]) + (len(grid) > 0)
+                points = len(args.tune_probe_points) * len(grid)
                 with tqdm(total=points, desc=f"tuning coverage ({label})", unit="point") as bar:
                     tuned[label] = tune_coverage(model, tuning, profiles, args.retentions, grid, engine_kwargs,
                                                  tmp, tuple(args.tune_probe_points), progress=bar)

@@ -100,8 +100,14 @@ def summarise(answers: list, model: str) -> list[dict]:
         for group, tasks in GROUPS.items():
             acc, lo, hi = group_mean(per_task, tasks)
             row.update({group: round(acc, 2), f"{group}_lo": round(lo, 2), f"{group}_hi": round(hi, 2)})
-        if method != "uniform" and retention < 1.0:
-            for group, (d, lo, hi) in paired_difference(answers, method, retention).items():
+        if not method.startswith("uniform") and retention < 1.0:
+            # a method at an explicit probe point is compared with uniform at the same one, where it ran
+            probe_point = method.partition("@")[2].partition("/")[0]
+            base = f"uniform@{probe_point}" if probe_point else "uniform"
+            if not any(a.method == base for a in answers):
+                base = "uniform"
+            row["baseline"] = base
+            for group, (d, lo, hi) in paired_difference(answers, method, retention, base).items():
                 row.update({f"{group}_vs_uniform": round(d, 2), f"{group}_vs_uniform_lo": round(lo, 2),
                             f"{group}_vs_uniform_hi": round(hi, 2)})
         rows.append(row)
@@ -124,12 +130,12 @@ def markdown(rows: list[dict]) -> str:
 def versus_uniform(rows: list[dict]) -> str:
     """Markdown: each pruned method minus uniform on the same questions, per group, paired 95% intervals (bootstrap
     over clips); a cell is marked below / above when the whole interval is (no correction for the many cells)."""
-    head = ["model", "method", "r", "semantic", "acoustic", "mean"]
+    head = ["model", "method", "minus", "r", "semantic", "acoustic", "mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "mean_vs_uniform" not in r:
             continue
-        cells = [r["model"], r["method"], f"{r['retention']:.1f}"]
+        cells = [r["model"], r["method"], r.get("baseline", "uniform"), f"{r['retention']:.1f}"]
         for group in ("semantic", "acoustic", "mean"):
             d, lo, hi = (r.get(f"{group}_vs_uniform{k}", math.nan) for k in ("", "_lo", "_hi"))
             mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
@@ -148,7 +154,7 @@ def tuning(meta: dict) -> str:
         parts += [f"**{model}** ({record['clips']} clips, r = {record['retentions']}): probe point "
                   f"{record.get('probe_point', 'prompt')}; {chosen}\n",
                   "| probe point | segments | floor | semantic | acoustic | all |", "|---|---|---|---|---|---|"]
-        parts += [f"| {'any (uniform)' if p['floor'] >= 1.0 else p.get('probe_point', 'prompt')} | {p['segments']} | "
+        parts += [f"| {p.get('probe_point', 'prompt')}{' (uniform)' if p['floor'] >= 1.0 else ''} | {p['segments']} | "
                   f"{p['floor']} | {p.get('semantic', math.nan):.1f} | {p.get('acoustic', math.nan):.1f} | "
                   f"{p['all']:.1f} |" for p in record["grid"]]
         parts.append("")

@@ -19,7 +19,7 @@ from headrouter_vllm.routing.profiles import ProfileSet
 from headrouter_vllm.routing.select import Coverage
 from headrouter_vllm.routing.tasks import GROUPS
 
-UNIFORM = Coverage(1, 1.0)  # floor 1.0 is exactly uniform whatever the segments and the probe point: one point
+UNIFORM = Coverage(1, 1.0)  # floor 1.0 is exactly uniform whatever the segments: one point per probe point
 
 
 def parse_grid(floors: list[float], segments: list[int]) -> list[Coverage]:
@@ -54,8 +54,9 @@ def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[floa
     from headrouter_vllm.listening.suite import TASK_GROUPS
 
     base = ProfileSet.load(profiles)
-    runs = [("prompt", UNIFORM)] if UNIFORM in grid else []
-    runs += [(pp, c) for pp in probe_points for c in grid if c != UNIFORM]
+    # uniform runs at every probe point too: the probe point also moves when pruning starts (first_token: one
+    # step later), which changes accuracy whatever is kept, so each probe point is compared with its own uniform
+    runs = [(pp, c) for pp in probe_points for c in grid]
     measured: dict[tuple[str, Coverage], dict[str, float]] = {}
     for probe_point, point in runs:
         variant = work / f"coverage-{probe_point}-s{point.segments}-f{point.floor}.json"
@@ -69,7 +70,7 @@ def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[floa
         measured[(probe_point, point)] = {g: 100.0 * sum(v) / len(v) for g, v in by_group.items()}
         if progress is not None:
             progress.update(1)
-    accuracy = {pp: {c: measured[("prompt" if c == UNIFORM else pp, c)] for c in grid} for pp in probe_points}
+    accuracy = {pp: {c: measured[(pp, c)] for c in grid} for pp in probe_points}
     probe_point, settings = choose_probe_point(accuracy)
     dataclasses.replace(base, coverage=settings, probe_point=probe_point).save(profiles)
     return {"clips": len(clips), "retentions": retentions, "probe_point": probe_point,
