@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                             "the audio) or first_token (default: the profile file's choice, else prompt)")
     serve.add_argument("--profiles", default=None, help="head-profile file from `headrouter-vllm calibrate`")
     serve.add_argument("--policy", default=None, help="selection policy for requests that name none "
-                                                      "(default headrouter)")
+                                                      "(default coverage; headrouter with --mode per_head)")
     serve.add_argument("--mode", choices=MODES, default=None, help="shared (default) or per_head")
     serve.add_argument("--per-head-cap", type=float, default=None,
                        help="per_head: a KV head keeps at most this multiple of the mean budget (default 1.5)")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "(in-process engine)")
     demo.add_argument("--model", default=None,
                       help="model directory (default: build listening-qwen2-audio in a temp dir)")
-    demo.add_argument("--policy", default="headrouter", help="selection policy (default %(default)s)")
+    demo.add_argument("--policy", default=None, help="selection policy (default: the engine's, coverage)")
     demo.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
     demo.add_argument("--max-tokens", type=int, default=12)
     demo.add_argument("--semantics", choices=SEMANTICS, default="after_prompt")

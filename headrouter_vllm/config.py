@@ -51,8 +51,10 @@ class HeadRouterConfig:
             only, and the KV is compacted after it (prompt rows run dense whatever ``semantics`` says; on a
             ``per_head`` engine such requests run ``shared``).
         default_task: task for requests that name none (``auto`` = routed from the input alone).
-        policy: how kept tokens are chosen for requests that name none: ``headrouter`` or a baseline
-            (``oracle``, ``fastv``, ``random``, ``uniform``, ``similarity``).
+        policy: how kept tokens are chosen for requests that name none (``None``: ``coverage``, the routed score
+            spread over the clip with the profile file's per-group settings, which is never below ``uniform`` in
+            the quality benchmark; ``headrouter`` on a ``per_head`` engine). ``headrouter`` is routed top-K; the
+            rest are baselines (``oracle``, ``fastv``, ``random``, ``uniform``, ``similarity``).
         profiles: path of a calibrated head-profile file (``headrouter-vllm calibrate``); without one,
             ``headrouter`` debiases with the built-in position prior and weights every head equally.
         seed: seed of the ``random`` policy.
@@ -73,7 +75,7 @@ class HeadRouterConfig:
     semantics: Literal["after_prompt", "in_prompt"] = "after_prompt"
     probe_point: Literal["prompt", "first_token"] | None = None
     default_task: str = "auto"
-    policy: str = "headrouter"
+    policy: str | None = None
     profiles: str | None = None
     seed: int = 0
     record_probes: bool = False
@@ -101,7 +103,7 @@ class HeadRouterConfig:
         from headrouter_vllm.routing.policies import POLICIES
         from headrouter_vllm.routing.tasks import check_task, register_operator_tasks
 
-        if self.policy not in POLICIES:
+        if self.policy is not None and self.policy not in POLICIES:
             raise ConfigError(f"headrouter.policy must be one of {POLICIES}, got {self.policy!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"headrouter.seed must be an integer, got {self.seed!r}")
@@ -131,6 +133,11 @@ class HeadRouterConfig:
             check_task(self.default_task)
         except ValueError as e:
             raise ConfigError(f"headrouter.default_task: {e}") from None
+
+    @property
+    def default_policy(self) -> str:
+        """The policy of requests that name none: ``policy``, else ``coverage`` (``headrouter`` in ``per_head``)."""
+        return self.policy or ("headrouter" if self.mode == "per_head" else "coverage")
 
     @property
     def default_probe_point(self) -> str:

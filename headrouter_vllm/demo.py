@@ -24,7 +24,7 @@ def audio_prompt(question: str) -> str:
 
 
 def run_demo(model: str | None, retentions: list[float], max_tokens: int, semantics: str,
-             policy: str = "headrouter") -> dict:
+             policy: str | None = None) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: read the block pool
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

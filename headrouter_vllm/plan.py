@@ -94,7 +94,7 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     (or a retention that keeps every token), or no text after the audio to probe with."""
     retention = options.retention if options.retention is not None else config.retention
     task = options.task if options.task is not None else config.default_task
-    policy = options.policy if options.policy is not None else config.policy
+    policy = options.policy if options.policy is not None else config.default_policy
     probe_point = options.probe_point if options.probe_point is not None else config.default_probe_point
     if not spans or retention >= 1.0:
         return None

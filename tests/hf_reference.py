@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from headrouter_vllm.config import HeadRouterConfig
+
 
 @functools.cache
 def load(model_dir: str):
@@ -33,8 +35,10 @@ def keep_count(r: float, n: int) -> int:
 
 @torch.no_grad()
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
-              semantics: str = "after_prompt", policy: str = "headrouter", task: str = "auto", seed: int = 0,
+              semantics: str = "after_prompt", policy: str | None = None, task: str = "auto", seed: int = 0,
               profiles=None, mode: str = "shared", per_head_cap: float = 1.5, probe_point: str = "prompt") -> dict:
+    if policy is None:  # the engine's default for requests that name none
+        policy = "headrouter" if mode == "per_head" else HeadRouterConfig().default_policy
     model, processor = load(model_dir)
     if wave is None:
         inputs = processor.tokenizer(prompt, return_tensors="pt")

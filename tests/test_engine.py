@@ -153,7 +153,7 @@ def hf(tiny_model, cases):
             c = next(c for c in cases if c.name == name)
             cache[key] = reference(tiny_model, c.prompt, c.wave, 1.0 if c.retention is None else c.retention,
                                    NEW_TOKENS, probe_layer=probe_layer, semantics=semantics,
-                                   policy=c.policy or "headrouter", task=c.task or "auto", probe_point=probe_point)
+                                   policy=c.policy, task=c.task or "auto", probe_point=probe_point)
         return cache[key]
 
     return get

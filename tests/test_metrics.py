@@ -132,7 +132,7 @@ def test_offline_llm_requests_are_counted(tiny_model, speech):
               additional_config={"headrouter": {"retention": 1.0}})
     try:
         before = {name: read(REGISTRY, name) for name in COUNTERS}
-        routed_before = read(REGISTRY, "headrouter_routed_requests_total", {"task": "asr", "policy": "headrouter"})
+        routed_before = read(REGISTRY, "headrouter_routed_requests_total", {"task": "asr", "policy": "coverage"})
         audio = {"prompt": audio_prompt(QUESTION), "multi_modal_data": {"audio": (speech["long"], 16000)}}
         params = [SamplingParams(max_tokens=4, ignore_eos=True, extra_args=args)
                   for args in (route_args(task="asr", retention=0.5), None, route_args(retention=0.5))]
@@ -145,7 +145,7 @@ def test_offline_llm_requests_are_counted(tiny_model, speech):
     assert reports[1]["task"] is None and reports[1]["audio_tokens"] > 0 and reports[2]["audio_tokens"] == 0
     for name, value in expected(reports).items():
         assert read(REGISTRY, name) - before[name] == pytest.approx(value), name
-    assert read(REGISTRY, "headrouter_routed_requests_total", {"task": "asr", "policy": "headrouter"}) \
+    assert read(REGISTRY, "headrouter_routed_requests_total", {"task": "asr", "policy": "coverage"}) \
         - routed_before == 1
 
 
@@ -192,7 +192,7 @@ def test_metrics_endpoint_counts_streaming_and_non_streaming_requests(server, sp
         assert delta[name] == pytest.approx(want[name]), name
     # the probe time of the streamed request is in no response; what is left of the sum is its own
     assert delta["headrouter_probe_seconds_sum"] - reports[0]["probe_seconds"] - reports[1]["probe_seconds"] > 0
-    assert routed(end, "asr", "headrouter") - routed(start, "asr", "headrouter") == 1
+    assert routed(end, "asr", "coverage") - routed(start, "asr", "coverage") == 1
     assert routed(end, "ser", "uniform") - routed(start, "ser", "uniform") == 2
 
     # the streamed request by its own log line (no response usage): the same as its twin's report
@@ -238,5 +238,5 @@ def test_requests_ending_on_a_stop_string_or_aborted_are_counted(server, speech)
     assert delta["headrouter_audio_tokens_seen_total"] == 2 * report["audio_tokens"]
     assert delta["headrouter_audio_tokens_kept_total"] == 2 * report["kept_audio_tokens"]
     assert delta["headrouter_kv_blocks_freed_total"] == 2 * report["kv_blocks_freed"]
-    assert routed(end, "asr", "headrouter") - routed(start, "asr", "headrouter") == 2
+    assert routed(end, "asr", "coverage") - routed(start, "asr", "coverage") == 2
     assert chat(server, speech["short"]).choices[0].finish_reason == "length"  # and the server still serves

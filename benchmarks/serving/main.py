@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=None,
                         help="Poisson arrivals per second (default: all at once, closed loop)")
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
-    parser.add_argument("--policy", default="headrouter")
+    parser.add_argument("--policy", default=None, help="selection policy (default: the engine's, coverage)")
     parser.add_argument("--kv-blocks", type=int, default=200, help="KV pool size in blocks (fixed, for all runs)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)

@@ -58,7 +58,7 @@ class RunResult:
 
 
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
-               policy: str = "headrouter", progress=None) -> RunResult:
+               policy: str | None = None, progress=None) -> RunResult:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
