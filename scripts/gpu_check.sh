@@ -3,31 +3,48 @@
 #   1. the kernel tests, natively (tests/kernels picks CUDA when torch sees a GPU), incl. the compile checks;
 #   2. the kernel benchmark vs dense baselines (SDPA on gathered K/V; vLLM's Triton unified_attention);
 #   3. a served smoke run: HeadRouter's GPU worker and backend on a dummy-weight real-width model, the same
-#      requests against vanilla vLLM (tokens and usage into the results folder).
+#      requests against vanilla vLLM (tokens and usage into the results folder). Needs vLLM: skipped, saying so,
+#      where vLLM is not installed (steps 1 and 2 need only torch and triton).
 # Usage: bash scripts/gpu_check.sh [results folder]      (default: benchmarks/results/<gpu name>/gpu-check)
 # Needs: a CUDA GPU, and an environment with vllm==0.32.0 (GPU build) and this package installed:
-#   pip install -e '.[gpu]'
+#   pip install -e '.[gpu]'          ($PYTHON picks the interpreter; default python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU')"
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
+PY=${PYTHON:-python3}
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU')"
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out=${1:-benchmarks/results/$gpu/gpu-check}
 mkdir -p "$out"
 export VLLM_USE_V2_MODEL_RUNNER=0
+has_vllm=$($PY -c "import importlib.util as u; print('yes' if u.find_spec('vllm') else 'no')")
 {
   echo "# $(date -u +%FT%TZ) $gpu"
-  python -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  [ "$has_vllm" = yes ] && $PY -c "import vllm; print('vllm', vllm.__version__)" || echo "vllm: not installed"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
+  # the bandwidth ceiling the kernel benchmark's GB/s are compared with: a device-to-device copy, read + write
+  $PY -c "import torch, triton.testing as t; x = torch.empty(2**30, dtype=torch.uint8, device='cuda'); y = torch.empty_like(x)
+ms = t.do_bench(lambda: y.copy_(x), warmup=10, rep=100, return_mode='median'); print(f'copy bandwidth {2 * x.numel() / ms / 1e6:.0f} GB/s (read + write, 1 GiB)')"
 } | tee "$out/machine.txt"
 
+# xdist spreads the kernels' first compilations over the cores where it is installed
+xdist=$($PY -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
 echo "== 1. kernel tests (native)"
-python -m pytest -q tests/kernels --durations=10 -p no:cacheprovider 2>&1 | tee "$out/kernel-tests.txt"
+$PY -m pytest -q tests/kernels $xdist --durations=10 -p no:cacheprovider 2>&1 | tee "$out/kernel-tests.txt"
 
 echo "== 2. kernel benchmark"
-python benchmarks/kernels/bench_head_sparse.py --out "$out/bench_head_sparse_bf16_bs16.csv"
-python benchmarks/kernels/bench_head_sparse.py --dtype float16 --block-size 32 --out "$out/bench_head_sparse_fp16_bs32.csv"
+# bf16, 16-slot blocks: the default kernel and variants (key slots per iteration x programs the decode split aims at)
+$PY benchmarks/kernels/bench_head_sparse.py --out "$out/bench_head_sparse_bf16_bs16.csv" --tile-slots 0 16 32 128 \
+    --target-programs 0 2048 | tee "$out/bench.txt"
+$PY benchmarks/kernels/bench_head_sparse.py --dtype float16 --block-size 32 --out "$out/bench_head_sparse_fp16_bs32.csv" \
+    | tee -a "$out/bench.txt"
 
 echo "== 3. engine smoke: vanilla vs HeadRouter (GPU worker, HeadRouter backend), same requests"
+if [ "$has_vllm" != yes ]; then
+  echo "skipped: vLLM is not installed in this environment (pip install -e '.[gpu]')" | tee "$out/serve-smoke.txt"
+  echo "results in $out"
+  exit 0
+fi
 model=$(headrouter-vllm make-model qwen2-audio-7b-width-2l "$out/model" | tail -1)
 headrouter-vllm bench --model "$model" --load-format dummy --dtype bfloat16 --num-requests 64 --clip-seconds 30 \
     --output-tokens 32 --kv-blocks 2000 --block-size 16 --max-model-len 2048 --out "$out" --name serve-smoke \

@@ -93,7 +93,8 @@ def time_sdpa_gathered(cache: torch.Tensor, block_table: torch.Tensor, query: to
 
 
 def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fractions: list[float],
-               dtype: torch.dtype, block_size: int, smoke: bool, device: str) -> list[dict]:
+               dtype: torch.dtype, block_size: int, smoke: bool, device: str,
+               variants: list[tuple[int | None, int | None]]) -> list[dict]:
     num_heads, num_kv_heads, head_size = LAYOUTS[layout]
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = batch * blocks_per_seq
@@ -135,19 +136,25 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
     for name, micros in baselines.items():
         rows.append({**base, "impl": name, "kept_fraction": 1.0, "time_us": micros, "bytes_read": dense_bytes,
                      "bandwidth_gb_s": dense_bytes / micros / 1e3})
-    for fraction in fractions:
-        budgets = head_budgets(fraction, span, num_kv_heads)
-        kept = budgets.to(torch.int32).to(device).expand(batch, num_kv_heads).contiguous()
-        micros = timer(lambda kept=kept: kernel.head_sparse_paged_attention(
-            query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, span_start, span_slots, kept,
-            out=out, max_query_len=1, max_seq_len=context), smoke)
-        visible = batch * int((context - span + budgets).sum())  # slots read, summed over KV heads
-        read = 2 * visible * head_size * element + io_bytes
-        row = {**base, "impl": "head_sparse", "kept_fraction": fraction, "time_us": micros, "bytes_read": read,
-               "bandwidth_gb_s": read / micros / 1e3}
-        for name, dense_micros in baselines.items():
-            row[f"speedup_vs_{name}"] = dense_micros / micros
-        rows.append(row)
+    for tile_slots, target_programs in variants:
+        impl = "head_sparse" if (tile_slots, target_programs) == (None, None) else \
+            f"head_sparse_tile{tile_slots or 'default'}_programs{target_programs or 'default'}"
+        splits = None if target_programs is None else kernel.default_num_kv_splits(
+            batch, num_kv_heads, context, block_size, target_programs)
+        tile = None if tile_slots is None else max(tile_slots, block_size)
+        for fraction in fractions:
+            budgets = head_budgets(fraction, span, num_kv_heads)
+            kept = budgets.to(torch.int32).to(device).expand(batch, num_kv_heads).contiguous()
+            micros = timer(lambda kept=kept: kernel.head_sparse_paged_attention(
+                query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, span_start, span_slots,
+                kept, out=out, max_query_len=1, max_seq_len=context, num_kv_splits=splits, tile_slots=tile), smoke)
+            visible = batch * int((context - span + budgets).sum())  # slots read, summed over KV heads
+            read = 2 * visible * head_size * element + io_bytes
+            row = {**base, "impl": impl, "kept_fraction": fraction, "time_us": micros, "bytes_read": read,
+                   "bandwidth_gb_s": read / micros / 1e3}
+            for name, dense_micros in baselines.items():
+                row[f"speedup_vs_{name}"] = dense_micros / micros
+            rows.append(row)
     return rows
 
 
@@ -162,6 +169,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16, choices=[16, 32])
     parser.add_argument("--max-memory-gib", type=float, default=60.0,
                         help="skip configurations whose KV cache plus SDPA's gathered copies (3x) exceed this")
+    parser.add_argument("--tile-slots", nargs="+", type=int, default=[0],
+                        help="kernel variants: key slots per loop iteration (0: the kernel's default)")
+    parser.add_argument("--target-programs", nargs="+", type=int, default=[0],
+                        help="kernel variants: programs the decode split aims at (0: the kernel's default)")
     parser.add_argument("--smoke", action="store_true", help="tiny run on CPU under the Triton interpreter")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vllm_attention = load_vllm_attention()
     dtype = getattr(torch, args.dtype)
+    variants = [(tile or None, target or None) for tile in args.tile_slots for target in args.target_programs]
     rows = []
     for layout in args.layouts:
         _, num_kv_heads, head_size = LAYOUTS[layout]
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"skip {layout} batch {batch} context {context}: {memory_gib:.1f} GiB > --max-memory-gib")
                     continue
                 rows += run_config(kernel, vllm_attention, layout, batch, context, args.kept_fractions, dtype,
-                                   args.block_size, args.smoke, device)
+                                   args.block_size, args.smoke, device, variants)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     fields = list(dict.fromkeys(key for row in rows for key in row))
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer.writerows(rows)
     for row in rows:
         ratios = " ".join(f"{k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
-        print(f"{row['layout']:16} b{row['batch']:<4} ctx{row['context']:<6} {row['impl']:22} "
+        print(f"{row['layout']:16} b{row['batch']:<4} ctx{row['context']:<6} {row['impl']:36} "
               f"kept {row['kept_fraction']:.1f} {row['time_us']:10.1f} us {row['bandwidth_gb_s']:8.1f} GB/s {ratios}")
     print(f"wrote {len(rows)} rows to {args.out}")
     return rows

@@ -61,19 +61,19 @@ def compile_for_gpu(kernel, pointer_types: dict[str, str], constexprs: dict, arc
     assert compiled.asm["cubin"]
 
 
-ATTENTION_VARIANTS = {  # (head size, block size, GQA group, padded group, rows per program, KV splits)
-    "omni_d128_bs16_group7_split4": (128, 16, 7, 8, 16, 4),
-    "audio7b_d128_bs32_mha_prefill64": (128, 32, 1, 1, 64, 1),
-    "tiny_d32_bs16_group2_split16": (32, 16, 2, 2, 16, 16),
-    "d64_bs16_group16": (64, 16, 16, 16, 16, 1),
+ATTENTION_VARIANTS = {  # (head size, block size, GQA group, padded group, rows per program, KV splits, tile blocks)
+    "omni_d128_bs16_group7_split4_tile4": (128, 16, 7, 8, 16, 4, 4),
+    "audio7b_d128_bs32_mha_prefill64_tile2": (128, 32, 1, 1, 64, 1, 2),
+    "tiny_d32_bs16_group2_split16_tile1": (32, 16, 2, 2, 16, 16, 1),
+    "d64_bs16_group16_tile8": (64, 16, 16, 16, 16, 1, 8),
 }
 
 
 @pytest.mark.parametrize(("variant", "dtype"), [(v, d) for v in ATTENTION_VARIANTS for d in ("fp16", "bf16")]
-                         + [("tiny_d32_bs16_group2_split16", "fp32")])  # fp32 is for tests only
+                         + [("tiny_d32_bs16_group2_split16_tile1", "fp32")])  # fp32 is for tests only
 def test_head_sparse_attention_compiles(variant: str, dtype: str) -> None:
     module = load_compilable("head_sparse_paged_attention")
-    head_size, block_size, group, group_padded, block_m, splits = ATTENTION_VARIANTS[variant]
+    head_size, block_size, group, group_padded, block_m, splits, tile_blocks = ATTENTION_VARIANTS[variant]
     types = {name: TYPES[dtype] for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     types.update({name: "*fp32" for name in ("part_max_ptr", "part_sum_ptr", "part_acc_ptr")})
     types.update({name: "*i32" for name in ("block_table_ptr", "cu_seqlens_q_ptr", "seq_lens_ptr", "span_start_ptr",
@@ -81,7 +81,7 @@ def test_head_sparse_attention_compiles(variant: str, dtype: str) -> None:
     types["scale"] = "fp32"
     compile_for_gpu(module._head_sparse_attention_kernel, types, dict(
         NUM_KV_HEADS=4, QUERIES_PER_KV=group, QUERIES_PER_KV_PADDED=group_padded, BLOCK_M=block_m,
-        BLOCK_SIZE=block_size, HEAD_SIZE=head_size, NUM_SPLITS=splits,
+        BLOCK_SIZE=block_size, HEAD_SIZE=head_size, NUM_SPLITS=splits, TILE_BLOCKS=tile_blocks,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32"))
     if splits > 1:
         compile_for_gpu(module._combine_splits_kernel,

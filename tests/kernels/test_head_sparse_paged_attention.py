@@ -97,6 +97,18 @@ def test_layouts(block_size: int, head_size: int, dtype: torch.dtype, num_kv_spl
     check(case, dtype, block_size, head_size)
 
 
+@pytest.mark.parametrize("tile_blocks", [1, 2, 8], ids=lambda n: f"tile{n}blocks")
+@pytest.mark.parametrize("name", ["span_mid_block", "decode_split_kv", "mixed_split_kv", "gqa_group_of_7"])
+def test_tile_sizes(name: str, tile_blocks: int) -> None:
+    """Loop iterations of one KV block, several, or more than a sequence has: the same result (tiles straddle the
+    skipped range and the end of the visible keys)."""
+    case = CASES[name]
+    _, args = make_inputs(case, torch.float32, 16, 32)
+    expected = reference.head_sparse_paged_attention(*args)
+    out = triton.head_sparse_paged_attention(*args, num_kv_splits=case.num_kv_splits, tile_slots=16 * tile_blocks)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_default_splits_and_strided_output() -> None:
     """Small decode batches over long contexts split the key range by default; ``out`` may be a strided view."""
     assert triton.default_num_kv_splits(1, 4, 16384, 16) == 16  # Qwen2.5-Omni, one long request
@@ -143,3 +155,5 @@ def test_rejects_shapes_that_do_not_compile_on_gpu() -> None:
         triton.head_sparse_paged_attention(*args, block_m=8)
     with pytest.raises(ValueError, match="num_kv_splits"):
         triton.head_sparse_paged_attention(*args, num_kv_splits=3)
+    with pytest.raises(ValueError, match="tile_slots"):
+        triton.head_sparse_paged_attention(*args, tile_slots=48)
