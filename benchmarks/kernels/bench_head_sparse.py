@@ -145,7 +145,7 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
         for fraction in fractions:
             budgets = head_budgets(fraction, span, num_kv_heads)
             kept = budgets.to(torch.int32).to(device).expand(batch, num_kv_heads).contiguous()
-            micros = timer(lambda kept=kept: kernel.head_sparse_paged_attention(
+            micros = timer(lambda kept=kept, splits=splits, tile=tile: kernel.head_sparse_paged_attention(
                 query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, span_start, span_slots,
                 kept, out=out, max_query_len=1, max_seq_len=context, num_kv_splits=splits, tile_slots=tile), smoke)
             visible = batch * int((context - span + budgets).sum())  # slots read, summed over KV heads

@@ -84,7 +84,8 @@ def _head_sparse_attention_kernel(
     for tile in range(tile_lo, tile_hi):
         virtual_block = tile * TILE_BLOCKS + tile_offsets // BLOCK_SIZE
         in_range = virtual_block < num_virtual_blocks
-        block = tl.where(virtual_block < blocks_before, virtual_block, virtual_block - blocks_before + first_block_after)
+        block_after = virtual_block - blocks_before + first_block_after
+        block = tl.where(virtual_block < blocks_before, virtual_block, block_after)
         physical = tl.load(block_table_ptr + seq * stride_table_seq + block, mask=in_range, other=0).to(tl.int64)
         slot = block * BLOCK_SIZE + slot_in_block
         # masked loads: skipped slots and slots past the visible end are never read (they may hold garbage)
