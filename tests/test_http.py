@@ -130,6 +130,11 @@ BAD_REQUESTS = [
     ("retention_above_one", {"extra_body": {"vllm_xargs": {"headrouter_retention": 1.5}}}, "headrouter_retention"),
     ("retention_negative", {"extra_body": {"vllm_xargs": {"headrouter_retention": -1}}}, "headrouter_retention"),
     ("metadata_not_string", {"extra_body": {"metadata": {"headrouter_retention": 0.5}}}, "headrouter_retention"),
+    ("metadata_list", {"extra_body": {"metadata": {"headrouter_task": ["asr"]}}}, "headrouter_task"),
+    ("retention_list", {"extra_body": {"vllm_xargs": {"headrouter_retention": [0.5]}}}, "headrouter_retention"),
+    ("task_not_string", {"extra_body": {"vllm_xargs": {"headrouter_task": 3}}}, "headrouter_task"),
+    ("unknown_policy", {"metadata": {"headrouter_policy": "best"}}, "headrouter_policy"),
+    ("unknown_probe_point", {"metadata": {"headrouter_probe_point": "middle"}}, "headrouter_probe_point"),
     ("conflict", {"metadata": {"headrouter_retention": "0.5"},
                   "extra_body": {"vllm_xargs": {"headrouter_retention": 0.7}}}, "headrouter_retention"),
 ]
@@ -142,6 +147,15 @@ def test_bad_options_are_400_and_server_keeps_serving(server, speech, kwargs, fi
     assert info.value.status_code == 400
     assert field in str(info.value)
     assert chat(server, speech["short"]).choices[0].token_ids  # the next good request still succeeds
+
+
+def test_task_without_audio_is_400(server, speech):
+    with pytest.raises(openai.BadRequestError) as info:
+        server["client"].chat.completions.create(model=MODEL_NAME, max_tokens=2, metadata={"headrouter_task": "asr"},
+                                                 messages=[{"role": "user", "content": QUESTION}])
+    assert info.value.status_code == 400 and "metadata.headrouter_task" in str(info.value)
+    assert "no audio" in str(info.value)
+    assert chat(server, speech["short"]).choices[0].token_ids
 
 
 def test_kv_pool_is_empty_after_requests(server):
@@ -166,6 +180,8 @@ BAD_AUDIO = [
     ("corrupt", lambda: base64.b64encode(b"RIFF garbage" * 50).decode(), "could not decode"),
     ("not_base64", lambda: "%%%%", "not valid base64"),
     ("empty", lambda: "", "non-empty"),
+    # a format the decoder does not know: an image declared as audio
+    ("not_audio", lambda: base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(200)).decode(), "could not decode"),
 ]
 
 
@@ -175,6 +191,16 @@ def test_bad_audio_is_400_and_server_keeps_serving(server, speech, make, message
         _raw_audio_chat(server, make())
     assert info.value.status_code == 400 and message in str(info.value)
     assert "messages[0].content[0]" in str(info.value)
+    assert chat(server, speech["short"]).choices[0].token_ids
+
+
+def test_bad_audio_format_field_is_400(server, speech):
+    part = audio_message(speech["short"])[0]["content"][0]
+    part = {**part, "input_audio": {**part["input_audio"], "format": 7}}
+    with pytest.raises(openai.BadRequestError) as info:
+        server["client"].chat.completions.create(model=MODEL_NAME, max_tokens=2, messages=[
+            {"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}])
+    assert info.value.status_code == 400 and "input_audio.format" in str(info.value)
     assert chat(server, speech["short"]).choices[0].token_ids
 
 

@@ -164,7 +164,7 @@ def vllm_answers(listening_model, test_clips):
     prompts = [{"prompt": prompt_text(suite.QUESTIONS[t]), "multi_modal_data": {"audio": (c.wave, 16000)}}
                for c, t in questions]
     result = {}
-    for label, extra in (("full", None), ("headrouter", route_args(retention=0.5)),
+    for label, extra in (("full", None), ("headrouter", route_args(retention=0.5, policy="headrouter")),
                          ("uniform", route_args(retention=0.5, policy="uniform"))):
         params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, extra_args=extra)
         outs = llm.generate(prompts, [params] * len(prompts), use_tqdm=False)

@@ -52,9 +52,12 @@ def test_route_args():
         route_args(retention=2)
 
 
+REMOTE_AUDIO = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}]}]
+
+
 def test_metadata_moves_into_vllm_xargs():
     body = {"model": "m", "metadata": {"headrouter_task": "asr", "headrouter_retention": "0.5", "user": "x"},
-            "vllm_xargs": {"other": 1}}
+            "vllm_xargs": {"other": 1}, "messages": REMOTE_AUDIO}
     out = rewrite_body(body)
     assert out["vllm_xargs"] == {"other": 1, "headrouter_task": "asr", "headrouter_retention": 0.5}
     assert out["metadata"] == body["metadata"] and body["vllm_xargs"] == {"other": 1}  # input not mutated
@@ -63,6 +66,12 @@ def test_metadata_moves_into_vllm_xargs():
 @pytest.mark.parametrize("body", [{"model": "m"}, {"metadata": {"user": "x"}}, {"metadata": None}, [1, 2], "s"])
 def test_bodies_without_options_pass_unchanged(body):
     assert rewrite_body(body) is body
+
+
+def test_retention_without_audio_passes():
+    """A retention alone (e.g. a client-wide default) on a text-only request is harmless: served as vanilla."""
+    out = rewrite_body({"metadata": {"headrouter_retention": "0.5"}, "messages": [{"role": "user", "content": "hi"}]})
+    assert out["vllm_xargs"] == {"headrouter_retention": 0.5}
 
 
 def test_same_value_in_both_places_is_fine():
@@ -81,6 +90,12 @@ def test_same_value_in_both_places_is_fine():
     ({"metadata": {"headrouter_task": "karaoke"}}, "metadata.headrouter_task"),
     ({"metadata": {"headrouter_probe_point": "middle"}}, "metadata.headrouter_probe_point"),
     ({"vllm_xargs": {"headrouter_retention": 2}}, "vllm_xargs.headrouter_retention"),
+    # a task on a request without audio
+    ({"metadata": {"headrouter_task": "asr"}}, "metadata.headrouter_task"),
+    ({"vllm_xargs": {"headrouter_task": "asr"}, "messages": [{"role": "user", "content": "hi"}]},
+     "vllm_xargs.headrouter_task"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": 7}}]}]},
+     "messages[0].content[0].input_audio.format"),
 ], ids=lambda v: str(v)[:50])
 def test_bad_bodies(body, param):
     with pytest.raises(RequestError) as info:

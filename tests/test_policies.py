@@ -225,51 +225,6 @@ def test_compaction_never_drops_text(spans, retention):
     assert bool((dst < src).all())  # moves only go down
 
 
-class SimulatedGroup:
-    """An all-reduce across ranks run as threads (what torch.distributed does across processes)."""
-
-    def __init__(self, world: int):
-        import threading
-
-        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
-
-    def all_reduce_sum(self, rank: int):
-        def reduce(t: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = t.clone()
-            self.barrier.wait()
-            total = sum(self.slots)
-            self.barrier.wait()
-            return total
-        return reduce
-
-
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("with_profiles,calibrated_prior", [(False, False), (True, False), (True, True)],
-                         ids=["no_profiles", "profiles", "profiles_and_prior"])
-@pytest.mark.parametrize("task", ["auto", "asr", "karaoke"])
-def test_tensor_parallel_routing_equals_unsharded(world, with_profiles, calibrated_prior, task):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from headrouter_vllm.routing.sharded import select_shared_sharded
-
-    probe = make_probe(64, seed=world)
-    profiles = make_profiles() if with_profiles else None
-    if calibrated_prior:
-        profiles = dataclasses.replace(profiles, position_prior=torch.linspace(0.5, 2.0, 16).repeat(HEADS, 1))
-    keep = 20
-    expected = select(probe, keep, RouteSettings(task=task), profiles).kept
-    group, per_rank = SimulatedGroup(world), HEADS // world
-
-    def rank(r: int) -> torch.Tensor:
-        heads = slice(r * per_rank, (r + 1) * per_rank)
-        return select_shared_sharded(probe.head_scores[heads], heads, HEADS, keep, task, profiles,
-                                     group.all_reduce_sum(r))
-
-    with ThreadPoolExecutor(world) as pool:
-        results = list(pool.map(rank, range(world)))
-    assert all(torch.equal(kept, expected) for kept in results)
-
-
 def test_coverage_spreads_over_every_window_and_leans_to_the_mass():
     from headrouter_vllm.routing.select import select_coverage
 

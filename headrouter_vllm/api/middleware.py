@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from headrouter_vllm.api import limits
-from headrouter_vllm.api.options import OPTION_KEYS, OptionError, parse_route_options
+from headrouter_vllm.api.options import OPTION_KEYS, XARG_TASK, OptionError, parse_route_options
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
@@ -30,11 +30,13 @@ class RequestError(Exception):
         self.param = param
 
 
-def check_audio(body: dict) -> None:
-    """Decode every inline audio part of a chat request; raise RequestError for audio the model cannot take."""
+def check_audio(body: dict) -> int:
+    """Decode every inline audio part of a chat request; raise RequestError for audio the model cannot take.
+    Returns the number of audio parts (inline or remote)."""
     messages = body.get("messages")
+    parts = 0
     if not isinstance(messages, list):
-        return
+        return parts
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
@@ -45,9 +47,15 @@ def check_audio(body: dict) -> None:
             where = f"messages[{i}].content[{j}]"
             data = None
             if part.get("type") == "input_audio" and isinstance(part.get("input_audio"), dict):
+                parts += 1
+                audio_format = part["input_audio"].get("format")
+                if audio_format is not None and not (isinstance(audio_format, str) and audio_format):
+                    raise RequestError(where + ".input_audio.format",
+                                       f"the audio format must be a name such as 'wav' or 'mp3', got {audio_format!r}")
                 data = part["input_audio"].get("data")
                 where += ".input_audio.data"
             elif part.get("type") == "audio_url" and isinstance(part.get("audio_url"), dict):
+                parts += 1
                 url = part["audio_url"].get("url")
                 if isinstance(url, str) and url.startswith("data:"):
                     data = url.split(",", 1)[1] if "," in url else ""
@@ -59,6 +67,7 @@ def check_audio(body: dict) -> None:
             if limit is not None and seconds > limit + 1e-6:
                 raise RequestError(where, f"audio is {seconds:.1f} s long; this model takes at most {limit:g} s "
                                           "(longer audio would be cut silently)")
+    return parts
 
 
 def _decoded_seconds(data: Any, where: str) -> float:
@@ -90,7 +99,7 @@ def rewrite_body(body: Any) -> Any:
     """
     if not isinstance(body, dict):
         return body
-    check_audio(body)
+    audio_parts = check_audio(body)
     metadata = body.get("metadata")
     xargs = body.get("vllm_xargs")
     if metadata is not None and not isinstance(metadata, dict):
@@ -117,6 +126,11 @@ def rewrite_body(body: Any) -> Any:
                 raise RequestError(e.param, str(e)) from None
     if not any(key in merged for key in OPTION_KEYS):
         return body
+    if XARG_TASK in merged and not audio_parts:
+        # a task says what to listen for: without audio it is a client mistake (a retention alone is harmless,
+        # e.g. a client-wide default, and such requests run as vanilla vLLM)
+        source = "metadata" if xargs is None or XARG_TASK not in xargs else "vllm_xargs"
+        raise RequestError(f"{source}.{XARG_TASK}", "names a task, but the request has no audio part to route")
     # the engine sees typed values: the retention as a float
     options = parse_route_options(merged)
     if options.retention is not None:

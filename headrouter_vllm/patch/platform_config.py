@@ -49,10 +49,15 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     elif not (isinstance(sched.scheduler_cls, type) and sched.scheduler_cls.__name__ == "HeadRouterScheduler"):
         raise ConfigError(f"HeadRouter needs --scheduler-cls {SCHEDULER_CLS} (got {sched.scheduler_cls})")
     parallel = vllm_config.parallel_config
-    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-        if getattr(parallel, name, 1) > 1:
-            raise ConfigError(f"HeadRouter does not support {name} > 1 yet: the probe's shared score would need an "
-                              "all-reduce across the ranks that hold the KV heads")
+    if getattr(parallel, "pipeline_parallel_size", 1) > 1:
+        raise ConfigError("HeadRouter does not support pipeline_parallel_size > 1 yet: the probe layer and the layers "
+                          "it compacts would sit on different ranks")
+    tp = getattr(parallel, "tensor_parallel_size", 1)
+    total_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+    if tp > 1 and total_kv_heads % tp:
+        # vLLM would replicate KV heads across ranks; the runner's head gather assumes each rank owns a share
+        raise ConfigError(f"HeadRouter with tensor_parallel_size {tp} needs the model's {total_kv_heads} KV heads "
+                          "to split evenly across the ranks")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise ConfigError("HeadRouter does not support speculative decoding yet (drafts write KV at unshifted slots)")
     on_cuda = _on_cuda()
