@@ -45,11 +45,11 @@ class HeadRouterConfig:
             the kept audio from layer ``probe_layer + 1`` on, as in the paper; needs those rows in
             one prefill chunk).
         probe_point: where the probe reads attention, for requests that name none (``None``: the profile file's
-            choice, written by ``quality --tune-coverage``, else ``prompt``). ``prompt``: the rows after the
-            audio, in the step that finishes the prompt. ``first_token``: the first generated token's row, in the
-            first decode step; in that step the layers above ``probe_layer`` already attend to the kept audio
-            only, and the KV is compacted after it (prompt rows run dense whatever ``semantics`` says; on a
-            ``per_head`` engine such requests run ``shared``).
+            choice for the request's task group, written by ``quality --tune-coverage``, else ``prompt``).
+            ``prompt``: the rows after the audio, in the step that finishes the prompt. ``first_token``: the first
+            generated token's row, in the first decode step; in that step the layers above ``probe_layer`` already
+            attend to the kept audio only, and the KV is compacted after it (prompt rows run dense whatever
+            ``semantics`` says; on a ``per_head`` engine such requests run ``shared``).
         default_task: task for requests that name none (``auto`` = routed from the input alone).
         policy: how kept tokens are chosen for requests that name none (``None``: ``coverage``, the routed score
             spread over the clip with the profile file's per-group settings, which is never below ``uniform`` in
@@ -116,19 +116,22 @@ class HeadRouterConfig:
         if self.mode == "per_head" and self.attention == "platform":
             raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' or 'torch' (vLLM's own attention "
                               "cannot skip each head's pruned slots)")
-        profile_probe_point = None
+        profiles = None
         if self.profiles is not None:
             profiles = self.load_profiles()
             register_operator_tasks(profiles.task_names())
-            profile_probe_point = profiles.probe_point
-            if profile_probe_point == "first_token" and (self.semantics == "in_prompt" or self.mode == "per_head"):
+            uses_first_token = "first_token" in (profiles.probe_point.values() if isinstance(profiles.probe_point, dict)
+                                                 else (profiles.probe_point,))
+            if uses_first_token and (self.semantics == "in_prompt" or self.mode == "per_head"):
                 from headrouter_vllm.log import get_logger
 
                 get_logger(__name__).warning(
                     "the profile file's probe point 'first_token' does not apply to a %s engine: requests that "
                     "name no probe point probe the prompt", "per_head" if self.mode == "per_head" else "in_prompt")
-                profile_probe_point = None
-        object.__setattr__(self, "_profile_probe_point", profile_probe_point)
+                profiles = None
+        # the file's probe point(s) and task table, for probe_point_for
+        object.__setattr__(self, "_profile_probe_point", None if profiles is None else (profiles.probe_point,
+                                                                                        profiles.tasks))
         try:
             check_task(self.default_task)
         except ValueError as e:
@@ -139,11 +142,23 @@ class HeadRouterConfig:
         """The policy of requests that name none: ``policy``, else ``coverage`` (``headrouter`` in ``per_head``)."""
         return self.policy or ("headrouter" if self.mode == "per_head" else "coverage")
 
+    def probe_point_for(self, task: str) -> str:
+        """The probe point of a request that names none, routed by ``task``: ``probe_point``, else the profile
+        file's for that task (on an ``after_prompt``, ``shared`` engine: the others probe the prompt, see
+        ``__post_init__``), else ``prompt``."""
+        if self.probe_point is not None:
+            return self.probe_point
+        from headrouter_vllm.routing.tasks import task_group
+
+        point, tasks = getattr(self, "_profile_probe_point", None) or (None, None)
+        if isinstance(point, dict):
+            point = point[task_group(task, tasks)]
+        return point or "prompt"
+
     @property
     def default_probe_point(self) -> str:
-        """The probe point of requests that name none: ``probe_point``, else the profile file's (on an
-        ``after_prompt``, ``shared`` engine: the others probe the prompt, see ``__post_init__``), else ``prompt``."""
-        return self.probe_point or getattr(self, "_profile_probe_point", None) or "prompt"
+        """The probe point of requests that name neither a probe point nor a task."""
+        return self.probe_point_for(self.default_task)
 
     def load_profiles(self):
         """The profile file's contents, or ``None`` without one; a bad file is a ConfigError."""

@@ -319,17 +319,44 @@ def test_coverage_tuning_choice_prefers_accuracy_then_the_uniform_side():
     assert chosen["mixed"] == Coverage(1, 1.0)
 
 
-def test_probe_point_tuning_takes_the_better_group_bests_and_prompt_on_a_tie():
-    from headrouter_vllm.benchmarks.quality.tune import UNIFORM, choose_probe_point
+def test_probe_point_tuning_chooses_per_group_and_prompt_on_a_tie():
+    from headrouter_vllm.benchmarks.quality.tune import UNIFORM, choose_probe_points
     from headrouter_vllm.routing.select import Coverage
 
     spread = Coverage(8, 0.5)
     prompt = {UNIFORM: {"semantic": 60.0, "acoustic": 90.0, "all": 80.0},
-              spread: {"semantic": 70.0, "acoustic": 85.0, "all": 80.0}}
-    first = {UNIFORM: prompt[UNIFORM], spread: {"semantic": 80.0, "acoustic": 80.0, "all": 80.0}}
-    point, settings = choose_probe_point({"prompt": prompt, "first_token": first})
-    assert point == "first_token" and settings["semantic"] == spread and settings["acoustic"] == UNIFORM
-    assert choose_probe_point({"prompt": prompt, "first_token": prompt})[0] == "prompt"
+              spread: {"semantic": 70.0, "acoustic": 85.0, "all": 79.0}}
+    first = {UNIFORM: {"semantic": 55.0, "acoustic": 92.0, "all": 81.0},
+             spread: {"semantic": 80.0, "acoustic": 80.0, "all": 80.0}}
+    points, settings = choose_probe_points({"prompt": prompt, "first_token": first})
+    assert points == {"semantic": "first_token", "acoustic": "first_token", "mixed": "first_token"}
+    assert settings == {"semantic": spread, "acoustic": UNIFORM, "mixed": UNIFORM}
+    first[spread]["semantic"] = 70.0  # a tie with the prompt probe's best: prompt
+    points, settings = choose_probe_points({"prompt": prompt, "first_token": first})
+    assert points["semantic"] == "prompt" and settings["semantic"] == spread
+    assert choose_probe_points({"prompt": prompt, "first_token": prompt})[0] == dict.fromkeys(GROUPS, "prompt")
+
+
+def test_tuning_reuses_an_earlier_runs_validation_grid(tmp_path):
+    import json
+
+    from headrouter_vllm.benchmarks.quality.tune import UNIFORM, measured_grid
+    from headrouter_vllm.routing.select import Coverage
+
+    record = {"clips": 43, "retentions": [0.5], "grid": [
+        {"probe_point": "prompt", "segments": 1, "floor": 1.0, "all": 80.0, "semantic": 50.0, "acoustic": 90.0},
+        {"probe_point": "first_token", "segments": 8, "floor": 0.5, "all": 81.0, "semantic": 49.0, "acoustic": 92.0},
+        {"probe_point": "prompt", "segments": 4, "floor": 0.25, "all": 70.0}]}  # not in this run's grid: left out
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"coverage_tuning": {"m": record}}))
+    grid = [UNIFORM, Coverage(8, 0.5)]
+    measured = measured_grid(path, "m", 43, [0.5], grid, ["prompt", "first_token"])
+    assert set(measured) == {("prompt", UNIFORM), ("first_token", Coverage(8, 0.5))}  # the rest is measured anew
+    assert measured[("prompt", UNIFORM)]["semantic"] == 50.0
+    with pytest.raises(SystemExit, match="43 clips"):
+        measured_grid(path, "m", 40, [0.5], grid, ["prompt"])
+    with pytest.raises(SystemExit, match="no coverage tuning"):
+        measured_grid(path, "other", 43, [0.5], grid, ["prompt"])
 
 
 def test_profile_file_probe_point_is_the_engines_default(tmp_path):
@@ -348,6 +375,31 @@ def test_profile_file_probe_point_is_the_engines_default(tmp_path):
     data["probe_point"] = "last_token"
     with pytest.raises(ProfileError, match="probe_point"):
         ProfileSet.from_json(data)
+    data["probe_point"] = {"semantic": "prompt", "acoustic": "first_token"}  # a group missing
+    with pytest.raises(ProfileError, match="every group"):
+        ProfileSet.from_json(data)
+
+
+def test_profile_file_probe_point_per_group_follows_the_task(tmp_path):
+    """Per group: named tasks take their group's probe point, operator tasks their largest prior's, auto the mixed
+    group's; a request or the engine config naming a probe point wins."""
+    path = tmp_path / "p.json"
+    points = {"semantic": "prompt", "acoustic": "first_token", "mixed": "first_token"}
+    tasks = {"digits": {"semantic": 0.7, "acoustic": 0.2, "mixed": 0.1},
+             "beeps": {"semantic": 0.1, "acoustic": 0.8, "mixed": 0.1}}
+    dataclasses.replace(make_profiles(), probe_point=points, tasks=tasks).save(path)
+    config = HeadRouterConfig(profiles=str(path))
+    expected = {"asr": "prompt", "semantic": "prompt", "sed": "first_token", "acoustic": "first_token",
+                "digits": "prompt", "beeps": "first_token", "auto": "first_token", "mixed": "first_token"}
+    assert {task: config.probe_point_for(task) for task in expected} == expected
+    assert config.default_probe_point == "first_token"  # default task auto
+    assert HeadRouterConfig(profiles=str(path), probe_point="prompt").probe_point_for("sed") == "prompt"
+    assert HeadRouterConfig(profiles=str(path), semantics="in_prompt").probe_point_for("sed") == "prompt"
+    spans, length = [(3, 40)], 60
+    assert make_plan(RouteOptions(task="sed", retention=0.5), config, spans, length).probe_point == "first_token"
+    assert make_plan(RouteOptions(task="asr", retention=0.5), config, spans, length).probe_point == "prompt"
+    assert make_plan(RouteOptions(task="sed", retention=0.5, probe_point="prompt"), config, spans,
+                     length).probe_point == "prompt"
 
 
 def test_first_token_plans_probe_the_first_generated_row():

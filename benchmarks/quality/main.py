@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--tune-coverage grid: window counts")
     parser.add_argument("--tune-probe-points", nargs="+", choices=["prompt", "first_token"],
                         default=["prompt", "first_token"], help="--tune-coverage grid: probe points")
+    parser.add_argument("--tuning-from", default=None, metavar="SUMMARY_JSON",
+                        help="--tune-coverage: take the validation grid's accuracies from an earlier run's "
+                             "summary.json (same models, tuning clips and retentions: checked) instead of measuring "
+                             "them again; grid points it lacks are measured, and the choice is made anew"),
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
                         help="policy[:named|auto][@prompt|first_token] under after_prompt semantics (no @: the "
                              "engine's probe point, which a tuned profile file may set)")
@@ -83,7 +87,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     from headrouter_vllm.benchmarks.quality import report
     from headrouter_vllm.benchmarks.quality.run import methods, run_methods
-    from headrouter_vllm.benchmarks.quality.tune import parse_grid, tune_coverage
+    from headrouter_vllm.benchmarks.quality.tune import measured_grid, parse_grid, tune_coverage
     from headrouter_vllm.benchmarks.serving.report import machine, machine_slug
     from headrouter_vllm.calibrate import calibrate
     from headrouter_vllm.listening import suite
@@ -112,10 +116,12 @@ def main(args: argparse.Namespace) -> list[dict]:
             profiles = tmp / f"{label}-profiles.json"
             calibrate(model, manifest, profiles)
             if args.tune_coverage:
-                points = len(args.tune_probe_points) * len(grid)
+                measured = None if args.tuning_from is None else measured_grid(
+                    args.tuning_from, label, len(tuning), args.retentions, grid, args.tune_probe_points)
+                points = len(args.tune_probe_points) * len(grid) - len(measured or {})
                 with tqdm(total=points, desc=f"tuning coverage ({label})", unit="point") as bar:
                     tuned[label] = tune_coverage(model, tuning, profiles, args.retentions, grid, engine_kwargs,
-                                                 tmp, tuple(args.tune_probe_points), progress=bar)
+                                                 tmp, tuple(args.tune_probe_points), progress=bar, measured=measured)
                 print(f"{label}: tuned on {len(tuning)} validation clips: probe point "
                       f"{tuned[label]['probe_point']}, coverage {tuned[label]['chosen']}")
             for semantics, mode in engines:

@@ -151,8 +151,11 @@ def tuning(meta: dict) -> str:
     parts = ["\n## Coverage settings tuned on validation clips\n"]
     for model, record in meta["coverage_tuning"].items():
         chosen = ", ".join(f"{g}: {c['segments']} windows, floor {c['floor']}" for g, c in record["chosen"].items())
+        point = record.get("probe_point", "prompt")
+        if isinstance(point, dict):  # one per group
+            point = ", ".join(f"{g}: {p}" for g, p in point.items())
         parts += [f"**{model}** ({record['clips']} clips, r = {record['retentions']}): probe point "
-                  f"{record.get('probe_point', 'prompt')}; {chosen}\n",
+                  f"{point}; {chosen}\n",
                   "| probe point | segments | floor | semantic | acoustic | all |", "|---|---|---|---|---|---|"]
         parts += [f"| {p.get('probe_point', 'prompt')}{' (uniform)' if p['floor'] >= 1.0 else ''} | {p['segments']} | "
                   f"{p['floor']} | {p.get('semantic', math.nan):.1f} | {p.get('acoustic', math.nan):.1f} | "

@@ -1,18 +1,19 @@
 """Tune the ``coverage`` policy's settings per task group, and the probe point, on validation clips (never test).
 
 Every grid point (a probe point and one setting for all groups) runs ``coverage:named`` on every validation
-question at each retention through the engine. Per probe point, each group takes the setting with the best
-accuracy on its own questions (mean over retentions; ties go to the larger ``floor``, closer to ``uniform``, the
-safer choice, then to fewer segments; ``mixed`` takes the best over all questions). The probe point with the
-better mean of its group-best accuracies wins (ties: ``prompt``). The settings and the probe point are written
-into the profile file, where the engine's ``coverage`` policy reads them (``Coverage.mix`` by the routed group
-weights) and requests that name no probe point use it.
+question at each retention through the engine. Each group takes the probe point and setting with the best accuracy
+on its own questions (mean over retentions; ties go to the ``prompt`` probe, then to the larger ``floor``, closer to
+``uniform``, the safer choice, then to fewer segments); ``mixed`` takes the best over all questions, and requests
+routed ``auto`` use its probe point. The settings and the probe points are written into the profile file, where the
+engine's ``coverage`` policy reads them (``Coverage.mix`` by the routed group weights) and requests that name no
+probe point use their task group's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from pathlib import Path
 
 from headrouter_vllm.routing.profiles import ProfileSet
@@ -36,28 +37,49 @@ def choose(accuracy: dict[Coverage, dict[str, float]]) -> dict[str, Coverage]:
     return {g: best("all" if g == "mixed" else g) for g in GROUPS}
 
 
-def choose_probe_point(accuracy: dict[str, dict[Coverage, dict[str, float]]]) -> tuple[str, dict[str, Coverage]]:
-    """``accuracy[probe_point][point][group]`` -> the winning probe point and its per-group settings."""
-    def score(probe_point: str) -> float:
-        table, chosen = accuracy[probe_point], choose(accuracy[probe_point])
-        return sum(table[chosen[g]].get(g, 0.0) for g in ("semantic", "acoustic")) / 2
+def choose_probe_points(accuracy: dict[str, dict[Coverage, dict[str, float]]]
+                        ) -> tuple[dict[str, str], dict[str, Coverage]]:
+    """``accuracy[probe_point][point][group]`` -> per group, the winning probe point and setting."""
+    points, settings = {}, {}
+    for group in GROUPS:
+        key = "all" if group == "mixed" else group
+        best = max(((pp, c) for pp in accuracy for c in accuracy[pp]),
+                   key=lambda pc: (round(accuracy[pc[0]][pc[1]].get(key, 0.0), 9), pc[0] == "prompt", pc[1].floor,
+                                   -pc[1].segments))
+        points[group], settings[group] = best
+    return points, settings
 
-    winner = max(accuracy, key=lambda pp: (round(score(pp), 9), pp == "prompt"))
-    return winner, choose(accuracy[winner])
+
+def measured_grid(summary_json: str | Path, label: str, clips: int, retentions: list[float], grid: list[Coverage],
+                  probe_points: list[str]) -> dict[tuple[str, Coverage], dict[str, float]]:
+    """The validation accuracies an earlier run measured for ``label`` (its ``summary.json``) at this run's grid
+    points (the others are left out; points it did not measure are measured again), refusing a record of other clips
+    or retentions."""
+    record = json.loads(Path(summary_json).read_text()).get("coverage_tuning", {}).get(label)
+    if record is None:
+        raise SystemExit(f"{summary_json} has no coverage tuning for {label}")
+    if record["clips"] != clips or record["retentions"] != list(retentions):
+        raise SystemExit(f"{summary_json}: {label} was tuned on {record['clips']} clips at r = {record['retentions']}, "
+                         f"not {clips} at r = {list(retentions)}")
+    measured = {(p.get("probe_point", "prompt"), Coverage(p["segments"], p["floor"])):
+                {k: p[k] for k in ("semantic", "acoustic", "all") if k in p} for p in record["grid"]}
+    wanted = {(pp, c) for pp in probe_points for c in grid}
+    return {key: value for key, value in measured.items() if key in wanted}
 
 
 def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[float], grid: list[Coverage],
                   engine_kwargs: dict, work: Path, probe_points: tuple[str, ...] = ("prompt",),
-                  progress=None) -> dict:
-    """Run the grid on ``clips``, write the chosen settings into ``profiles`` (in place); return the record."""
+                  progress=None, measured: dict | None = None) -> dict:
+    """Run the grid on ``clips``, write the chosen settings into ``profiles`` (in place); return the record.
+    ``measured``: the grid's accuracies from an earlier run on the same clips (:func:`measured_grid`), not rerun."""
     from headrouter_vllm.benchmarks.quality.run import Method, run_methods
     from headrouter_vllm.listening.suite import TASK_GROUPS
 
     base = ProfileSet.load(profiles)
     # uniform runs at every probe point too: the probe point also moves when pruning starts (first_token: one
     # step later), which changes accuracy whatever is kept, so each probe point is compared with its own uniform
-    runs = [(pp, c) for pp in probe_points for c in grid]
-    measured: dict[tuple[str, Coverage], dict[str, float]] = {}
+    measured = dict(measured or {})
+    runs = [(pp, c) for pp in probe_points for c in grid if (pp, c) not in measured]
     for probe_point, point in runs:
         variant = work / f"coverage-{probe_point}-s{point.segments}-f{point.floor}.json"
         dataclasses.replace(base, coverage={g: point for g in GROUPS}).save(variant)
@@ -71,7 +93,8 @@ def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[floa
         if progress is not None:
             progress.update(1)
     accuracy = {pp: {c: measured[(pp, c)] for c in grid} for pp in probe_points}
-    probe_point, settings = choose_probe_point(accuracy)
+    points, settings = choose_probe_points(accuracy)
+    probe_point = points["mixed"] if len(set(points.values())) == 1 else points  # one for all, or per group
     dataclasses.replace(base, coverage=settings, probe_point=probe_point).save(profiles)
     return {"clips": len(clips), "retentions": retentions, "probe_point": probe_point,
             "chosen": {g: dataclasses.asdict(c) for g, c in settings.items()},

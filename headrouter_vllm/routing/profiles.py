@@ -9,8 +9,9 @@
  "position_prior": [[...], ...],            // [num_heads][bins], or null
  "tasks": {"asr": {"semantic": 0.8, "acoustic": 0.1, "mixed": 0.1}, ...},
  "coverage": {"semantic": {"segments": 8, "floor": 0.25}, ...},  // optional, per group (policy coverage);
- "probe_point": "first_token",              // optional: the default probe point (both written by
-                                            // `headrouter-vllm quality --tune-coverage`)
+ "probe_point": {"semantic": "prompt", "acoustic": "first_token", "mixed": "first_token"},
+                                            // optional: the default probe point, one for all or per group
+                                            // (both written by `headrouter-vllm quality --tune-coverage`)
  "calibration": {...}}                      // free-form provenance
 ```
 """
@@ -64,10 +65,12 @@ class ProfileSet:
     tasks: dict[str, dict[str, float]]
     calibration: dict = dataclasses.field(default_factory=dict)
     coverage: dict[str, Coverage] = dataclasses.field(default_factory=dict)  # per group; empty: Coverage()
-    probe_point: str | None = None  # the engine's default probe point when its config names none
+    # the engine's default probe point when its config names none: one for every task, or one per task group
+    probe_point: str | dict[str, str] | None = None
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks)
+
 
     def check_model(self, model: ModelIdentity, probe_layer: int) -> None:
         if model != self.model:
@@ -134,9 +137,7 @@ class ProfileSet:
             if not tau > 0:
                 raise ProfileError("tau must be positive")
             coverage = _coverage(data.get("coverage"))
-            probe_point = data.get("probe_point")
-            if probe_point is not None and probe_point not in PROBE_POINTS:
-                raise ProfileError(f"probe_point must be one of {PROBE_POINTS}, got {probe_point!r}")
+            probe_point = _probe_point(data.get("probe_point"))
             return cls(model, int(data["probe_layer"]), tau, profiles, prior_t, tasks, data.get("calibration", {}),
                        coverage, probe_point)
         except (KeyError, TypeError) as e:
@@ -148,6 +149,16 @@ def _vector(values: Any, n: int, name: str) -> torch.Tensor:
     if t.shape != (n,) or not bool(torch.isfinite(t).all()):
         raise ProfileError(f"{name} must be {n} finite numbers")
     return t
+
+
+def _probe_point(data: Any) -> str | dict[str, str] | None:
+    if isinstance(data, dict):
+        if set(data) != set(GROUPS) or any(v not in PROBE_POINTS for v in data.values()):
+            raise ProfileError(f"probe_point per group must give every group {GROUPS} one of {PROBE_POINTS}")
+        return dict(data)
+    if data is not None and data not in PROBE_POINTS:
+        raise ProfileError(f"probe_point must be one of {PROBE_POINTS} (or one per group), got {data!r}")
+    return data
 
 
 def _coverage(data: Any) -> dict[str, Coverage]:

@@ -50,6 +50,16 @@ def check_task(task: object) -> str:
     return task
 
 
+def task_group(task: str, table: dict[str, dict[str, float]] | None = None) -> str:
+    """The group a task belongs to: a group's own name, a built-in task's group, an operator task's largest prior
+    (ties: the first in GROUPS); ``auto`` (and anything else) is ``mixed``."""
+    if task in GROUPS:
+        return task
+    if table and task in table:
+        return max(GROUPS, key=lambda g: (table[task].get(g, 0.0), -GROUPS.index(g)))
+    return BUILTIN_TASKS.get(task, "mixed")
+
+
 def group_prior(group: str, weight: float = TASK_PRIOR_WEIGHT) -> dict[str, float]:
     rest = (1.0 - weight) / (len(GROUPS) - 1)
     return {g: (weight if g == group else rest) for g in GROUPS}
