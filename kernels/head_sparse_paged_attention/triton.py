@@ -167,11 +167,11 @@ def head_sparse_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, va
 
     ``out`` (``[num_tokens, Hq, d]``, may be strided on the first two dims) is written in place when given.
     ``max_query_len`` / ``max_seq_len`` avoid a host sync when passed (CUDA graphs need them passed).
-    ``num_kv_splits`` (a power of two) splits the key range per program; default: 1 unless the batch is
-    decode-only, then :func:`default_num_kv_splits`. ``block_m`` (rows per program = query tokens x padded GQA
-    group, a power of two >= 16) defaults to 16 for decode, 64 for prefill on a GPU. ``tile_slots`` (key slots read per
-    loop iteration: a power-of-two multiple of the block size) defaults to ``DECODE_TILE_SLOTS`` for decode-only
-    batches, ``PREFILL_TILE_SLOTS`` otherwise, or one block where blocks are larger.
+    ``num_kv_splits`` (a power of two) splits the key range per program; default: 1, or
+    :func:`default_num_kv_splits` for a decode-only batch on a GPU. ``block_m`` (rows per program = query tokens x
+    padded GQA group, a power of two >= 16) defaults to 16 for decode, 64 for prefill on a GPU. ``tile_slots`` (key
+    slots read per loop iteration: a power-of-two multiple of the block size) defaults to ``DECODE_TILE_SLOTS`` for
+    decode-only batches, ``PREFILL_TILE_SLOTS`` otherwise, or one block where blocks are larger.
     """
     num_tokens, num_heads, head_size = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -207,7 +207,8 @@ def head_sparse_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, va
     if not (_is_power_of_two(block_m) and block_m >= max(16, queries_per_kv_padded)):
         raise ValueError(f"block_m ({block_m}) must be a power of two >= max(16, padded GQA group)")
     if num_kv_splits is None:
-        if max_query_len == 1:
+        # splits fill a GPU; under the interpreter every extra program only costs time
+        if max_query_len == 1 and query.is_cuda:
             if max_seq_len is None:
                 max_seq_len = int(seq_lens.max())
             num_kv_splits = default_num_kv_splits(num_seqs, num_kv_heads, max_seq_len, block_size)
