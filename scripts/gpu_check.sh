@@ -38,6 +38,9 @@ $PY benchmarks/kernels/bench_head_sparse.py --out "$out/bench_head_sparse_bf16_b
     --target-programs 0 2048 | tee "$out/bench.txt"
 $PY benchmarks/kernels/bench_head_sparse.py --dtype float16 --block-size 32 --out "$out/bench_head_sparse_fp16_bs32.csv" \
     | tee -a "$out/bench.txt"
+# prefill (the whole prompt in one step, dense): the kernel's tile sizes vs causal SDPA (flash) on gathered K/V
+$PY benchmarks/kernels/bench_head_sparse.py --prefill-lengths 512 2048 --batches 1 8 --tile-slots 0 16 32 128 \
+    --out "$out/bench_head_sparse_prefill_bf16_bs16.csv" | tee -a "$out/bench.txt"
 
 echo "== 3. engine smoke: vanilla vs HeadRouter (GPU worker, HeadRouter backend), same requests"
 if [ "$has_vllm" != yes ]; then

@@ -158,6 +158,46 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
     return rows
 
 
+def run_prefill_config(kernel, layout: str, batch: int, length: int, dtype: torch.dtype, block_size: int,
+                       smoke: bool, device: str, tiles: list[int | None]) -> list[dict]:
+    """One whole-prompt prefill step (``batch`` prompts of ``length`` tokens, causal, nothing skipped: the prompt step
+    is dense) per kernel tile size, against SDPA (causal) on the same K/V gathered into contiguous tensors."""
+    num_heads, num_kv_heads, head_size = LAYOUTS[layout]
+    blocks_per_seq = math.ceil(length / block_size)
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype, device=device)
+    key_cache, value_cache = cache.transpose(1, 2).split(head_size, dim=-1)
+    block_table = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
+    as_int = {"dtype": torch.int32, "device": device}
+    seq_lens = torch.full((batch,), length, **as_int)
+    cu_seqlens_q = torch.arange(batch + 1, **as_int) * length
+    query = torch.randn(batch * length, num_heads, head_size, dtype=dtype, device=device)
+    out = torch.empty_like(query)
+    no_span = torch.zeros(batch, **as_int)
+    kept = torch.zeros(batch, num_kv_heads, **as_int)
+    scale = head_size ** -0.5
+    flops = 4 * batch * num_heads * head_size * length * (length + 1) / 2  # QK^T and PV over the causal half
+    gathered = cache[block_table.long()].permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, -1, 2 * head_size)
+    k_dense, v_dense = (t.contiguous() for t in gathered[:, :, :length].split(head_size, dim=-1))
+    del gathered
+    q_dense = query.view(batch, length, num_heads, head_size).transpose(1, 2)
+    base = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, smoke)",
+            "layout": layout, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_size": head_size,
+            "dtype": str(dtype).removeprefix("torch."), "block_size": block_size, "batch": batch, "context": length,
+            "query_len": length, "kept_fraction": 1.0}
+    sdpa = timer(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q_dense, k_dense, v_dense, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads), smoke)
+    rows = [{**base, "impl": "sdpa_causal", "time_us": sdpa, "tflop_s": flops / sdpa / 1e6}]
+    for tile in tiles:
+        tile_slots = None if tile is None else max(tile, block_size)
+        micros = timer(lambda tile_slots=tile_slots: kernel.head_sparse_paged_attention(
+            query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, no_span, no_span, kept,
+            out=out, max_query_len=length, max_seq_len=length, tile_slots=tile_slots), smoke)
+        rows.append({**base, "impl": f"head_sparse_prefill_tile{tile_slots or 'default'}", "time_us": micros,
+                     "tflop_s": flops / micros / 1e6, "speedup_vs_sdpa_causal": sdpa / micros})
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_head_sparse.csv", help="CSV file to write")
@@ -173,10 +213,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="kernel variants: key slots per loop iteration (0: the kernel's default)")
     parser.add_argument("--target-programs", nargs="+", type=int, default=[0],
                         help="kernel variants: programs the decode split aims at (0: the kernel's default)")
+    parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[],
+                        help="time whole-prompt prefill steps of these lengths (per --batches) instead of decode")
     parser.add_argument("--smoke", action="store_true", help="tiny run on CPU under the Triton interpreter")
     args = parser.parse_args(argv)
     if args.smoke:
         args.layouts, args.batches, args.contexts, args.dtype = ["tiny"], [2], [160], "float16"
+        args.prefill_lengths = [40] if args.prefill_lengths else []
     return args
 
 
@@ -188,7 +231,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     variants = [(tile or None, target or None) for tile in args.tile_slots for target in args.target_programs]
     rows = []
-    for layout in args.layouts:
+    for layout in args.layouts if args.prefill_lengths else []:
+        for batch in args.batches:
+            for length in args.prefill_lengths:
+                rows += run_prefill_config(kernel, layout, batch, length, dtype, args.block_size, args.smoke, device,
+                                           [tile or None for tile in args.tile_slots])
+    for layout in args.layouts if not args.prefill_lengths else []:
         _, num_kv_heads, head_size = LAYOUTS[layout]
         for batch in args.batches:
             for context in args.contexts:
@@ -207,8 +255,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer.writerows(rows)
     for row in rows:
         ratios = " ".join(f"{k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
+        rate = f"{row['tflop_s']:8.1f} TFLOP/s" if "tflop_s" in row else f"{row['bandwidth_gb_s']:8.1f} GB/s"
         print(f"{row['layout']:16} b{row['batch']:<4} ctx{row['context']:<6} {row['impl']:36} "
-              f"kept {row['kept_fraction']:.1f} {row['time_us']:10.1f} us {row['bandwidth_gb_s']:8.1f} GB/s {ratios}")
+              f"kept {row['kept_fraction']:.1f} {row['time_us']:10.1f} us {rate} {ratios}")
     print(f"wrote {len(rows)} rows to {args.out}")
     return rows
 

@@ -41,3 +41,8 @@ def test_refuses_without_gpu_and_runs_smoke_mode(bench, tmp_path) -> None:
     assert all(r["device"].startswith("cpu") and float(r["speedup_vs_sdpa_gathered"]) > 0 for r in sparse)
     read = [int(r["bytes_read"]) for r in sparse]
     assert read == sorted(read, reverse=True)  # fewer kept slots, fewer bytes
+    prefill = bench.main(["--smoke", "--prefill-lengths", "40", "--tile-slots", "0", "32",
+                          "--out", str(tmp_path / "prefill.csv")])
+    assert [r["impl"] for r in prefill] == ["sdpa_causal", "head_sparse_prefill_tiledefault",
+                                             "head_sparse_prefill_tile32"]
+    assert all(r["tflop_s"] > 0 for r in prefill)
