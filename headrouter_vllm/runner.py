@@ -315,8 +315,8 @@ class HeadRouterRunnerMixin:
 
     def _all_heads(self, tensor: torch.Tensor | None, dim: int) -> torch.Tensor | None:
         """This rank's heads (along ``dim``) -> every rank's, in the model's head order (tensor parallel)."""
-        if self.hr_tp_size == 1 or tensor is None:
-            return tensor
+        if tensor is None:
+            return None
         return tensor_model_parallel_all_gather(tensor.to(self.device).contiguous(), dim=dim).to(tensor.device)
 
     def _select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float) -> None:

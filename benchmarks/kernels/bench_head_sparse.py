@@ -78,15 +78,42 @@ def timer(fn: Callable[[], object], smoke: bool) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def paged_cache(layout: str, batch: int, context: int, dtype: torch.dtype, block_size: int, device: str):
+    """A random KV cache in vLLM's paged layout for ``batch`` sequences of ``context`` tokens: the logical
+    ``[blocks, Hkv, block_size, 2d]`` tensor, its K and V views ``[blocks, block_size, Hkv, d]`` and a shuffled block
+    table."""
+    _, num_kv_heads, head_size = LAYOUTS[layout]
+    blocks_per_seq = math.ceil(context / block_size)
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype, device=device)
+    key_cache, value_cache = cache.transpose(1, 2).split(head_size, dim=-1)  # vLLM's strided views
+    block_table = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
+    return cache, key_cache, value_cache, block_table
+
+
+def gathered_kv(cache: torch.Tensor, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's K and V copied into contiguous ``[batch, Hkv, context, d]`` tensors (dense baselines)."""
+    batch, (_, num_kv_heads, _, two_d) = block_table.shape[0], cache.shape
+    gathered = cache[block_table.long()].permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, -1, two_d)
+    k_dense, v_dense = (t.contiguous() for t in gathered[:, :, :context].split(two_d // 2, dim=-1))
+    return k_dense, v_dense
+
+
+def row_base(device: str, layout: str, dtype: torch.dtype, block_size: int, batch: int, context: int) -> dict:
+    """The columns every CSV row starts with."""
+    num_heads, num_kv_heads, head_size = LAYOUTS[layout]
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, smoke)",
+            "layout": layout, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_size": head_size,
+            "dtype": str(dtype).removeprefix("torch."), "block_size": block_size, "batch": batch, "context": context}
+
+
 def time_sdpa_gathered(cache: torch.Tensor, block_table: torch.Tensor, query: torch.Tensor, context: int,
                        scale: float, smoke: bool) -> float:
     """Dense baseline: SDPA on K/V gathered into contiguous ``[batch, Hkv, context, d]`` (the gather not timed;
     no mask needed, the query is the last token). The copies are freed on return."""
     batch, num_heads, head_size = query.shape
     num_kv_heads = cache.shape[1]
-    gathered = cache[block_table.long()].permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, -1, 2 * head_size)
-    k_dense, v_dense = (t.contiguous() for t in gathered[:, :, :context].split(head_size, dim=-1))
-    del gathered
+    k_dense, v_dense = gathered_kv(cache, block_table, context)
     q_dense = query.view(batch, num_heads, 1, head_size)
     return timer(lambda: torch.nn.functional.scaled_dot_product_attention(
         q_dense, k_dense, v_dense, scale=scale, enable_gqa=num_heads != num_kv_heads), smoke)
@@ -96,12 +123,8 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
                dtype: torch.dtype, block_size: int, smoke: bool, device: str,
                variants: list[tuple[int | None, int | None]]) -> list[dict]:
     num_heads, num_kv_heads, head_size = LAYOUTS[layout]
-    blocks_per_seq = math.ceil(context / block_size)
-    num_blocks = batch * blocks_per_seq
     element = torch.tensor([], dtype=dtype).element_size()
-    cache = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype, device=device)
-    key_cache, value_cache = cache.transpose(1, 2).split(head_size, dim=-1)  # vLLM's strided views
-    block_table = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
+    cache, key_cache, value_cache, block_table = paged_cache(layout, batch, context, dtype, block_size, device)
     as_int = {"dtype": torch.int32, "device": device}
     seq_lens = torch.full((batch,), context, **as_int)
     cu_seqlens_q = torch.arange(batch + 1, **as_int)
@@ -129,10 +152,7 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
     dense_bytes = 2 * batch * num_kv_heads * context * head_size * element + io_bytes
 
     rows = []
-    base = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, smoke)",
-            "layout": layout, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_size": head_size,
-            "dtype": str(dtype).removeprefix("torch."), "block_size": block_size, "batch": batch,
-            "context": context, "audio_slots": span}
+    base = {**row_base(device, layout, dtype, block_size, batch, context), "audio_slots": span}
     for name, micros in baselines.items():
         rows.append({**base, "impl": name, "kept_fraction": 1.0, "time_us": micros, "bytes_read": dense_bytes,
                      "bandwidth_gb_s": dense_bytes / micros / 1e3})
@@ -163,11 +183,7 @@ def run_prefill_config(kernel, layout: str, batch: int, length: int, dtype: torc
     """One whole-prompt prefill step (``batch`` prompts of ``length`` tokens, causal, nothing skipped: the prompt step
     is dense) per kernel tile size, against SDPA (causal) on the same K/V gathered into contiguous tensors."""
     num_heads, num_kv_heads, head_size = LAYOUTS[layout]
-    blocks_per_seq = math.ceil(length / block_size)
-    num_blocks = batch * blocks_per_seq
-    cache = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype, device=device)
-    key_cache, value_cache = cache.transpose(1, 2).split(head_size, dim=-1)
-    block_table = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
+    cache, key_cache, value_cache, block_table = paged_cache(layout, batch, length, dtype, block_size, device)
     as_int = {"dtype": torch.int32, "device": device}
     seq_lens = torch.full((batch,), length, **as_int)
     cu_seqlens_q = torch.arange(batch + 1, **as_int) * length
@@ -177,14 +193,9 @@ def run_prefill_config(kernel, layout: str, batch: int, length: int, dtype: torc
     kept = torch.zeros(batch, num_kv_heads, **as_int)
     scale = head_size ** -0.5
     flops = 4 * batch * num_heads * head_size * length * (length + 1) / 2  # QK^T and PV over the causal half
-    gathered = cache[block_table.long()].permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, -1, 2 * head_size)
-    k_dense, v_dense = (t.contiguous() for t in gathered[:, :, :length].split(head_size, dim=-1))
-    del gathered
+    k_dense, v_dense = gathered_kv(cache, block_table, length)
     q_dense = query.view(batch, length, num_heads, head_size).transpose(1, 2)
-    base = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, smoke)",
-            "layout": layout, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_size": head_size,
-            "dtype": str(dtype).removeprefix("torch."), "block_size": block_size, "batch": batch, "context": length,
-            "query_len": length, "kept_fraction": 1.0}
+    base = {**row_base(device, layout, dtype, block_size, batch, length), "query_len": length, "kept_fraction": 1.0}
     sdpa = timer(lambda: torch.nn.functional.scaled_dot_product_attention(
         q_dense, k_dense, v_dense, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads), smoke)
     rows = [{**base, "impl": "sdpa_causal", "time_us": sdpa, "tflop_s": flops / sdpa / 1e6}]
