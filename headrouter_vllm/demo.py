@@ -17,10 +17,14 @@ import time
 DEMO_CLIP = ("test", 12)  # split and index of the suite clip the demo asks about
 
 
-def audio_prompt(question: str) -> str:
-    """A Qwen2-Audio chat prompt with the default system message (for models built with that template)."""
+def audio_prompt(question: str, family: str = "qwen2-audio", clips: int = 1) -> str:
+    """A chat prompt with the default system message and ``clips`` audio parts before the question, in the chat
+    format of the model family (for models built with that family's template)."""
+    from headrouter_vllm.models import adapter_by_family
+
+    audio = "".join(adapter_by_family(family).audio_placeholder.format(n=n + 1) for n in range(clips))
     return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-            f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{question}<|im_end|>\n<|im_start|>assistant\n")
+            f"{audio}{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def run_demo(model: str | None, retentions: list[float], max_tokens: int, semantics: str,

@@ -32,12 +32,28 @@ CLEAN_ENV = dict(os.environ)
 
 import pytest  # noqa: E402
 
+TINY_MODELS = {"qwen2-audio": "tiny-qwen2-audio", "qwen2.5-omni": "tiny-qwen2.5-omni"}  # per model family
+
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    from headrouter_vllm.models.build import build_tiny_qwen2_audio
+def tiny_models(tmp_path_factory):
+    """``get(family)``: the family's tiny model, built locally once per session."""
+    from headrouter_vllm.models.build import make_model
 
-    return str(build_tiny_qwen2_audio(tmp_path_factory.mktemp("models") / "tiny-qwen2-audio"))
+    built = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            name = TINY_MODELS[family]
+            built[family] = str(make_model(name, tmp_path_factory.mktemp("models") / name))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models) -> str:
+    return tiny_models("qwen2-audio")
 
 
 @pytest.fixture(scope="session")

@@ -22,51 +22,89 @@ from headrouter_vllm.config import HeadRouterConfig
 
 @functools.cache
 def load(model_dir: str):
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    """The model (Qwen2-Audio, or the Qwen2.5-Omni thinker from an Omni checkpoint) and its processor."""
+    from transformers import AutoConfig, AutoProcessor, Qwen2AudioForConditionalGeneration
 
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                               attn_implementation="eager").eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    if "Qwen2_5OmniModel" in (config.architectures or ()):
+        from safetensors.torch import load_file
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        thinker = config.thinker_config
+        thinker._attn_implementation = "eager"
+        for sub in (thinker.text_config, thinker.audio_config, thinker.vision_config):
+            sub._attn_implementation = "eager"
+        model = Qwen2_5OmniThinkerForConditionalGeneration(thinker).to(torch.float32)
+        state = {k.removeprefix("thinker."): v for k, v in load_file(f"{model_dir}/model.safetensors").items()}
+        model.load_state_dict(state, strict=True)
+        model.eval()
+    else:
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                                   attn_implementation="eager").eval()
     return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def decoder_layers(model):
+    inner = model.model
+    return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
+
+
+def audio_token_id(model) -> int:
+    config = model.config
+    return config.audio_token_id if hasattr(config, "audio_token_id") else config.audio_token_index
 
 
 def keep_count(r: float, n: int) -> int:
     return max(1, min(n, math.floor(r * n + 0.5)))
 
 
+def audio_runs(is_audio: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, length)`` of each contiguous run of audio tokens (one per clip)."""
+    pos = is_audio.nonzero().flatten().tolist()
+    runs: list[list[int]] = []
+    for p in pos:
+        if runs and p == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return [(a, b) for a, b in runs]
+
+
 @torch.no_grad()
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
               semantics: str = "after_prompt", policy: str | None = None, task: str = "auto", seed: int = 0,
               profiles=None, mode: str = "shared", per_head_cap: float = 1.5, probe_point: str = "prompt") -> dict:
+    """``wave``: one clip, a list of clips (one per audio part of the prompt, each routed on its own), or None."""
     if policy is None:  # the engine's default for requests that name none
         policy = "headrouter" if mode == "per_head" else HeadRouterConfig().default_policy
     model, processor = load(model_dir)
-    if wave is None:
+    waves = [] if wave is None else list(wave) if isinstance(wave, (list, tuple)) else [wave]
+    if not waves:
         inputs = processor.tokenizer(prompt, return_tensors="pt")
     else:
-        inputs = processor(text=prompt, audio=[wave], sampling_rate=16000, return_tensors="pt")
+        inputs = processor(text=prompt, audio=waves, sampling_rate=16000, return_tensors="pt")
     ids = inputs["input_ids"]
     length = ids.shape[1]
     kwargs = dict(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=True)
-    if wave is not None:
+    if waves:
         kwargs.update(input_features=inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])
     info: dict = dict(prompt_ids=ids[0].tolist(), length=length)
-    kept = per_head_mask = None
-    if wave is not None:
-        pos = (ids[0] == model.config.audio_token_id).nonzero().flatten()
-        start, n = int(pos[0]), int(pos.numel())
-        info.update(start=start, audio_tokens=n)
-    if wave is not None and retention < 1.0:
+    kept = per_head_mask = None  # kept: the kept audio positions (absolute), when the dropped audio is deleted
+    if waves:
+        is_audio = ids[0] == audio_token_id(model)
+        spans = audio_runs(is_audio)
+        info.update(start=spans[0][0], audio_tokens=int(is_audio.sum()), spans=spans)
+    if waves and retention < 1.0:
         from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
         values = []
-        attn_module = model.model.language_model.layers[probe_layer].self_attn
+        attn_module = decoder_layers(model)[probe_layer].self_attn
         hook = attn_module.v_proj.register_forward_hook(lambda mod, args, out: values.append(out[0]))
         try:
             out = model(**kwargs, output_attentions=True)
         finally:
             hook.remove()
         num_kv = model.config.text_config.num_key_value_heads
-        audio_values = values[0][start:start + n].view(n, num_kv, -1)
         if probe_point == "first_token":
             first = int(out.logits[0, -1].argmax())
             prompt_cache = copy.deepcopy(out.past_key_values)
@@ -74,30 +112,37 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
                         attention_mask=torch.ones(1, length + 1, dtype=torch.long), use_cache=True)
             row = model(**step, past_key_values=out.past_key_values, output_attentions=True)
             attn = row.attentions[probe_layer][0]  # [Hq, 1, L + 1]
-            probe = SpanProbe(head_scores=attn[:, :, start:start + n].mean(dim=1),
-                              last_row=attn[:, -1, start:start + n], num_kv_heads=num_kv, values=audio_values)
         else:
-            attn = out.attentions[probe_layer][0]  # [Hq, L, L] softmax probabilities
-            probe = SpanProbe(head_scores=attn[:, start + n:length, start:start + n].mean(dim=1),
-                              last_row=attn[:, length - 1, start:start + n], num_kv_heads=num_kv,
-                              values=audio_values)
-        keep = keep_count(retention, n)
-        cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
-        selection = select(probe, keep, RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap),
-                           profiles)
-        kept = selection.kept
-        info.update(kept=(start + kept).tolist(), keep=keep, margin=selection.margin, alpha=selection.alpha)
+            attn = out.attentions[probe_layer][0][:, spans[-1][0] + spans[-1][1]:length]  # the rows after the audio
+        kept, per_head, keeps = [], [], []
+        for start, n in spans:  # each clip is routed on its own
+            probe = SpanProbe(head_scores=attn[:, :, start:start + n].mean(dim=1),
+                              last_row=attn[:, -1, start:start + n], num_kv_heads=num_kv,
+                              values=values[0][start:start + n].view(n, num_kv, -1))
+            keep = keep_count(retention, n)
+            cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
+            selection = select(probe, keep, RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap),
+                               profiles)
+            kept.append(start + selection.kept)
+            per_head.append([start + head for head in selection.per_head] if mode == "per_head" else None)
+            keeps.append(keep)
+            info.setdefault("margins", []).append(selection.margin)
+            info.setdefault("alphas", []).append(selection.alpha)
+            info["cap"] = cap
+        kept = torch.cat(kept)
+        info.update(kept=kept.tolist(), keep=sum(keeps), keeps=keeps, margin=info["margins"][0],
+                    alpha=info["alphas"][0])
         if mode == "per_head":
-            info.update(kept_per_head=[(start + k).tolist() for k in selection.per_head], cap=cap)
-            dropped = torch.ones(num_kv, length, dtype=torch.bool)
-            dropped[:, :start] = dropped[:, start + n:] = False
-            for g, head in enumerate(selection.per_head):
-                dropped[g, start + head] = False
+            heads = [torch.cat(h) for h in zip(*per_head, strict=True)]
+            info["kept_per_head"] = [h.tolist() for h in heads]
+            dropped = is_audio[None].repeat(num_kv, 1)
+            for g, head in enumerate(heads):
+                dropped[g, head] = False
             group = model.config.text_config.num_attention_heads // num_kv
             per_head_mask = dropped.repeat_interleave(group, dim=0)  # [Hq, L]
             kept = None  # nothing is deleted from the cache: each head masks its own dropped audio
         if semantics == "in_prompt":
-            out = _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer)
+            out = _prefill_kept_only(model, kwargs, length, is_audio, spans[-1][0] + spans[-1][1], kept, probe_layer)
     else:
         out = model(**kwargs)
     tokens, logprobs, done = [], [], 0
@@ -106,16 +151,18 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
         tokens.append(first)
         logprobs.append(float(torch.log_softmax(out.logits[0, -1].float(), dim=-1)[first]))
         visible = torch.ones(length + 1, dtype=torch.bool)
-        visible[start:start + n] = False
-        visible[start + kept] = True
+        visible[:length][is_audio] = False
+        visible[kept] = True
         mask = torch.zeros(1, 1, 1, length + 1).masked_fill_(~visible, torch.finfo(torch.float32).min)
-        out = _with_attention_mask(model, range(probe_layer + 1, len(model.model.language_model.layers)), mask,
+        out = _with_attention_mask(model, range(probe_layer + 1, len(decoder_layers(model))), mask,
                                    **step, past_key_values=prompt_cache)
         done = 1
     cache = out.past_key_values
     if kept is not None:
-        total = length + done
-        keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, total)])
+        survives = torch.ones(length + done, dtype=torch.bool)
+        survives[:length][is_audio] = False
+        survives[kept] = True
+        keep_idx = survives.nonzero().flatten()
         for layer in cache.layers:  # [B, Hkv, T, d]
             layer.keys = layer.keys[:, :, keep_idx].contiguous()
             layer.values = layer.values[:, :, keep_idx].contiguous()
@@ -133,19 +180,20 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             visible = torch.cat([~per_head_mask, torch.ones(per_head_mask.shape[0], i + 1, dtype=torch.bool)], dim=1)
             mask = torch.zeros(1, visible.shape[0], 1, visible.shape[1]).masked_fill_(
                 ~visible[None, :, None], torch.finfo(torch.float32).min)
-            o = _with_attention_mask(model, range(len(model.model.language_model.layers)), mask, **step)
+            o = _with_attention_mask(model, range(len(decoder_layers(model))), mask, **step)
         cache, logits = o.past_key_values, o.logits[0, -1]
     info["tokens"], info["logprobs"] = tokens, logprobs
     return info
 
 
-def _prefill_kept_only(model, kwargs, length, start, n, kept, probe_layer):
-    dropped = torch.ones(n, dtype=torch.bool)
+def _prefill_kept_only(model, kwargs, length, is_audio, audio_end, kept, probe_layer):
+    """The prompt with the rows after the last clip masked from the dropped audio (layers above the probe)."""
+    dropped = is_audio.clone()
     dropped[kept] = False
     allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    allowed[start + n:, start:start + n] &= ~dropped[None, :]
+    allowed[audio_end:] &= ~dropped[None, :]
     mask = torch.zeros(1, 1, length, length).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return _with_attention_mask(model, range(probe_layer + 1, len(model.model.language_model.layers)), mask,
+    return _with_attention_mask(model, range(probe_layer + 1, len(decoder_layers(model))), mask,
                                 **kwargs)
 
 
@@ -155,7 +203,7 @@ def _with_attention_mask(model, layer_indices, mask: torch.Tensor, **kwargs):
         kw["attention_mask"] = mask
         return args, kw
 
-    layers = model.model.language_model.layers
+    layers = decoder_layers(model)
     hooks = [layers[i].self_attn.register_forward_pre_hook(pre, with_kwargs=True) for i in layer_indices]
     try:
         return model(**kwargs)

@@ -1,7 +1,8 @@
-"""The engine path on CPU, against vanilla vLLM and an HF reference, in one test run.
+"""The engine path on CPU, against vanilla vLLM and an HF reference, in one test run, for each model family
+(tiny Qwen2-Audio, and the tiny Qwen2.5-Omni thinker: M-RoPE, a GQA group of 4).
 
 Every engine configuration runs the same cases, one request at a time and then all together as one mixed
-batch; each engine is started once per module and its results are shared by the tests.
+batch; each engine is started once per family and its results are shared by the tests.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import pytest
 
 from headrouter_vllm.demo import audio_prompt
+from tests.conftest import TINY_MODELS
 from tests.hf_reference import keep_count, reference
 
 BLOCK = 32
@@ -21,9 +23,10 @@ PROBE_LAYER = 2  # the Qwen2-Audio adapter's default
 TEXT_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                "The quick brown fox jumps over the lazy dog. Please answer the question.<|im_end|>\n"
                "<|im_start|>assistant\n")
-PROMPTS = {"short": audio_prompt("What is said in this audio clip?"),
-           "long": audio_prompt("Transcribe the audio. Please answer the question.")}
+QUESTIONS = {"short": "What is said in this audio clip?", "long": "Transcribe the audio. Please answer the question."}
+CLIPS = tuple(QUESTIONS)
 RETENTIONS = (1.0, 0.7, 0.5, 0.3)
+LIMIT_MM = {"audio": 1, "image": 0, "video": 0}  # Qwen2.5-Omni also takes images and video: none here
 
 
 def cdiv(a: int, b: int) -> int:
@@ -50,11 +53,11 @@ class Case:
         return route_args(retention=self.retention, policy=self.policy, task=self.task)
 
 
-def make_cases(speech) -> list[Case]:
-    cases = [Case(f"{clip}_r{r}", PROMPTS[clip], speech[clip], r) for clip in PROMPTS for r in RETENTIONS]
-    cases += [Case(f"long_r0.5_{policy}", PROMPTS["long"], speech["long"], 0.5, policy, "asr")
+def make_cases(speech, prompts) -> list[Case]:
+    cases = [Case(f"{clip}_r{r}", prompts[clip], speech[clip], r) for clip in CLIPS for r in RETENTIONS]
+    cases += [Case(f"long_r0.5_{policy}", prompts["long"], speech["long"], 0.5, policy, "asr")
               for policy in BASELINES]
-    cases.append(Case("short_no_options", PROMPTS["short"], speech["short"], None))
+    cases.append(Case("short_no_options", prompts["short"], speech["short"], None))
     cases.append(Case("text_only", TEXT_PROMPT, None, 0.5))  # names a retention, has no audio: runs as vanilla
     return cases
 
@@ -94,7 +97,7 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
     try:
         extra = {} if headrouter is None else {"additional_config": {"headrouter": {"retention": 1.0, **headrouter}}}
         kwargs = dict(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
-                      max_num_seqs=16, enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1})
+                      max_num_seqs=16, enable_prefix_caching=False, limit_mm_per_prompt=LIMIT_MM)
         llm = LLM(**{**kwargs, **extra, **engine_kwargs})
     finally:
         os.environ.pop("HEADROUTER_POISON_FREED_KV", None)
@@ -137,32 +140,47 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
     return result
 
 
-@pytest.fixture(scope="module")
-def cases(speech):
-    return make_cases(speech)
+@pytest.fixture(scope="module", params=list(TINY_MODELS))
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model, cases):
+def model_dir(tiny_models, family) -> str:
+    return tiny_models(family)
+
+
+@pytest.fixture(scope="module")
+def prompts(family) -> dict[str, str]:
+    return {clip: audio_prompt(question, family) for clip, question in QUESTIONS.items()}
+
+
+@pytest.fixture(scope="module")
+def cases(speech, prompts):
+    return make_cases(speech, prompts)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, cases):
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = run_engine(tiny_model, cases, **ENGINES[name])
+            cache[name] = run_engine(model_dir, cases, **ENGINES[name])
         return cache[name]
 
     return get
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_model, cases):
+def hf(model_dir, cases):
     cache = {}
 
     def get(name, semantics="after_prompt", probe_layer=PROBE_LAYER, probe_point="prompt"):
         key = (name, semantics, probe_layer, probe_point)
         if key not in cache:
             c = next(c for c in cases if c.name == name)
-            cache[key] = reference(tiny_model, c.prompt, c.wave, 1.0 if c.retention is None else c.retention,
+            cache[key] = reference(model_dir, c.prompt, c.wave, 1.0 if c.retention is None else c.retention,
                                    NEW_TOKENS, probe_layer=probe_layer, semantics=semantics,
                                    policy=c.policy, task=c.task or "auto", probe_point=probe_point)
         return cache[key]
@@ -171,7 +189,7 @@ def hf(tiny_model, cases):
 
 
 UNROUTED = ["short_r1.0", "long_r1.0", "short_no_options", "text_only"]
-ROUTED = [f"{clip}_r{r}" for clip in PROMPTS for r in RETENTIONS if r < 1.0] + [f"long_r0.5_{p}" for p in BASELINES]
+ROUTED = [f"{clip}_r{r}" for clip in CLIPS for r in RETENTIONS if r < 1.0] + [f"long_r0.5_{p}" for p in BASELINES]
 PHASES = ["single", "batch"]
 
 
@@ -292,14 +310,14 @@ def test_in_prompt_differs_from_after_prompt(hf):
     assert any(hf(n, "in_prompt", 1)["tokens"] != hf(n, "after_prompt", 1)["tokens"] for n in ROUTED)
 
 
-def test_offline_api_rejects_bad_options(tiny_model, speech):
+def test_offline_api_rejects_bad_options(model_dir, prompts, speech):
     """Bad options fail where vLLM checks sampling parameters, with an error naming the field."""
     from vllm import LLM, SamplingParams
     from vllm.exceptions import VLLMValidationError
 
-    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True,
-              limit_mm_per_prompt={"audio": 1}, additional_config={"headrouter": {}})
-    inputs = {"prompt": PROMPTS["short"], "multi_modal_data": {"audio": (speech["short"], 16000)}}
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True,
+              limit_mm_per_prompt=LIMIT_MM, additional_config={"headrouter": {}})
+    inputs = {"prompt": prompts["short"], "multi_modal_data": {"audio": (speech["short"], 16000)}}
     for extra, field in (({"headrouter_retention": 2.0}, "headrouter_retention"),
                          ({"headrouter_task": "karaoke"}, "headrouter_task")):
         with pytest.raises(VLLMValidationError, match=f"vllm_xargs.{field}"):
@@ -317,7 +335,7 @@ def test_offline_api_rejects_bad_options(tiny_model, speech):
 
 @pytest.mark.parametrize("options", [{}, {"semantics": "in_prompt"}, {"probe_point": "first_token"}],
                          ids=["after_prompt", "in_prompt", "first_token"])
-def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speech, options):
+def test_preemption_by_recompute_reproduces_routes_and_outputs(model_dir, prompts, speech, options):
     """A KV pool too small for the batch forces recompute preemptions; preempted routed requests are re-prefilled,
     re-probed and compacted at the prompt's end before their generated tokens are recomputed, so every request
     gives exactly the tokens it gives alone, and no block leaks."""
@@ -326,8 +344,8 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speec
     from headrouter_vllm import inprocess
     from headrouter_vllm.api.options import route_args
 
-    llm = LLM(model=tiny_model, dtype="float32", max_model_len=448, block_size=BLOCK, enforce_eager=True, seed=0,
-              num_gpu_blocks_override=16, max_num_seqs=8, limit_mm_per_prompt={"audio": 1},
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=448, block_size=BLOCK, enforce_eager=True, seed=0,
+              num_gpu_blocks_override=16, max_num_seqs=8, limit_mm_per_prompt=LIMIT_MM,
               additional_config={"headrouter": {"retention": 1.0, "probe_layer": 1, **options}})
     scheduler = inprocess.scheduler(llm)
     preempted = []
@@ -340,7 +358,7 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speec
     scheduler._preempt_request = counting
     free = inprocess.num_free_blocks(llm)
     clips = [("long", 0.5), ("short", 0.3), ("long", 0.7), ("short", 1.0), ("long", 0.3)]
-    inputs = [{"prompt": PROMPTS[c], "multi_modal_data": {"audio": (speech[c], 16000)}} for c, _ in clips]
+    inputs = [{"prompt": prompts[c], "multi_modal_data": {"audio": (speech[c], 16000)}} for c, _ in clips]
     params = [SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True, extra_args=route_args(retention=r))
               for _, r in clips]
     alone = [llm.generate(i, p, use_tqdm=False)[0].outputs[0].token_ids for i, p in zip(inputs, params, strict=True)]
@@ -354,7 +372,7 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(tiny_model, speec
 
 
 @pytest.mark.parametrize("abort_after_steps", [0, 1, 2, 3])
-def test_abort_at_any_point_leaks_nothing(abort_engine, speech, abort_after_steps):
+def test_abort_at_any_point_leaks_nothing(abort_engine, prompts, speech, abort_after_steps):
     """Abort a routed request before its prompt step, mid chunked prefill (probe sums half accumulated), right
     after the prompt step (tail free queued) or in decode: every block returns and no route state is left."""
     from vllm import SamplingParams
@@ -366,9 +384,9 @@ def test_abort_at_any_point_leaks_nothing(abort_engine, speech, abort_after_step
     engine, scheduler, runner = llm.llm_engine, inprocess.scheduler(llm), inprocess.model_runner(llm)
     free = inprocess.num_free_blocks(llm)
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, extra_args=route_args(retention=0.5))
-    engine.add_request("victim", {"prompt": PROMPTS["long"], "multi_modal_data": {"audio": (speech["long"], 16000)}},
+    engine.add_request("victim", {"prompt": prompts["long"], "multi_modal_data": {"audio": (speech["long"], 16000)}},
                        params)
-    engine.add_request("bystander", {"prompt": PROMPTS["short"],
+    engine.add_request("bystander", {"prompt": prompts["short"],
                                      "multi_modal_data": {"audio": (speech["short"], 16000)}}, params)
     for _ in range(abort_after_steps):
         engine.step()
@@ -382,12 +400,12 @@ def test_abort_at_any_point_leaks_nothing(abort_engine, speech, abort_after_step
 
 
 @pytest.fixture(scope="module")
-def abort_engine(tiny_model):
+def abort_engine(model_dir):
     """64-token chunks, so the long prompt spans four steps."""
     from vllm import LLM
 
-    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
-              enable_chunked_prefill=True, max_num_batched_tokens=64, limit_mm_per_prompt={"audio": 1},
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
+              enable_chunked_prefill=True, max_num_batched_tokens=64, limit_mm_per_prompt=LIMIT_MM,
               additional_config={"headrouter": {}})
     yield llm
     del llm

@@ -15,8 +15,11 @@ import math
 
 import pytest
 
+from headrouter_vllm.demo import audio_prompt
 from tests.hf_reference import reference
-from tests.test_engine import BLOCK, NEW_TOKENS, PHASES, cdiv, make_cases, run_engine
+from tests.test_engine import BLOCK, NEW_TOKENS, PHASES, QUESTIONS, cdiv, make_cases, run_engine
+
+PROMPTS = {clip: audio_prompt(question) for clip, question in QUESTIONS.items()}
 
 NAMES = ["short_r1.0", "text_only", "short_r0.7", "long_r0.5", "short_r0.3", "long_r0.5_similarity"]
 UNROUTED = ["short_r1.0", "text_only"]
@@ -86,7 +89,7 @@ def profiles_file(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model, speech, profiles_file):
-    all_cases = make_cases(speech)
+    all_cases = make_cases(speech, PROMPTS)
     cache = {}
 
     def get(name):
@@ -146,7 +149,7 @@ def test_first_token_probe_equals_cpu_path(engine, mode, name):
 
 @pytest.fixture(scope="module")
 def hf_per_head(tiny_model, speech):
-    cases = {c.name: c for c in make_cases(speech)}
+    cases = {c.name: c for c in make_cases(speech, PROMPTS)}
     cache = {}
 
     def get(name):
@@ -217,7 +220,6 @@ def test_a_finished_per_head_request_leaves_no_skip_behind(tiny_model, speech, p
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm.api.options import route_args
-    from tests.test_engine import PROMPTS
 
     llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
               limit_mm_per_prompt={"audio": 1},

@@ -19,6 +19,8 @@ class ModelAdapter:
     default_probe_layer: int = 2
     # longest audio clip the model takes; the processor would silently cut longer audio, we refuse it (400)
     max_audio_seconds: float | None = None
+    # one audio part in the chat format; {n} numbers the parts from 1
+    audio_placeholder: str = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
     def decoder_layer_index(self, layer_name: str) -> int | None:
         m = self.decoder_layer_pattern.search(layer_name)
@@ -30,9 +32,30 @@ QWEN2_AUDIO = ModelAdapter(
     architectures=("Qwen2AudioForConditionalGeneration",),
     decoder_layer_pattern=re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$"),
     max_audio_seconds=30.0,
+    audio_placeholder="Audio {n}: <|audio_bos|><|AUDIO|><|audio_eos|>\n",
 )
 
-ADAPTERS = (QWEN2_AUDIO,)
+# The Qwen2.5-Omni thinker: its language model is Qwen2 with M-RoPE. For audio-only prompts the three M-RoPE
+# position rows are all the token index, so pruning keeps original positions exactly as for Qwen2-Audio (the runner
+# never rewrites positions, only KV slots). Its placeholder is "<|audio_bos|>" + audio tokens + "<|audio_eos|>";
+# vLLM's range covers only the audio tokens. Audio inside video (use_audio_in_video) interleaves audio and video
+# tokens in one placeholder: audio_spans refuses it (non-contiguous embeddings).
+QWEN2_5_OMNI = ModelAdapter(
+    family="qwen2.5-omni",
+    architectures=("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration",
+                   "Qwen2_5OmniThinkerForConditionalGeneration"),
+    decoder_layer_pattern=re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$"),
+    max_audio_seconds=300.0,  # the feature extractor's chunk_length: the processor would cut longer audio
+)
+
+ADAPTERS = (QWEN2_AUDIO, QWEN2_5_OMNI)
+
+
+def adapter_by_family(family: str) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise ValueError(f"unknown model family {family!r}; choose one of {[a.family for a in ADAPTERS]}")
 
 
 def adapter_for(hf_config: Any) -> ModelAdapter:

@@ -28,11 +28,11 @@ def _save_processor(out: Path, tok, mel_bins: int = 128) -> None:
     GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
 
 
-def feature_extractor(mel_bins: int = 128):
+def feature_extractor(mel_bins: int = 128, chunk_length: int = 30):
     from transformers import WhisperFeatureExtractor
 
-    return WhisperFeatureExtractor(feature_size=mel_bins, sampling_rate=16000, hop_length=160, chunk_length=30,
-                                   n_fft=400)
+    return WhisperFeatureExtractor(feature_size=mel_bins, sampling_rate=16000, hop_length=160,
+                                   chunk_length=chunk_length, n_fft=400)
 
 
 def qwen2_audio_config(tok, audio: dict, text: dict, dtype: str):
@@ -143,12 +143,28 @@ def build_listening_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
     return build_listening_model(out, seed=seed)
 
 
+def _omni(name: str):
+    def build(out):
+        from headrouter_vllm.models import omni
+
+        return {"tiny": omni.build_tiny_qwen2_5_omni,
+                "7b-shape": lambda o: omni.build_qwen2_5_omni_shape(o, "7b"),
+                "3b-shape": lambda o: omni.build_qwen2_5_omni_shape(o, "3b"),
+                "7b-width-2l": lambda o: omni.build_qwen2_5_omni_width(o, "7b")}[name](out)
+
+    return build
+
+
 BUILDERS = {
     "listening-qwen2-audio": build_listening_qwen2_audio,
     "listening-qwen2-audio-seed1": lambda out: build_listening_qwen2_audio(out, seed=1),
     "tiny-qwen2-audio": build_tiny_qwen2_audio,
     "qwen2-audio-7b-shape": build_qwen2_audio_7b_shape,
     "qwen2-audio-7b-width-2l": build_qwen2_audio_7b_width,
+    "tiny-qwen2.5-omni": _omni("tiny"),
+    "qwen2.5-omni-7b-shape": _omni("7b-shape"),
+    "qwen2.5-omni-3b-shape": _omni("3b-shape"),
+    "qwen2.5-omni-7b-width-2l": _omni("7b-width-2l"),
 }
 
 

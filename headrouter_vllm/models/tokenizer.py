@@ -27,13 +27,28 @@ QWEN2_AUDIO_CHAT_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen2.5-Omni's chat format: "<|audio_bos|><|AUDIO|><|audio_eos|>" per audio part, with no "Audio N:" prefix.
+QWEN2_5_OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}" + DEFAULT_SYSTEM_MESSAGE +
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if 'audio' in content or 'audio_url' in content or content['type'] == 'audio' %}"
+    "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tokenizer(extra_specials=(), vocab_size: int = 512, chat_template: str = QWEN2_AUDIO_CHAT_TEMPLATE,
-                    corpus: list[str] | None = None):
+                    corpus: list[str] | None = None, named_specials: dict[str, str] | None = None):
+    """``named_specials``: special tokens a processor reads as tokenizer attributes (e.g. ``audio_token``), added
+    to ``extra_specials``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    extra_specials = [*extra_specials, *(t for t in (named_specials or {}).values() if t not in extra_specials)]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_specials]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,6 +59,7 @@ def build_tokenizer(extra_specials=(), vocab_size: int = 512, chat_template: str
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                  pad_token="<|endoftext|>", unk_token=None,
-                                 additional_special_tokens=list(extra_specials), model_max_length=32768)
+                                 additional_special_tokens=list(extra_specials), model_max_length=32768,
+                                 **({"extra_special_tokens": named_specials} if named_specials else {}))
     hf.chat_template = chat_template
     return hf
