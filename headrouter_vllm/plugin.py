@@ -4,7 +4,9 @@ vLLM calls :func:`register` once in every process (API server, engine core, work
 its config. It installs its hooks (see ``patch/``): the engine is configured for HeadRouter only when its
 ``additional_config`` has a ``headrouter`` section, request options are checked only where a request
 names ``headrouter_*`` keys, and the front end counts the reports HeadRouter engines return (Prometheus
-metrics); a vanilla engine in the same process is untouched. Safe to call any number of times.
+metrics); a vanilla engine in the same process is untouched, except for one fix of vLLM's own sizing that both
+need alike (``patch/omni_audio_budget.py``: Qwen2.5-Omni's encoder cache fits its longest audio). Safe to call any
+number of times.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from headrouter_vllm import patch
 def register() -> None:
     from vllm.platforms import current_platform
 
-    from headrouter_vllm.patch import attention_backend, output_processor, platform_config, sampling_params
+    from headrouter_vllm.patch import (
+        attention_backend,
+        omni_audio_budget,
+        output_processor,
+        platform_config,
+        sampling_params,
+    )
 
     if current_platform.is_cpu():
         patch.apply_once("platform_config", platform_config.apply)
@@ -26,3 +34,4 @@ def register() -> None:
         attention_backend.register_custom_backend()
     patch.apply_once("sampling_params", sampling_params.apply)
     patch.apply_once("output_processor", output_processor.apply)
+    patch.apply_once("omni_audio_budget", omni_audio_budget.apply)

@@ -11,6 +11,7 @@ the dropped audio masked in the layers above the probe layer, and the dropped au
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -70,6 +71,25 @@ def audio_runs(is_audio: torch.Tensor) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
+@contextlib.contextmanager
+def probe_attention(model, probe_layer: int):
+    """Collects the probe layer's attention probabilities ``[B, Hq, q, k]`` of a forward run with
+    ``output_attentions``; the other layers' are dropped as they are made (at 300 s each layer's are 1.8 GB)."""
+    probs: list[torch.Tensor] = []
+
+    def keep(module, args, out):
+        probs.append(out[1])
+        return out[0], None
+
+    hooks = [layer.self_attn.register_forward_hook(keep if i == probe_layer else (lambda m, a, out: (out[0], None)))
+             for i, layer in enumerate(decoder_layers(model))]
+    try:
+        yield probs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
               semantics: str = "after_prompt", policy: str | None = None, task: str = "auto", seed: int = 0,
@@ -98,10 +118,11 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
         from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
         values = []
-        attn_module = decoder_layers(model)[probe_layer].self_attn
-        hook = attn_module.v_proj.register_forward_hook(lambda mod, args, out: values.append(out[0]))
+        hook = decoder_layers(model)[probe_layer].self_attn.v_proj.register_forward_hook(
+            lambda m, a, out: values.append(out[0]))
         try:
-            out = model(**kwargs, output_attentions=True)
+            with probe_attention(model, probe_layer) as probs:
+                out = model(**kwargs, output_attentions=True)
         finally:
             hook.remove()
         num_kv = model.config.text_config.num_key_value_heads
@@ -110,10 +131,11 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             prompt_cache = copy.deepcopy(out.past_key_values)
             step = dict(input_ids=torch.tensor([[first]]), position_ids=torch.tensor([[length]]),
                         attention_mask=torch.ones(1, length + 1, dtype=torch.long), use_cache=True)
-            row = model(**step, past_key_values=out.past_key_values, output_attentions=True)
-            attn = row.attentions[probe_layer][0]  # [Hq, 1, L + 1]
+            with probe_attention(model, probe_layer) as probs:
+                model(**step, past_key_values=out.past_key_values, output_attentions=True)
+            attn = probs[0][0]  # [Hq, 1, L + 1]
         else:
-            attn = out.attentions[probe_layer][0][:, spans[-1][0] + spans[-1][1]:length]  # the rows after the audio
+            attn = probs[0][0][:, spans[-1][0] + spans[-1][1]:length]  # [Hq, rows after the audio, L]
         kept, per_head, keeps = [], [], []
         for start, n in spans:  # each clip is routed on its own
             probe = SpanProbe(head_scores=attn[:, :, start:start + n].mean(dim=1),
