@@ -30,11 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, log_path, port: int):
+def start_server(model: str, log_path, port: int, max_model_len: int = 1024, limit_mm: str = '{"audio": 1}'):
     cmd = [sys.executable, "-m", "headrouter_vllm.cli", "serve", model, "--retention", "1.0",
            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "1024", "--block-size", "32", "--enforce-eager", "--limit-mm-per-prompt",
-           '{"audio": 1}']
+           "--max-model-len", str(max_model_len), "--block-size", "32", "--enforce-eager", "--limit-mm-per-prompt",
+           limit_mm]
     # the routed-request log line is at INFO (other tests in this process may have turned vLLM logging down)
     env = {**CLEAN_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     with open(log_path, "a") as log:
@@ -65,10 +65,10 @@ def stop_server(proc) -> None:
         proc.wait()
 
 
-def audio_message(wave):
-    data = base64.b64encode(to_wav_bytes(wave, subtype="FLOAT")).decode()
-    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
-                                         {"type": "text", "text": QUESTION}]}]
+def audio_message(*waves, subtype: str = "FLOAT"):
+    encoded = [base64.b64encode(to_wav_bytes(w, subtype=subtype)).decode() for w in waves]
+    parts = [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}} for data in encoded]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}]
 
 
 def chat(server, wave, **kwargs):
@@ -362,3 +362,46 @@ def test_restart_mid_load_loses_no_request_silently(tiny_model, speech, tmp_path
     finally:
         stop_server(proc)
     assert retried == ["ok"] * len(failed)
+
+
+@pytest.fixture(scope="module")
+def omni_server(tiny_models, tmp_path_factory):
+    """A HeadRouter server on the tiny Qwen2.5-Omni thinker, with room for 300 s of audio and two clips."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("omni-server") / "server.log"
+    proc = start_server(tiny_models("qwen2.5-omni"), log_path, port, max_model_len=8192,
+                        limit_mm='{"audio": 2, "image": 0, "video": 0}')
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
+    finally:
+        stop_server(proc)
+
+
+def test_omni_server_routes_two_clips_and_takes_up_to_300_s(omni_server, speech, tiny_models):
+    """The OpenAI client's chat request with two audio parts: each clip routed on its own, tokens = the HF
+    reference; audio over the model's 300 s is a 400 naming the limit, and a 280 s clip is served."""
+    from headrouter_vllm.demo import audio_prompt
+    from tests.test_long_audio import long_clip
+
+    client = omni_server["client"]
+    waves = [speech["short"], speech["long"]]
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=audio_message(*waves), temperature=0, max_tokens=NEW_TOKENS,
+        metadata={"headrouter_task": "asr", "headrouter_retention": "0.5"},
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    ref = reference(tiny_models("qwen2.5-omni"), audio_prompt(QUESTION, "qwen2.5-omni", clips=2), waves, 0.5,
+                    NEW_TOKENS, task="asr")
+    assert response.choices[0].token_ids == ref["tokens"]
+    report = response.usage.model_extra["headrouter"]
+    assert report["audio_tokens"] == sum(n for _, n in ref["spans"])
+    assert report["kept_audio_tokens"] == sum(keep_count(0.5, n) for _, n in ref["spans"])
+
+    with pytest.raises(openai.BadRequestError, match="this model takes at most 300 s"):
+        client.chat.completions.create(model=MODEL_NAME, messages=audio_message(long_clip(speech, 301),
+                                                                                subtype="PCM_16"), max_tokens=2)
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=audio_message(long_clip(speech, 280), subtype="PCM_16"), max_tokens=2,
+        metadata={"headrouter_retention": "0.3"})
+    report = response.usage.model_extra["headrouter"]
+    assert report["audio_tokens"] == 7000 and report["kept_audio_tokens"] == keep_count(0.3, 7000)
