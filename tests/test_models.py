@@ -98,3 +98,23 @@ def test_omni_real_shape_configs(tmp_path):
         assert (out / "HEADROUTER_DUMMY_WEIGHTS").exists() and not (out / "model.safetensors").exists()
         processor = AutoProcessor.from_pretrained(out)
         assert processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>") == thinker.audio_token_index
+
+
+def test_audio_spans_from_vllm_placeholders():
+    """One span per audio item, or per run of audio embeddings where an item interleaves them with other tokens
+    (Omni's audio inside a video); other modalities are not audio."""
+    from types import SimpleNamespace
+
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    from headrouter_vllm.models import audio_spans
+
+    def feature(modality, offset, length, is_embed=None):
+        mask = None if is_embed is None else torch.tensor(is_embed, dtype=torch.bool)
+        return SimpleNamespace(modality=modality, mm_position=PlaceholderRange(offset, length, is_embed=mask))
+
+    interleaved = [0, 1, 1, 1, 0, 0, 1, 1, 0]  # video, 3 audio, 2 video, 2 audio, video
+    features = [feature("audio", 40, 5), feature("image", 10, 8), feature("audio", 60, 9, interleaved),
+                feature("audio", 3, 4, [0, 1, 1, 0])]
+    assert audio_spans(features) == [(4, 2), (40, 5), (61, 3), (66, 2)]
+    assert audio_spans(None) == [] and audio_spans([feature("audio", 0, 3, [0, 0, 0])]) == []

@@ -12,7 +12,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model directory (default: build tiny-qwen2-audio)")
+    parser.add_argument("--model", default="tiny-qwen2-audio",
+                        help="a model directory, or the name of a local builder (`headrouter-vllm make-model`), "
+                             "built into a temporary folder: tiny-qwen2-audio (default), tiny-qwen2.5-omni, ...")
     parser.add_argument("--load-format", default="auto", help="'dummy' for weightless real-shape configs")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--num-requests", type=int, default=48)
@@ -26,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per engine step (long prompts prefill in chunks of this; default: vLLM's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<run name>/")
     parser.add_argument("--name", default=None, help="run name (default: a timestamp)")
@@ -53,12 +57,27 @@ def main(args: argparse.Namespace) -> list[dict]:
     engine_kwargs = dict(dtype=args.dtype, block_size=args.block_size, num_gpu_blocks_override=args.kv_blocks,
                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, enforce_eager=True,
                          load_format=args.load_format)
+    if args.max_num_batched_tokens is not None:
+        engine_kwargs.update(max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=True)
     with tempfile.TemporaryDirectory(prefix="headrouter-bench-") as tmp:
         model = args.model
-        if model is None:
-            from headrouter_vllm.models.build import build_tiny_qwen2_audio
+        if not Path(model).is_dir():
+            from headrouter_vllm.models.build import BUILDERS, make_model
 
-            model = str(build_tiny_qwen2_audio(Path(tmp) / "tiny-qwen2-audio"))
+            if model not in BUILDERS:
+                raise ValueError(f"--model {model!r} is neither a model directory nor a builder: {sorted(BUILDERS)}")
+            model = str(make_model(model, Path(tmp) / model))
+        if (Path(model) / "HEADROUTER_DUMMY_WEIGHTS").exists() and engine_kwargs["load_format"] == "auto":
+            engine_kwargs["load_format"] = "dummy"  # a real-shape config built without weights
+        from headrouter_vllm.models import adapter_for_model_dir
+
+        adapter, longest = adapter_for_model_dir(model), max(args.clip_seconds)
+        if adapter.max_audio_seconds is not None and longest > adapter.max_audio_seconds:
+            raise ValueError(f"--clip-seconds {longest:g}: {adapter.family} takes at most "
+                             f"{adapter.max_audio_seconds:g} s of audio")
+        if int(longest * 25) + 64 + args.output_tokens > args.max_model_len:
+            raise ValueError(f"--clip-seconds {longest:g} is {int(longest * 25)} audio tokens: raise --max-model-len "
+                             f"(now {args.max_model_len}) above that plus the question and answer")
         configs = [None, *args.retentions]
         runs = []
         with tqdm(total=len(configs) * len(workload), desc="bench", unit="req") as progress:
@@ -78,7 +97,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             "workload": {k: getattr(args, k) for k in ("num_requests", "clip_seconds", "output_tokens",
                                                        "request_rate", "kv_blocks", "block_size", "seed",
                                                        "policy", "load_format", "dtype")},
-            "model": args.model or "tiny-qwen2-audio (built locally)"}
+            "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)
     print(report.table(rows))
     print(f"\nresults: {out_dir}")

@@ -64,11 +64,13 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
 
     from headrouter_vllm import inprocess
     from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.models import adapter_for_model_dir
 
+    adapter = adapter_for_model_dir(model)
     extra = {}
     if retention is not None:
         extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy}}
-    llm = LLM(model=model, seed=0, enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1},
+    llm = LLM(model=model, seed=0, enable_prefix_caching=False, limit_mm_per_prompt=adapter.mm_limits(),
               **engine_kwargs, **extra)
     engine = llm.llm_engine
     scheduler = inprocess.scheduler(llm)
@@ -89,7 +91,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
         return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True, extra_args=args)
 
     # warm up (first-request costs are not part of the measurement)
-    engine.add_request("warmup", {"prompt": audio_prompt("hi"), "multi_modal_data": {
+    engine.add_request("warmup", {"prompt": audio_prompt("hi", adapter.family), "multi_modal_data": {
         "audio": (np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)}}, params(workload[0]))
     while engine.has_unfinished_requests():
         engine.step()
@@ -103,7 +105,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
         while pending and pending[0].arrival_s <= now:
             r = pending.pop(0)
             rid = f"req{r.index}"
-            engine.add_request(rid, {"prompt": audio_prompt(r.question),
+            engine.add_request(rid, {"prompt": audio_prompt(r.question, adapter.family),
                                      "multi_modal_data": {"audio": (r.wave, SAMPLE_RATE)}}, params(r))
             results[rid] = RequestResult(r.index, 0, 0, start + max(r.arrival_s, now), 0.0, 0.0, 0)
         if not engine.has_unfinished_requests():

@@ -21,6 +21,11 @@ class ModelAdapter:
     max_audio_seconds: float | None = None
     # one audio part in the chat format; {n} numbers the parts from 1
     audio_placeholder: str = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    other_modalities: tuple[str, ...] = ()  # what else the model takes (set to 0 items for audio-only serving)
+
+    def mm_limits(self, audio: int = 1) -> dict[str, int]:
+        """``limit_mm_per_prompt`` for audio-only requests: vLLM then neither profiles nor reserves the rest."""
+        return {"audio": audio, **dict.fromkeys(self.other_modalities, 0)}
 
     def decoder_layer_index(self, layer_name: str) -> int | None:
         m = self.decoder_layer_pattern.search(layer_name)
@@ -39,13 +44,14 @@ QWEN2_AUDIO = ModelAdapter(
 # position rows are all the token index, so pruning keeps original positions exactly as for Qwen2-Audio (the runner
 # never rewrites positions, only KV slots). Its placeholder is "<|audio_bos|>" + audio tokens + "<|audio_eos|>";
 # vLLM's range covers only the audio tokens. Audio inside video (use_audio_in_video) interleaves audio and video
-# tokens in one placeholder: audio_spans refuses it (non-contiguous embeddings).
+# tokens in one placeholder: each audio run is then a span of its own (untested: the CPU install decodes no video).
 QWEN2_5_OMNI = ModelAdapter(
     family="qwen2.5-omni",
     architectures=("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration",
                    "Qwen2_5OmniThinkerForConditionalGeneration"),
     decoder_layer_pattern=re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$"),
     max_audio_seconds=300.0,  # the feature extractor's chunk_length: the processor would cut longer audio
+    other_modalities=("image", "video"),
 )
 
 ADAPTERS = (QWEN2_AUDIO, QWEN2_5_OMNI)
@@ -58,6 +64,12 @@ def adapter_by_family(family: str) -> ModelAdapter:
     raise ValueError(f"unknown model family {family!r}; choose one of {[a.family for a in ADAPTERS]}")
 
 
+def adapter_for_model_dir(model: str) -> ModelAdapter:
+    from transformers import AutoConfig
+
+    return adapter_for(AutoConfig.from_pretrained(model))
+
+
 def adapter_for(hf_config: Any) -> ModelAdapter:
     archs = tuple(getattr(hf_config, "architectures", None) or ())
     for adapter in ADAPTERS:
@@ -68,23 +80,25 @@ def adapter_for(hf_config: Any) -> ModelAdapter:
 
 
 def audio_spans(mm_features: Any) -> list[tuple[int, int]]:
-    """``(start, length)`` of each audio item's embedding tokens, in prompt order, from vLLM's
-    ``MultiModalFeatureSpec.mm_position`` (a ``PlaceholderRange``). Qwen2-Audio's range is exactly the
-    audio tokens (``is_embed`` is None); where ``is_embed`` is set, the span is its contiguous True run."""
+    """``(start, length)`` of each run of audio embedding tokens, in prompt order, from vLLM's
+    ``MultiModalFeatureSpec.mm_position`` (a ``PlaceholderRange``). Qwen2-Audio's and Omni's audio ranges are
+    exactly the audio tokens (``is_embed`` None or one run); where ``is_embed`` has several runs (Omni's audio inside
+    a video, interleaved with video tokens every 2 s), each run is a span of its own."""
     spans = []
     for feature in mm_features or ():
         if feature.modality != "audio":
             continue
         rng = feature.mm_position
-        start, length = int(rng.offset), int(rng.length)
-        if rng.is_embed is not None:
-            idx = torch.nonzero(torch.as_tensor(rng.is_embed)).flatten()
-            if idx.numel() == 0:
-                continue
-            if idx.numel() != int(idx[-1] - idx[0] + 1):
-                raise ValueError("audio placeholder with non-contiguous embeddings is not supported")
-            start, length = start + int(idx[0]), int(idx.numel())
-        spans.append((start, length))
+        offset = int(rng.offset)
+        if rng.is_embed is None:
+            spans.append((offset, int(rng.length)))
+            continue
+        idx = torch.nonzero(torch.as_tensor(rng.is_embed)).flatten()
+        if idx.numel() == 0:
+            continue
+        breaks = (torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1).tolist()
+        for a, b in zip([0, *breaks], [*breaks, idx.numel()], strict=True):
+            spans.append((offset + int(idx[a]), b - a))
     return sorted(spans)
 
 
