@@ -27,3 +27,24 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
     assert (run_dir / "plots.png").stat().st_size > 10_000
     lines = (tmp_path / "workload" / "workload.jsonl").read_text().splitlines()
     assert len(lines) == 6 and {"prompt", "audio", "output_tokens"} <= set(json.loads(lines[0]))
+
+
+def test_bench_runs_an_omni_long_audio_workload(tmp_path, capsys):
+    """`--model` names a local builder; 90 s clips (2,250 audio tokens, over Qwen2-Audio's 30 s) prefill in 1024-token
+    chunks on the Omni thinker; the clip length is checked against the model before anything starts."""
+    import pytest
+
+    from headrouter_vllm.cli import main
+
+    common = ["bench", "--model", "tiny-qwen2.5-omni", "--num-requests", "2", "--output-tokens", "4",
+              "--retentions", "0.3", "--kv-blocks", "200", "--out", str(tmp_path), "--name", "omni"]
+    for extra, message in ((["--clip-seconds", "301", "--max-model-len", "8192"], "takes at most 300 s"),
+                           (["--clip-seconds", "90"], "raise --max-model-len")):
+        with pytest.raises(SystemExit) as stop:
+            main([*common, *extra])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert main([*common, "--clip-seconds", "90", "--max-model-len", "2400", "--max-num-batched-tokens", "1024"]) == 0
+    summary = json.loads(next(tmp_path.glob("*/omni/summary.json")).read_text())
+    vanilla, pruned = summary["runs"]
+    assert pruned["audio_tokens_mean"] == 2250 and pruned["audio_kept_mean"] == 675
+    assert "tiny-qwen2.5-omni" in summary["model"]

@@ -252,3 +252,31 @@ def test_a_finished_per_head_request_leaves_no_skip_behind(tiny_model, speech, p
     assert finished["joiner"] == alone
     del llm
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def omni(tiny_models, speech):
+    """The Qwen2.5-Omni thinker (M-RoPE, a GQA group of 4) through HeadRouter's backend with interpreted kernels:
+    chunked prefill, NaN-poisoned vacated and freed slots, one mixed batch."""
+    model = tiny_models("qwen2.5-omni")
+    prompts = {clip: audio_prompt(question, "qwen2.5-omni") for clip, question in QUESTIONS.items()}
+    cases = {c.name: c for c in make_cases(speech, prompts) if c.name in NAMES}
+    result = run_engine(model, list(cases.values()), phases=["batch"], headrouter=TRITON, poison=math.nan,
+                        enable_chunked_prefill=True, max_num_batched_tokens=64)
+    return model, cases, result
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_omni_through_the_triton_backend_equals_hf_reference(omni, name):
+    model, cases, result = omni
+    case, got = cases[name], result["batch"][name]
+    ref = reference(model, case.prompt, case.wave, 1.0 if case.retention is None else case.retention, NEW_TOKENS,
+                    policy=case.policy, task=case.task or "auto")
+    assert result["attention_impls"] == {"HeadRouterAttentionImpl"}
+    assert got["tokens"] == ref["tokens"]
+    if name in ROUTED:
+        assert got["log"].kept == ref["kept"]
+        removed = ref["audio_tokens"] - len(ref["kept"])
+        assert got["record"].blocks_after == cdiv(ref["length"] - removed, BLOCK)
+    else:
+        assert got["log"] is None
