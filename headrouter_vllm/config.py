@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 CONFIG_KEY = "headrouter"
 MODES = ("shared", "per_head")
-SEMANTICS = ("after_prompt", "in_prompt")
+SEMANTICS = ("after_prompt", "in_prompt", "prefill")
 PROBE_POINTS = ("prompt", "first_token")
 ATTENTION = ("auto", "platform", "triton", "torch")
 
@@ -42,8 +42,11 @@ class HeadRouterConfig:
             adapter's default.
         semantics: ``after_prompt`` (the prompt step is dense, pruning applies from decode on; exact
             under chunked prefill) or ``in_prompt`` (the text rows after the audio attend only to
-            the kept audio from layer ``probe_layer + 1`` on, as in the paper; needs those rows in
-            one prefill chunk).
+            the kept audio from layer ``probe_layer + 1`` on; needs those rows in one prefill chunk) or
+            ``prefill`` (the paper's prefill saving: from layer ``probe_layer + 1`` on the dropped audio rows are
+            not computed at all, the prompt continues as the shorter sequence, kept audio and text, with the
+            original positions; needs the prompt from the first audio token on in one prefill chunk, vLLM's CPU
+            attention and ``enforce_eager``).
         probe_point: where the probe reads attention, for requests that name none (``None``: the profile file's
             choice for the request's task group, written by ``quality --tune-coverage``, else ``prompt``).
             ``prompt``: the rows after the audio, in the step that finishes the prompt. ``first_token``: the first
@@ -72,7 +75,7 @@ class HeadRouterConfig:
     mode: Literal["shared", "per_head"] = "shared"
     per_head_cap: float = 1.5
     probe_layer: int | None = None
-    semantics: Literal["after_prompt", "in_prompt"] = "after_prompt"
+    semantics: Literal["after_prompt", "in_prompt", "prefill"] = "after_prompt"
     probe_point: Literal["prompt", "first_token"] | None = None
     default_task: str = "auto"
     policy: str | None = None
@@ -95,9 +98,9 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
         if self.probe_point is not None and self.probe_point not in PROBE_POINTS:
             raise ConfigError(f"headrouter.probe_point must be one of {PROBE_POINTS}, got {self.probe_point!r}")
-        if self.probe_point == "first_token" and self.semantics == "in_prompt":
-            raise ConfigError("headrouter.probe_point 'first_token' probes after the prompt: semantics 'in_prompt' "
-                              "(which re-attends the prompt rows) does not apply; use 'after_prompt'")
+        if self.probe_point == "first_token" and self.semantics != "after_prompt":
+            raise ConfigError(f"headrouter.probe_point 'first_token' probes after the prompt: semantics "
+                              f"{self.semantics!r} (which prunes inside the prompt) does not apply; use 'after_prompt'")
         if self.probe_point == "first_token" and self.mode == "per_head":
             raise ConfigError("headrouter.mode 'per_head' selects at probe_point 'prompt' only")
         from headrouter_vllm.routing.policies import POLICIES
@@ -111,7 +114,7 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.record_probes must be true or false, got {self.record_probes!r}")
         if self.attention not in ATTENTION:
             raise ConfigError(f"headrouter.attention must be one of {ATTENTION}, got {self.attention!r}")
-        if self.mode == "per_head" and self.semantics == "in_prompt":
+        if self.mode == "per_head" and self.semantics != "after_prompt":
             raise ConfigError("headrouter.mode 'per_head' supports semantics 'after_prompt' only")
         if self.mode == "per_head" and self.attention == "platform":
             raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' or 'torch' (vLLM's own attention "
@@ -122,12 +125,12 @@ class HeadRouterConfig:
             register_operator_tasks(profiles.task_names())
             uses_first_token = "first_token" in (profiles.probe_point.values() if isinstance(profiles.probe_point, dict)
                                                  else (profiles.probe_point,))
-            if uses_first_token and (self.semantics == "in_prompt" or self.mode == "per_head"):
+            if uses_first_token and (self.semantics != "after_prompt" or self.mode == "per_head"):
                 from headrouter_vllm.log import get_logger
 
                 get_logger(__name__).warning(
                     "the profile file's probe point 'first_token' does not apply to a %s engine: requests that "
-                    "name no probe point probe the prompt", "per_head" if self.mode == "per_head" else "in_prompt")
+                    "name no probe point probe the prompt", "per_head" if self.mode == "per_head" else self.semantics)
                 profiles = None
         # the file's probe point(s) and task table, for probe_point_for
         object.__setattr__(self, "_profile_probe_point", None if profiles is None else (profiles.probe_point,

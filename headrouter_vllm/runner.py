@@ -111,6 +111,7 @@ class HeadRouterRunnerMixin:
         self.hr_log: collections.deque[ProbeLog] = collections.deque(maxlen=4096)
         self._hr_timed: dict[str, float] = {}  # request id -> probe seconds, for this step's output
         self._hr_installed = False
+        self.hr_prefill = None  # PrefillShortener, with semantics "prefill"
         self.hr_kernels = None  # the Triton kernels, when HeadRouter's attention backend serves the layers
         # per_head requests after compaction: (region start, region slots, kept slots per KV head); each KV head
         # skips [start + kept[g], start + slots). Fed to HeadRouter's backend per batch row (hr_route_rows).
@@ -154,6 +155,8 @@ class HeadRouterRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         self.hr_step = []
+        if self.hr_prefill is not None:
+            self.hr_prefill.new_step()
         if self.hr_routes:
             # built after super(): the batch row order and query_start_loc are final only now
             starts = self.query_start_loc.cpu[:num_reqs + 1].tolist()
@@ -224,6 +227,13 @@ class HeadRouterRunnerMixin:
                         builder.route_rows = self.hr_route_rows
         if self.hr_config.mode == "per_head" and self.hr_kernels is None:
             raise RuntimeError("headrouter.mode 'per_head' needs HeadRouter's attention backend")
+        if self.hr_config.semantics == "prefill":
+            from headrouter_vllm.prefill import PrefillShortener
+
+            upper = {name for name in self.compilation_config.static_forward_context
+                     if (self.hr_adapter.decoder_layer_index(name) or -1) > self.hr_probe_layer}
+            decoder = self.get_model().get_submodule(self.hr_adapter.decoder_model)
+            self.hr_prefill = PrefillShortener(self, decoder, self.hr_probe_layer, upper)
         self._hr_installed = True
 
     def _layer_keys(self, layer, item: ProbeItem, key, value, kv_cache, upto: int, values: bool = False):
@@ -366,7 +376,10 @@ class HeadRouterRunnerMixin:
             rows_start, length = plan.probe_rows
             assert item.computed <= rows_start, "probe rows split across chunks"
             positions = torch.arange(rows_start, length)
-            q = query[item.token_start + positions - item.computed].float()
+            rows = item.token_start + positions - item.computed
+            if self.hr_prefill is not None:  # this layer may run the batch without another request's dropped rows
+                rows = self.hr_prefill.translate(rows)
+            q = query[rows].float()
             k, v = self._layer_keys(layer, item, key, value, kv_cache, upto=length, values=True)
             group = q.shape[1] // k.shape[1]
             k = k.float().repeat_interleave(group, dim=1)
@@ -380,7 +393,6 @@ class HeadRouterRunnerMixin:
             logits = torch.einsum("rhd,thd->hrt", q, k) * layer.impl.scale
             logits.masked_fill_(~visible[None].to(logits.device), float("-inf"))
             attended = torch.einsum("hrt,thd->rhd", torch.softmax(logits, dim=-1), v)
-            rows = item.token_start + positions - item.computed
             output[rows] = attended.reshape(len(positions), *output.shape[1:]).to(output.dtype)
             item.state.seconds += time.perf_counter() - t0
 
@@ -453,7 +465,10 @@ class HeadRouterRunnerMixin:
                 pages = CpuKvPages(kv, layer.isa, layer.impl.kv_cache_dtype)
                 if pages.block_size != block_size:
                     raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
-                if src.numel():
+                # prefill semantics: the layers above the probe layer wrote the compacted layout already
+                written_compacted = plan.semantics == "prefill" and (
+                    self.hr_adapter.decoder_layer_index(name) or -1) > self.hr_probe_layer
+                if src.numel() and not written_compacted:
                     pages.move(table, src, dst)
                 if self.hr_poison is not None:  # tests: vacated slots, incl. the blocks about to be freed
                     pages.fill(table, vacated, self.hr_poison)

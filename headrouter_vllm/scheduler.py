@@ -88,11 +88,14 @@ class HeadRouterScheduler(Scheduler):
             return None
         options = parse_route_options(request.sampling_params.extra_args)
         plan = make_plan(options, self.hr_config, audio_spans(request.mm_features), request.num_prompt_tokens)
-        if plan is not None and plan.semantics == "in_prompt":
-            rows = plan.num_prompt_tokens - plan.probe_start
+        if plan is not None and plan.semantics in ("in_prompt", "prefill"):
+            # in_prompt: the rows after the audio in one chunk; prefill: the prompt from the first audio token on
+            first = plan.probe_start if plan.semantics == "in_prompt" else plan.spans[0].start
+            rows = plan.num_prompt_tokens - first
             budget = self.scheduler_config.max_num_batched_tokens
             if self.scheduler_config.enable_chunked_prefill and rows > budget:
-                raise ValueError(f"in_prompt semantics needs the {rows} prompt tokens after the audio in one "
+                what = "after the audio" if plan.semantics == "in_prompt" else "from the first audio token on"
+                raise ValueError(f"{plan.semantics} semantics needs the {rows} prompt tokens {what} in one "
                                  f"prefill chunk, but max_num_batched_tokens is {budget}")
         return plan
 
@@ -105,6 +108,8 @@ class HeadRouterScheduler(Scheduler):
           Otherwise they would attend to all the audio and drift.
         * ``in_prompt``: every prompt row after the audio must be in one chunk (they are re-attended with only the
           kept audio in the same forward that picks it), so a chunk may not end inside them.
+        * ``prefill``: the same from the first audio token on (above the probe layer that forward drops the rows
+          of the audio it does not keep, so they must all be in it).
         """
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
         plan = self.hr_plans.get(request.request_id)
@@ -115,6 +120,8 @@ class HeadRouterScheduler(Scheduler):
             num_new_tokens = plan.probe_end - num_computed_tokens
         elif plan.semantics == "in_prompt" and plan.probe_start < end < plan.num_prompt_tokens:
             num_new_tokens = max(0, plan.probe_start - num_computed_tokens)
+        elif plan.semantics == "prefill" and plan.spans[0].start < end < plan.num_prompt_tokens:
+            num_new_tokens = max(0, plan.spans[0].start - num_computed_tokens)
         return num_new_tokens
 
     # ---- shortening -----------------------------------------------------------------------------

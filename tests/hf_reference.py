@@ -165,6 +165,8 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             kept = None  # nothing is deleted from the cache: each head masks its own dropped audio
         if semantics == "in_prompt":
             out = _prefill_kept_only(model, kwargs, length, is_audio, spans[-1][0] + spans[-1][1], kept, probe_layer)
+        elif semantics == "prefill":  # above the probe layer the dropped audio is gone for every row
+            out = _prefill_kept_only(model, kwargs, length, is_audio, 0, kept, probe_layer)
     else:
         out = model(**kwargs)
     tokens, logprobs, done = [], [], 0
@@ -209,11 +211,15 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
 
 
 def _prefill_kept_only(model, kwargs, length, is_audio, audio_end, kept, probe_layer):
-    """The prompt with the rows after the last clip masked from the dropped audio (layers above the probe)."""
+    """The prompt with the rows from ``audio_end`` on masked from the dropped audio in the layers above the probe:
+    the rows after the last clip (``in_prompt``), or every row but the dropped ones (``prefill``, audio_end 0)."""
     dropped = is_audio.clone()
     dropped[kept] = False
     allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    allowed[audio_end:] &= ~dropped[None, :]
+    rows = torch.zeros(length, dtype=torch.bool)
+    rows[audio_end:] = True
+    rows &= ~dropped  # a dropped row's own output is never used (the engine does not compute it)
+    allowed[rows] &= ~dropped[None, :]
     mask = torch.zeros(1, 1, length, length).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     return _with_attention_mask(model, range(probe_layer + 1, len(decoder_layers(model))), mask,
                                 **kwargs)

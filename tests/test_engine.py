@@ -76,6 +76,11 @@ ENGINES = {
     "first_token": dict(headrouter={"probe_point": "first_token", "probe_layer": 1}),
     "first_token_chunked_poisoned": dict(headrouter={"probe_point": "first_token", "probe_layer": 1}, poison=1e4,
                                          enable_chunked_prefill=True, max_num_batched_tokens=64),
+    # the paper's prefill saving: above the probe layer the dropped audio rows are not computed (eager only)
+    "prefill": dict(headrouter={"semantics": "prefill", "probe_layer": 1}),
+    # a shared 192-token budget: chunks end before the audio or take the prompt from the audio on whole
+    "prefill_chunked_poisoned": dict(headrouter={"semantics": "prefill", "probe_layer": 1}, poison=1e4,
+                                     enable_chunked_prefill=True, max_num_batched_tokens=192),
     # two CPU ranks, one KV head each (the tiny model has 2): the ranks gather the probe's heads and select alike
     "tensor_parallel": dict(headrouter={}, poison=1e4, tensor_parallel_size=2),
 }
@@ -135,6 +140,8 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
     if not tensor_parallel:  # the runner lives in this process
         context = inprocess.model_runner(llm).compilation_config.static_forward_context
         result["attention_impls"] = {type(layer.impl).__name__ for layer in context.values() if hasattr(layer, "impl")}
+        shortener = getattr(inprocess.model_runner(llm), "hr_prefill", None)
+        result["prefill_rows_dropped"] = None if shortener is None else shortener.rows_dropped
     del scheduler, llm
     gc.collect()
     return result
@@ -225,6 +232,31 @@ def test_in_prompt_semantics_equal_hf_reference(engine, hf, mode, name, phase):
     got, ref = engine(mode)[phase][name], hf(name, "in_prompt", probe_layer=1)
     assert got["log"] is not None and got["log"].kept == ref["kept"]
     assert got["tokens"] == ref["tokens"]
+
+
+@pytest.mark.parametrize("mode", ["prefill", "prefill_chunked_poisoned"])
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", ROUTED)
+def test_prefill_semantics_equal_hf_reference(engine, hf, mode, name, phase):
+    """Above the probe layer the prompt continues without the dropped audio rows (KV written compacted): kept set,
+    tokens and log-probabilities = the HF reference with the dropped audio masked from every row there."""
+    got, ref = engine(mode)[phase][name], hf(name, "prefill", probe_layer=1)
+    assert got["log"] is not None and got["log"].kept == ref["kept"]
+    assert got["tokens"] == ref["tokens"]
+    assert max(abs(a - b) for a, b in zip(got["logprobs"], ref["logprobs"], strict=True)) < 1e-3
+    n, length = ref["audio_tokens"], ref["length"]
+    assert got["record"].blocks_after == cdiv(length - (n - len(ref["kept"])), BLOCK)
+
+
+def test_prefill_semantics_really_skips_rows(engine, hf, cases):
+    """The dropped audio rows were not computed (every routed request's, in both phases), and the semantics is
+    a different computation from in_prompt on this model (their log-probabilities differ)."""
+    dropped = sum(hf(n, "prefill", 1)["audio_tokens"] - len(hf(n, "prefill", 1)["kept"]) for n in ROUTED)
+    assert engine("prefill")["prefill_rows_dropped"] == 2 * dropped
+    assert engine("after_prompt")["prefill_rows_dropped"] is None
+    gaps = [max(abs(a - b) for a, b in zip(hf(n, "prefill", 1)["logprobs"], hf(n, "in_prompt", 1)["logprobs"],
+                                           strict=True)) for n in ROUTED]
+    assert max(gaps) > 1e-2
 
 
 @pytest.mark.parametrize("mode", ["first_token", "first_token_chunked_poisoned"])

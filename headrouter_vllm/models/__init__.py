@@ -17,6 +17,7 @@ class ModelAdapter:
     # matches the vLLM attention layer names of the language model's decoder layers; group 1 = index
     decoder_layer_pattern: re.Pattern
     default_probe_layer: int = 2
+    decoder_model: str = "language_model.model"  # the module holding the decoder layers (``.layers``)
     # longest audio clip the model takes; the processor would silently cut longer audio, we refuse it (400)
     max_audio_seconds: float | None = None
     # one audio part in the chat format; {n} numbers the parts from 1

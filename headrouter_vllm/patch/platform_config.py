@@ -71,6 +71,15 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     if getattr(parallel, "enable_dbo", False):
         raise ConfigError("HeadRouter does not support dual-batch overlap (--enable-dbo) yet")
     attention = config.resolved_attention(on_cuda)
+    if config.semantics == "prefill":
+        if attention != "platform":
+            raise ConfigError("headrouter.semantics 'prefill' runs with vLLM's CPU attention only for now "
+                              "(headrouter.attention 'platform', on CPU)")
+        if not vllm_config.model_config.enforce_eager:
+            raise ConfigError("headrouter.semantics 'prefill' changes the batch between decoder layers, which a "
+                              "compiled model cannot: add --enforce-eager")
+        if tp > 1:
+            raise ConfigError("headrouter.semantics 'prefill' is not yet supported with tensor parallelism")
     if on_cuda and attention == "platform":
         # the GPU runner reads and moves KV only in vLLM's standard layout, through HeadRouter's backend
         raise ConfigError("headrouter.attention 'platform' is CPU only: on a GPU HeadRouter serves with its own "
