@@ -32,6 +32,8 @@ def test_defaults():
     ({"semantics": "fastv"}, "semantics must be one of"),
     ({"probe_point": "last"}, "probe_point must be one of"),
     ({"probe_point": "first_token", "semantics": "in_prompt"}, "does not apply"),
+    ({"probe_point": "first_token", "semantics": "prefill"}, "does not apply"),
+    ({"mode": "per_head", "semantics": "prefill", "attention": "torch"}, "after_prompt' only"),
     ({"probe_point": "first_token", "mode": "per_head", "attention": "torch"}, "probe_point 'prompt' only"),
     ({"probe_layer": -1}, "probe_layer must be a non-negative integer"),
     ({"probe_layer": 1.5}, "probe_layer must be a non-negative integer"),
@@ -49,12 +51,12 @@ def test_bad_settings_are_clear_errors(values, message):
 
 def fake_vllm_config(additional_config, scheduler_cls=None, worker_cls="vllm.v1.worker.cpu_worker.CPUWorker",
                      prefix_caching=True, architectures=("Qwen2AudioForConditionalGeneration",), tp=1, spec=None,
-                     block_size=32, dbo=False, pp=1):
+                     block_size=32, dbo=False, pp=1, enforce_eager=True):
     return types.SimpleNamespace(
         additional_config=additional_config,
         model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(
             architectures=list(architectures), get_text_config=lambda: types.SimpleNamespace(num_hidden_layers=4)),
-            get_total_num_kv_heads=lambda: 2),
+            get_total_num_kv_heads=lambda: 2, enforce_eager=enforce_eager),
         scheduler_config=types.SimpleNamespace(scheduler_cls=scheduler_cls),
         parallel_config=types.SimpleNamespace(worker_cls=worker_cls, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                               enable_dbo=dbo),
@@ -94,6 +96,9 @@ def test_headrouter_section_selects_scheduler_worker_and_disables_prefix_caching
     (dict(additional_config={"headrouter": {}}, spec=object()), "speculative decoding"),
     (dict(additional_config={"headrouter": {"attention": "torch"}}, block_size=24), "power of two >= 16"),
     (dict(additional_config={"headrouter": {}}, dbo=True), "dual-batch overlap"),
+    (dict(additional_config={"headrouter": {"semantics": "prefill"}}, enforce_eager=False), "add --enforce-eager"),
+    (dict(additional_config={"headrouter": {"semantics": "prefill", "attention": "torch"}}), "CPU attention only"),
+    (dict(additional_config={"headrouter": {"semantics": "prefill"}}, tp=2), "tensor parallelism"),
 ])
 def test_misconfigured_engine_stops_with_a_clear_error(kwargs, message):
     from headrouter_vllm.patch.platform_config import configure_engine
@@ -169,6 +174,9 @@ def test_gpu_engine_gets_the_gpu_worker_our_backend_and_sync_scheduling(monkeypa
     assert "_make_model_runner" in HeadRouterGPUWorker.__dict__
 
 
+PATCHES = ["attention_backend", "omni_audio_budget", "output_processor", "platform_config", "sampling_params"]
+
+
 def test_register_is_idempotent_and_reversible():
     from vllm.platforms.cpu import CpuPlatform
     from vllm.sampling_params import SamplingParams
@@ -180,14 +188,14 @@ def test_register_is_idempotent_and_reversible():
     patched = (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args)
     register()
     assert (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args) == patched
-    assert patch.applied() == ["attention_backend", "output_processor", "platform_config", "sampling_params"]
+    assert patch.applied() == PATCHES
     patch.revert_all()
     try:
         assert SamplingParams._verify_extra_args is not patched[1]
         assert CpuPlatform.__dict__["check_and_update_config"] is not patched[0]
     finally:
         register()
-    assert patch.applied() == ["attention_backend", "output_processor", "platform_config", "sampling_params"]
+    assert patch.applied() == PATCHES
 
 
 def test_plugin_entry_point_is_installed():
