@@ -56,6 +56,7 @@ class RoutePlan:
     policy: str
     mode: str = "shared"
     probe_point: str = "prompt"
+    semantics_note: str | None = None  # why the engine's semantics did not apply to this request
 
     @property
     def audio_tokens(self) -> int:
@@ -89,9 +90,14 @@ class RoutePlan:
 
 
 def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple[int, int]],
-              num_prompt_tokens: int) -> RoutePlan | None:
+              num_prompt_tokens: int, chunk_budget: int | None = None) -> RoutePlan | None:
     """The plan, or ``None`` when the request runs exactly as vanilla vLLM: no audio, retention 1.0
-    (or a retention that keeps every token), or no text after the audio to probe with."""
+    (or a retention that keeps every token), or no text after the audio to probe with.
+
+    ``chunk_budget``: the most prompt tokens one prefill step takes (chunked prefill), or None. ``in_prompt`` needs
+    the rows after the audio in one step, ``prefill`` the prompt from the first audio token on; a request whose
+    rows do not fit runs ``after_prompt`` (exact under any chunking), and its plan says why (``semantics_note``:
+    the scheduler logs it and the request's usage report names the semantics it ran)."""
     retention = options.retention if options.retention is not None else config.retention
     task = options.task if options.task is not None else config.default_task
     policy = options.policy if options.policy is not None else config.default_policy
@@ -106,7 +112,20 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     if all(sp.keep == sp.length for sp in plan_spans) or plan_spans[-1].end >= num_prompt_tokens:
         return None
     semantics = config.semantics if probe_point == "prompt" else "after_prompt"
-    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, semantics, policy, mode, probe_point)
+    note = None
+    if semantics in ("in_prompt", "prefill") and chunk_budget is not None:
+        first = plan_spans[-1].end if semantics == "in_prompt" else plan_spans[0].start
+        if num_prompt_tokens - first > chunk_budget:
+            what = "after the audio" if semantics == "in_prompt" else "from the first audio token on"
+            note = (f"{semantics} needs the {num_prompt_tokens - first} prompt tokens {what} in one prefill step, "
+                    f"more than max_num_batched_tokens {chunk_budget}: ran after_prompt")
+            semantics = "after_prompt"
+    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, semantics, policy, mode, probe_point, note)
+
+
+def chunk_budget(scheduler_config) -> int | None:
+    """The most prompt tokens one step takes when prompts may be chunked, else None (for :func:`make_plan`)."""
+    return scheduler_config.max_num_batched_tokens if scheduler_config.enable_chunked_prefill else None
 
 
 def per_head_cap(ratio: float, keep: int, n: int) -> int:

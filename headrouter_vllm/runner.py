@@ -41,7 +41,7 @@ from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans, resolve_probe_layer
 from headrouter_vllm.patch.attention_forward import wrap_impl_forward
-from headrouter_vllm.plan import RoutePlan, cdiv, compaction_moves, make_plan
+from headrouter_vllm.plan import RoutePlan, cdiv, chunk_budget, compaction_moves, make_plan
 from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
 logger = get_logger(__name__)
@@ -145,7 +145,8 @@ class HeadRouterRunnerMixin:
             if state is None or state.sampling_params is None:
                 continue
             plan = make_plan(parse_route_options(state.sampling_params.extra_args), self.hr_config,
-                             audio_spans(state.mm_features), state.num_prompt_tokens)
+                             audio_spans(state.mm_features), state.num_prompt_tokens,
+                             chunk_budget(self.scheduler_config))
             if plan is not None:
                 self.hr_routes[req_id] = RouteState(plan)
         return out

@@ -20,7 +20,7 @@ from headrouter_vllm.config import ConfigError, HeadRouterConfig
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans
 from headrouter_vllm.patch.kv_cache_coordinator import wrap_block_accounting
-from headrouter_vllm.plan import RoutePlan, cdiv, make_plan
+from headrouter_vllm.plan import RoutePlan, cdiv, chunk_budget, make_plan
 
 logger = get_logger(__name__)
 
@@ -81,22 +81,17 @@ class HeadRouterScheduler(Scheduler):
             "audio_tokens": audio, "kept_audio_tokens": audio if plan is None else plan.kept_tokens,
             "kv_blocks_freed": 0, "task": None if plan is None else plan.task,
             "policy": None if plan is None else plan.policy, "retention": 1.0 if plan is None else plan.retention,
+            "semantics": None if plan is None else plan.semantics,
             "probe_seconds": 0.0 if plan is None else None}  # routed: set when the model runner reports it
 
     def _plan_of(self, request: Request) -> RoutePlan | None:
         if request.sampling_params is None:
             return None
         options = parse_route_options(request.sampling_params.extra_args)
-        plan = make_plan(options, self.hr_config, audio_spans(request.mm_features), request.num_prompt_tokens)
-        if plan is not None and plan.semantics in ("in_prompt", "prefill"):
-            # in_prompt: the rows after the audio in one chunk; prefill: the prompt from the first audio token on
-            first = plan.probe_start if plan.semantics == "in_prompt" else plan.spans[0].start
-            rows = plan.num_prompt_tokens - first
-            budget = self.scheduler_config.max_num_batched_tokens
-            if self.scheduler_config.enable_chunked_prefill and rows > budget:
-                what = "after the audio" if plan.semantics == "in_prompt" else "from the first audio token on"
-                raise ValueError(f"{plan.semantics} semantics needs the {rows} prompt tokens {what} in one "
-                                 f"prefill chunk, but max_num_batched_tokens is {budget}")
+        plan = make_plan(options, self.hr_config, audio_spans(request.mm_features), request.num_prompt_tokens,
+                         chunk_budget(self.scheduler_config))
+        if plan is not None and plan.semantics_note is not None:
+            logger.warning("headrouter request_id=%s: %s", request.request_id, plan.semantics_note)
         return plan
 
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
@@ -211,7 +206,7 @@ class HeadRouterScheduler(Scheduler):
         if usage is not None:
             if usage["task"] is not None and not routed:  # aborted before its probe step: nothing was pruned
                 usage.update(kept_audio_tokens=usage["audio_tokens"], task=None, policy=None, retention=1.0,
-                             probe_seconds=0.0, kv_blocks_freed=0)
+                             semantics=None, probe_seconds=0.0, kv_blocks_freed=0)
             if usage["probe_seconds"] is not None:
                 usage["probe_seconds"] = round(usage["probe_seconds"], 6)
             self._hr_finished_usage[request.request_id] = (request.client_index, usage)

@@ -259,6 +259,29 @@ def test_prefill_semantics_really_skips_rows(engine, hf, cases):
     assert max(gaps) > 1e-2
 
 
+def test_prefill_request_too_long_for_one_step_runs_after_prompt_and_says_so(model_dir, prompts, speech):
+    """A prefill engine with 64-token steps: the long prompt cannot take its audio in one step, so it runs
+    after_prompt (= the HF reference for that), its report names it, and the engine keeps serving."""
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm.api.options import route_args
+
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
+              enable_chunked_prefill=True, max_num_batched_tokens=64, limit_mm_per_prompt=LIMIT_MM,
+              additional_config={"headrouter": {"semantics": "prefill", "probe_layer": 1}})
+    inputs = {"prompt": prompts["long"], "multi_modal_data": {"audio": (speech["long"], 16000)}}
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                            extra_args=route_args(retention=0.5))
+    for _ in range(2):
+        out = llm.generate(inputs, params, use_tqdm=False)[0]
+        report = out.kv_transfer_params["headrouter"]
+        assert report["semantics"] == "after_prompt" and report["kept_audio_tokens"] < report["audio_tokens"]
+        assert list(out.outputs[0].token_ids) == reference(model_dir, prompts["long"], speech["long"], 0.5,
+                                                           NEW_TOKENS, probe_layer=1)["tokens"]
+    del llm
+    gc.collect()
+
+
 @pytest.mark.parametrize("mode", ["first_token", "first_token_chunked_poisoned"])
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("name", ROUTED)

@@ -100,7 +100,8 @@ def test_metadata_routes_and_prunes(server, speech, tiny_model):
     report = response.usage.model_extra["headrouter"]  # the same, per request, in the response
     assert report.pop("probe_seconds") > 0  # probe and compaction, timed by the model runner
     assert report == {"audio_tokens": n, "kept_audio_tokens": keep, "task": "asr", "policy": "coverage",
-                      "retention": 0.5, "kv_blocks_freed": int(fields["blocks_before"]) - int(fields["blocks_after"])}
+                      "retention": 0.5, "semantics": "after_prompt",
+                      "kv_blocks_freed": int(fields["blocks_before"]) - int(fields["blocks_after"])}
     assert not getattr(response, "kv_transfer_params", None)
 
 

@@ -413,3 +413,19 @@ def test_first_token_plans_probe_the_first_generated_row():
     per_head = HeadRouterConfig(retention=0.5, mode="per_head", attention="torch")
     assert make_plan(RouteOptions(), per_head, [(3, 40)], 60).mode == "per_head"
     assert make_plan(RouteOptions(probe_point="first_token"), per_head, [(3, 40)], 60).mode == "shared"
+
+
+def test_semantics_that_need_one_step_fall_back_where_the_chunk_budget_is_too_small():
+    """in_prompt needs the rows after the audio in one prefill step, prefill the prompt from the first audio token
+    on; a request beyond the step budget runs after_prompt, and its plan says why."""
+    from headrouter_vllm.plan import make_plan
+
+    spans, length = [(10, 100)], 130  # 20 rows after the audio; 120 tokens from the audio on
+    for semantics, fits, too_small in (("in_prompt", 20, 19), ("prefill", 120, 119)):
+        config = HeadRouterConfig(semantics=semantics)
+        assert make_plan(RouteOptions(retention=0.5), config, spans, length, None).semantics == semantics
+        plan = make_plan(RouteOptions(retention=0.5), config, spans, length, fits)
+        assert plan.semantics == semantics and plan.semantics_note is None
+        plan = make_plan(RouteOptions(retention=0.5), config, spans, length, too_small)
+        assert plan.semantics == "after_prompt"
+        assert f"more than max_num_batched_tokens {too_small}" in plan.semantics_note
