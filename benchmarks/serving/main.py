@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Poisson arrivals per second (default: all at once, closed loop)")
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     parser.add_argument("--policy", default=None, help="selection policy (default: the engine's, coverage)")
+    parser.add_argument("--semantics", nargs="+", default=["after_prompt"],
+                        choices=["after_prompt", "in_prompt", "prefill"],
+                        help="HeadRouter engines to run at each retention (prefill: the prompt step skips the dropped "
+                             "audio rows above the probe layer)")
     parser.add_argument("--kv-blocks", type=int, default=200, help="KV pool size in blocks (fixed, for all runs)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -78,12 +82,13 @@ def main(args: argparse.Namespace) -> list[dict]:
         if int(longest * 25) + 64 + args.output_tokens > args.max_model_len:
             raise ValueError(f"--clip-seconds {longest:g} is {int(longest * 25)} audio tokens: raise --max-model-len "
                              f"(now {args.max_model_len}) above that plus the question and answer")
-        configs = [None, *args.retentions]
+        configs = [(None, None), *((r, semantics) for semantics in args.semantics for r in args.retentions)]
         runs = []
         with tqdm(total=len(configs) * len(workload), desc="bench", unit="req") as progress:
-            for retention in configs:
-                progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g}")
-                runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress))
+            for retention, semantics in configs:
+                progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g} {semantics}")
+                runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress,
+                                       semantics or "after_prompt"))
     audio = {}
     for run in runs:
         for r in run.requests:
@@ -96,7 +101,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     meta = {"machine": info, "command": shlex.join(["headrouter-vllm", *getattr(args, "argv", sys.argv[1:])]),
             "workload": {k: getattr(args, k) for k in ("num_requests", "clip_seconds", "output_tokens",
                                                        "request_rate", "kv_blocks", "block_size", "seed",
-                                                       "policy", "load_format", "dtype")},
+                                                       "policy", "load_format", "dtype", "semantics",
+                                                       "max_num_batched_tokens")},
             "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)
     print(report.table(rows))

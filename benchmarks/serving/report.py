@@ -61,7 +61,8 @@ def summarise(run: RunResult, audio_tokens: dict[int, int]) -> dict:
         kept = audio if run.retention is None else (r.kept_tokens if r.kept_tokens is not None else audio)
         kv_tokens.append(r.prompt_tokens - audio + kept + r.output_tokens)
     return {
-        "label": run.label, "retention": run.retention, "requests": n, "duration_s": run.duration,
+        "label": run.label, "retention": run.retention, "semantics": run.semantics, "requests": n,
+        "duration_s": run.duration,
         "request_throughput": n / run.duration,
         "output_throughput": sum(r.output_tokens for r in reqs) / run.duration,
         "ttft_p50_ms": pct([r.ttft * 1e3 for r in reqs], 50), "ttft_p99_ms": pct([r.ttft * 1e3 for r in reqs], 99),
@@ -126,10 +127,11 @@ def plot(out_dir: Path, rows: list[dict], runs: list[RunResult]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    pruned = [r for r in rows if r["retention"] is not None]
-    xs = [r["retention"] for r in pruned]
     base = next(r for r in rows if r["retention"] is None)
-    axes[0].plot(xs, [r["request_throughput"] for r in pruned], "o-", label="HeadRouter")
+    for semantics in dict.fromkeys(r["semantics"] for r in rows if r["retention"] is not None):
+        pruned = [r for r in rows if r["retention"] is not None and r["semantics"] == semantics]
+        xs = [r["retention"] for r in pruned]
+        axes[0].plot(xs, [r["request_throughput"] for r in pruned], "o-", label=f"HeadRouter ({semantics})")
     axes[0].plot(xs, [base["request_throughput"] * r["ideal_gain"] for r in pruned], "k--", label="ceiling")
     axes[0].axhline(base["request_throughput"], color="gray", label="vanilla")
     axes[0].set(xlabel="retention", ylabel="requests / s", title="throughput vs retention")

@@ -54,11 +54,12 @@ class RunResult:
     pool_blocks: int
     block_size: int
     probe_ms: list[float] = dataclasses.field(default_factory=list)
+    semantics: str | None = None  # HeadRouter runs: the engine's semantics
     compact_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
-               policy: str | None = None, progress=None) -> RunResult:
+               policy: str | None = None, progress=None, semantics: str = "after_prompt") -> RunResult:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
@@ -69,7 +70,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     adapter = adapter_for_model_dir(model)
     extra = {}
     if retention is not None:
-        extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy}}
+        extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy, "semantics": semantics}}
     llm = LLM(model=model, seed=0, enable_prefix_caching=False, limit_mm_per_prompt=adapter.mm_limits(),
               **engine_kwargs, **extra)
     engine = llm.llm_engine
@@ -85,6 +86,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
 
     scheduler._preempt_request = counting_preempt
     label = "vanilla" if retention is None else f"headrouter r={retention:g}"
+    if retention is not None and semantics != "after_prompt":
+        label += f" {semantics}"
 
     def params(r: BenchRequest):
         args = None if retention is None else route_args(task=r.task, retention=retention)
@@ -131,7 +134,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
                     progress.update(1)
     duration = time.perf_counter() - start
     run = RunResult(label, retention, [results[k] for k in sorted(results, key=lambda k: results[k].index)],
-                    duration, max_running, preemptions[0], pool_blocks, block_manager.block_size)
+                    duration, max_running, preemptions[0], pool_blocks, block_manager.block_size,
+                    semantics=None if retention is None else semantics)
     if retention is not None:
         records = {rec.request_id.split("-")[0]: rec for rec in scheduler.hr_records}
         for key, res in results.items():

@@ -9,7 +9,8 @@
 * ``qwen2-audio-7b-shape``: Qwen2-Audio-7B's real config with a local tokenizer and no weights, for
   throughput runs with vLLM's ``load_format="dummy"`` (on a GPU).
 * ``qwen2-audio-7b-width-2l``: the same width with 2 LM and 2 encoder layers and a small vocabulary: real per-token
-  KV and attention shapes at a size a CPU can run (``load_format="dummy"``).
+  KV and attention shapes at a size a CPU can run (``load_format="dummy"``). ``-8l``: 8 of each, so that layers
+  above the probe layer (2) make up most of the LM, as in the real model (``prefill`` semantics measurements).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ BUILDERS = {
     "tiny-qwen2-audio": build_tiny_qwen2_audio,
     "qwen2-audio-7b-shape": build_qwen2_audio_7b_shape,
     "qwen2-audio-7b-width-2l": build_qwen2_audio_7b_width,
+    "qwen2-audio-7b-width-8l": lambda out: build_qwen2_audio_7b_width(out, num_layers=8),
     "tiny-qwen2.5-omni": _omni("tiny"),
     "qwen2.5-omni-7b-shape": _omni("7b-shape"),
     "qwen2.5-omni-3b-shape": _omni("3b-shape"),
