@@ -90,14 +90,16 @@ class RoutePlan:
 
 
 def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple[int, int]],
-              num_prompt_tokens: int, chunk_budget: int | None = None) -> RoutePlan | None:
+              num_prompt_tokens: int, chunk_budget: int | None = None,
+              prompt_logprobs: bool = False) -> RoutePlan | None:
     """The plan, or ``None`` when the request runs exactly as vanilla vLLM: no audio, retention 1.0
     (or a retention that keeps every token), or no text after the audio to probe with.
 
     ``chunk_budget``: the most prompt tokens one prefill step takes (chunked prefill), or None. ``in_prompt`` needs
     the rows after the audio in one step, ``prefill`` the prompt from the first audio token on; a request whose
     rows do not fit runs ``after_prompt`` (exact under any chunking), and its plan says why (``semantics_note``:
-    the scheduler logs it and the request's usage report names the semantics it ran)."""
+    the scheduler logs it and the request's usage report names the semantics it ran). So does a ``prefill`` request
+    that asks for prompt log-probabilities (``prompt_logprobs``): ``prefill`` never computes the dropped rows."""
     retention = options.retention if options.retention is not None else config.retention
     task = options.task if options.task is not None else config.default_task
     policy = options.policy if options.policy is not None else config.default_policy
@@ -113,6 +115,10 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
         return None
     semantics = config.semantics if probe_point == "prompt" else "after_prompt"
     note = None
+    if semantics == "prefill" and prompt_logprobs:
+        note = ("prefill does not compute the dropped audio rows, whose prompt log-probabilities the request asks "
+                "for: ran after_prompt")
+        semantics = "after_prompt"
     if semantics in ("in_prompt", "prefill") and chunk_budget is not None:
         first = plan_spans[-1].end if semantics == "in_prompt" else plan_spans[0].start
         if num_prompt_tokens - first > chunk_budget:

@@ -146,7 +146,7 @@ class HeadRouterRunnerMixin:
                 continue
             plan = make_plan(parse_route_options(state.sampling_params.extra_args), self.hr_config,
                              audio_spans(state.mm_features), state.num_prompt_tokens,
-                             chunk_budget(self.scheduler_config))
+                             chunk_budget(self.scheduler_config), state.sampling_params.prompt_logprobs is not None)
             if plan is not None:
                 self.hr_routes[req_id] = RouteState(plan)
         return out

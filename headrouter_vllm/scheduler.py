@@ -89,7 +89,7 @@ class HeadRouterScheduler(Scheduler):
             return None
         options = parse_route_options(request.sampling_params.extra_args)
         plan = make_plan(options, self.hr_config, audio_spans(request.mm_features), request.num_prompt_tokens,
-                         chunk_budget(self.scheduler_config))
+                         chunk_budget(self.scheduler_config), request.sampling_params.prompt_logprobs is not None)
         if plan is not None and plan.semantics_note is not None:
             logger.warning("headrouter request_id=%s: %s", request.request_id, plan.semantics_note)
         return plan

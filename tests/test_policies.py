@@ -429,3 +429,6 @@ def test_semantics_that_need_one_step_fall_back_where_the_chunk_budget_is_too_sm
         plan = make_plan(RouteOptions(retention=0.5), config, spans, length, too_small)
         assert plan.semantics == "after_prompt"
         assert f"more than max_num_batched_tokens {too_small}" in plan.semantics_note
+    prefill = HeadRouterConfig(semantics="prefill")
+    plan = make_plan(RouteOptions(retention=0.5), prefill, spans, length, None, prompt_logprobs=True)
+    assert plan.semantics == "after_prompt" and "prompt log-probabilities" in plan.semantics_note
