@@ -112,6 +112,7 @@ class HeadRouterRunnerMixin:
         self._hr_timed: dict[str, float] = {}  # request id -> probe seconds, for this step's output
         self._hr_installed = False
         self.hr_prefill = None  # PrefillShortener, with semantics "prefill"
+        self.hr_upper_layers: set[str] = set()  # attention layers above the probe layer, found at hook install
         self.hr_kernels = None  # the Triton kernels, when HeadRouter's attention backend serves the layers
         # per_head requests after compaction: (region start, region slots, kept slots per KV head); each KV head
         # skips [start + kept[g], start + slots). Fed to HeadRouter's backend per batch row (hr_route_rows).
@@ -221,6 +222,7 @@ class HeadRouterRunnerMixin:
                 wrap_impl_forward(layer.impl, before=self._probe)
             elif index > self.hr_probe_layer:  # in_prompt, and any request may probe at first_token
                 wrap_impl_forward(layer.impl, after=self._attend_kept_only)
+                self.hr_upper_layers.add(name)
         for groups in self.attn_groups:
             for group in groups:
                 for builder in group.metadata_builders:
@@ -231,10 +233,8 @@ class HeadRouterRunnerMixin:
         if self.hr_config.semantics == "prefill":
             from headrouter_vllm.prefill import PrefillShortener
 
-            upper = {name for name in self.compilation_config.static_forward_context
-                     if (self.hr_adapter.decoder_layer_index(name) or -1) > self.hr_probe_layer}
             decoder = self.get_model().get_submodule(self.hr_adapter.decoder_model)
-            self.hr_prefill = PrefillShortener(self, decoder, self.hr_probe_layer, upper)
+            self.hr_prefill = PrefillShortener(self, decoder, self.hr_probe_layer, self.hr_upper_layers)
         self._hr_installed = True
 
     def _layer_keys(self, layer, item: ProbeItem, key, value, kv_cache, upto: int, values: bool = False):
@@ -467,8 +467,7 @@ class HeadRouterRunnerMixin:
                 if pages.block_size != block_size:
                     raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
                 # prefill semantics: the layers above the probe layer wrote the compacted layout already
-                written_compacted = plan.semantics == "prefill" and (
-                    self.hr_adapter.decoder_layer_index(name) or -1) > self.hr_probe_layer
+                written_compacted = plan.semantics == "prefill" and name in self.hr_upper_layers
                 if src.numel() and not written_compacted:
                     pages.move(table, src, dst)
                 if self.hr_poison is not None:  # tests: vacated slots, incl. the blocks about to be freed
