@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--num-requests", type=int, default=48)
     parser.add_argument("--clip-seconds", type=float, nargs="+", default=[30.0])
-    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--output-tokens", type=int, nargs="+", default=[16],
+                        help="answer lengths (every request generates exactly this many; several: a mix)")
     parser.add_argument("--request-rate", type=float, default=None,
                         help="Poisson arrivals per second (default: all at once, closed loop)")
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
@@ -79,7 +80,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         if adapter.max_audio_seconds is not None and longest > adapter.max_audio_seconds:
             raise ValueError(f"--clip-seconds {longest:g}: {adapter.family} takes at most "
                              f"{adapter.max_audio_seconds:g} s of audio")
-        if int(longest * 25) + 64 + args.output_tokens > args.max_model_len:
+        if int(longest * 25) + 64 + max(args.output_tokens) > args.max_model_len:
             raise ValueError(f"--clip-seconds {longest:g} is {int(longest * 25)} audio tokens: raise --max-model-len "
                              f"(now {args.max_model_len}) above that plus the question and answer")
         configs = [(None, None), *((r, semantics) for semantics in args.semantics for r in args.retentions)]
@@ -106,5 +107,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)
     print(report.table(rows))
+    print("\nwhere the time went:")
+    print(report.table(rows, report.PROFILE_COLUMNS))
     print(f"\nresults: {out_dir}")
     return rows

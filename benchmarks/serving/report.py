@@ -75,7 +75,20 @@ def summarise(run: RunResult, audio_tokens: dict[int, int]) -> dict:
         "audio_kept_mean": _mean([r.kept_tokens for r in reqs if r.kept_tokens is not None]),
         "probe_ms_mean": _mean(run.probe_ms),
         "compact_ms_mean": _mean(run.compact_ms),
+        **_profile(run),
     }
+
+
+def _profile(run: RunResult) -> dict:
+    """The step profile's shares of the run's wall time, and the decode-only steps' mean batch and time."""
+    p = run.profile
+    other = max(0.0, run.duration - p.input_s - p.prefill_s - p.decode_s)
+    return {"input_s": p.input_s, "prefill_s": p.prefill_s, "decode_s": p.decode_s, "other_s": other,
+            "prefill_steps": p.prefill_steps, "decode_steps": p.decode_steps,
+            "decode_batch_mean": p.decode_rows / p.decode_steps if p.decode_steps else None,
+            "decode_step_ms": 1e3 * p.decode_s / p.decode_steps if p.decode_steps else None,
+            "decoding_max": p.decoding_max,
+            "decoding_mean": p.decoding_time / (p.prefill_s + p.decode_s) if p.prefill_s + p.decode_s else 0.0}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -84,21 +97,35 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         row["ideal_gain"] = base["kv_tokens_per_request"] / row["kv_tokens_per_request"]
         row["held_gain"] = row["max_running"] / base["max_running"]
+        row["decoding_gain"] = row["decoding_mean"] / base["decoding_mean"] if base["decoding_mean"] else None
         row["throughput_gain"] = row["request_throughput"] / base["request_throughput"]
         row["held_vs_ideal"] = row["held_gain"] / row["ideal_gain"]
         row["throughput_vs_ideal"] = row["throughput_gain"] / row["ideal_gain"]
+        row["decoding_vs_ideal"] = row["decoding_gain"] / row["ideal_gain"] if row["decoding_gain"] else None
 
 
 COLUMNS = [("label", "run", "{}"), ("request_throughput", "req/s", "{:.2f}"), ("output_throughput", "tok/s", "{:.1f}"),
            ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"), ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
            ("latency_p99_s", "e2e p99 s", "{:.2f}"), ("kv_blocks_per_request", "KV blk/req", "{:.1f}"),
-           ("max_running", "held", "{}"), ("preemptions", "preempt", "{}"), ("ideal_gain", "ideal x", "{:.2f}"),
-           ("held_gain", "held x", "{:.2f}"), ("throughput_gain", "req/s x", "{:.2f}")]
+           ("max_running", "held", "{}"), ("decoding_max", "decoding max", "{}"),
+           ("decoding_mean", "decoding mean", "{:.1f}"), ("preemptions", "preempt", "{}"),
+           ("ideal_gain", "ideal x", "{:.2f}"), ("held_gain", "held x", "{:.2f}"),
+           ("decoding_gain", "decoding x", "{:.2f}"), ("throughput_gain", "req/s x", "{:.2f}")]
 
 
-def table(rows: list[dict]) -> str:
-    cells = [[h for _, h, _ in COLUMNS]] + [[fmt.format(row[k]) for k, _, fmt in COLUMNS] for row in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+PROFILE_COLUMNS = [("label", "run", "{}"), ("duration_s", "wall s", "{:.1f}"), ("input_s", "input s", "{:.1f}"),
+                   ("prefill_s", "prefill s", "{:.1f}"), ("prefill_steps", "prefill steps", "{}"),
+                   ("decode_s", "decode s", "{:.1f}"), ("decode_steps", "decode steps", "{}"),
+                   ("decode_batch_mean", "decode batch", "{:.1f}"), ("decode_step_ms", "ms/decode step", "{:.1f}"),
+                   ("probe_ms_mean", "probe ms/req", "{:.1f}"), ("compact_ms_mean", "compact ms/req", "{:.1f}")]
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else fmt.format(value)
+
+    cells = [[h for _, h, _ in columns]] + [[cell(row.get(k), fmt) for k, _, fmt in columns] for row in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells)
 
 

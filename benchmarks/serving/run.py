@@ -44,6 +44,34 @@ class RequestResult:
 
 
 @dataclasses.dataclass
+class StepProfile:
+    """Where a run's wall time went: admitting requests (``add_request``: vLLM's input processing, the audio
+    feature extraction included), engine steps that ran the audio encoder or prompt rows (prefill), and steps
+    that only decoded. Decode-only steps also record their batch size, to show how step time grows with it."""
+
+    input_s: float = 0.0
+    prefill_s: float = 0.0
+    prefill_steps: int = 0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of the decode-only steps' batch sizes
+    decoding_max: int = 0  # the most requests past their prompt (holding their whole KV) after any step
+    decoding_time: float = 0.0  # sum over steps of (requests past their prompt) x (step seconds)
+
+    def add_step(self, seconds: float, scheduled) -> None:
+        rows = 0 if scheduled is None else len(scheduled.num_scheduled_tokens)
+        if not rows:
+            return
+        if scheduled.scheduled_encoder_inputs or scheduled.total_num_scheduled_tokens > rows:
+            self.prefill_s += seconds
+            self.prefill_steps += 1
+        else:
+            self.decode_s += seconds
+            self.decode_steps += 1
+            self.decode_rows += rows
+
+
+@dataclasses.dataclass
 class RunResult:
     label: str
     retention: float | None  # None: vanilla vLLM
@@ -56,6 +84,7 @@ class RunResult:
     probe_ms: list[float] = dataclasses.field(default_factory=list)
     semantics: str | None = None  # HeadRouter runs: the engine's semantics
     compact_ms: list[float] = dataclasses.field(default_factory=list)
+    profile: StepProfile = dataclasses.field(default_factory=StepProfile)
 
 
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
@@ -85,6 +114,14 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
         return original_preempt(request, *args, **kwargs)
 
     scheduler._preempt_request = counting_preempt
+    last_scheduled = [None]
+    original_schedule = scheduler.schedule
+
+    def recording_schedule(*args, **kwargs):
+        last_scheduled[0] = out = original_schedule(*args, **kwargs)
+        return out
+
+    scheduler.schedule = recording_schedule
     label = "vanilla" if retention is None else f"headrouter r={retention:g}"
     if retention is not None and semantics != "after_prompt":
         label += f" {semantics}"
@@ -102,21 +139,31 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     pending = sorted(workload, key=lambda r: r.arrival_s)
     results: dict[str, RequestResult] = {}
     max_running = 0
+    profile = StepProfile()
     start = time.perf_counter()
     while pending or engine.has_unfinished_requests():
         now = time.perf_counter() - start
         while pending and pending[0].arrival_s <= now:
             r = pending.pop(0)
             rid = f"req{r.index}"
+            t_add = time.perf_counter()
             engine.add_request(rid, {"prompt": audio_prompt(r.question, adapter.family),
                                      "multi_modal_data": {"audio": (r.wave, SAMPLE_RATE)}}, params(r))
+            profile.input_s += time.perf_counter() - t_add
             results[rid] = RequestResult(r.index, 0, 0, start + max(r.arrival_s, now), 0.0, 0.0, 0)
         if not engine.has_unfinished_requests():
             time.sleep(min(0.01, max(0.0, pending[0].arrival_s - now)))
             continue
+        last_scheduled[0], t_step = None, time.perf_counter()
         outputs = engine.step()
         t = time.perf_counter()
+        profile.add_step(t - t_step, last_scheduled[0])
         max_running = max(max_running, len(scheduler.running))
+        # vLLM's running list also holds requests part-way through a chunked prompt; the requests past their
+        # prompt are the ones whose whole KV the pool holds
+        decoding = sum(1 for request in scheduler.running if request.num_output_tokens)
+        profile.decoding_max = max(profile.decoding_max, decoding)
+        profile.decoding_time += decoding * (t - t_step)
         for rid, blocks in block_manager.req_to_blocks.items():
             key = rid.split("-")[0]
             if key in results:
@@ -135,7 +182,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     duration = time.perf_counter() - start
     run = RunResult(label, retention, [results[k] for k in sorted(results, key=lambda k: results[k].index)],
                     duration, max_running, preemptions[0], pool_blocks, block_manager.block_size,
-                    semantics=None if retention is None else semantics)
+                    semantics=None if retention is None else semantics, profile=profile)
     if retention is not None:
         records = {rec.request_id.split("-")[0]: rec for rec in scheduler.hr_records}
         for key, res in results.items():

@@ -40,9 +40,11 @@ def synth_clip(seconds: float, rng: np.random.Generator) -> np.ndarray:
     return wave.astype(np.float32)
 
 
-def make_workload(num_requests: int, clip_seconds: list[float], output_tokens: int, seed: int = 0,
+def make_workload(num_requests: int, clip_seconds: list[float], output_tokens: int | list[int], seed: int = 0,
                   request_rate: float | None = None) -> list[BenchRequest]:
-    """``request_rate`` None: every request arrives at once (closed loop, KV-bound); else Poisson arrivals."""
+    """``request_rate`` None: every request arrives at once (closed loop, KV-bound); else Poisson arrivals.
+    Clip lengths and output lengths cycle so that every pair of them occurs."""
+    outputs = [output_tokens] if isinstance(output_tokens, int) else list(output_tokens)
     rng = np.random.default_rng(seed)
     arrival = 0.0
     requests = []
@@ -51,7 +53,7 @@ def make_workload(num_requests: int, clip_seconds: list[float], output_tokens: i
             arrival += float(rng.exponential(1.0 / request_rate))
         k = i % len(QUESTIONS)
         requests.append(BenchRequest(i, synth_clip(clip_seconds[i % len(clip_seconds)], rng), QUESTIONS[k],
-                                     TASKS[k], output_tokens, arrival))
+                                     TASKS[k], outputs[(i // len(clip_seconds)) % len(outputs)], arrival))
     return requests
 
 
