@@ -108,6 +108,9 @@ class HeadRouterConfig:
 
         if self.policy is not None and self.policy not in POLICIES:
             raise ConfigError(f"headrouter.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy == "region":
+            raise ConfigError("headrouter.policy 'region' keeps the windows each request names (headrouter_focus): "
+                              "it is a per-request policy, not a default")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"headrouter.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.record_probes, bool):

@@ -57,6 +57,7 @@ class RoutePlan:
     mode: str = "shared"
     probe_point: str = "prompt"
     semantics_note: str | None = None  # why the engine's semantics did not apply to this request
+    focus: tuple[tuple[float, float], ...] | None = None  # policy region: windows in seconds of each clip
 
     @property
     def audio_tokens(self) -> int:
@@ -126,7 +127,16 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
             note = (f"{semantics} needs the {num_prompt_tokens - first} prompt tokens {what} in one prefill step, "
                     f"more than max_num_batched_tokens {chunk_budget}: ran after_prompt")
             semantics = "after_prompt"
-    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, semantics, policy, mode, probe_point, note)
+    return RoutePlan(plan_spans, num_prompt_tokens, task, retention, semantics, policy, mode, probe_point, note,
+                     options.focus)
+
+
+def focus_tokens(focus: tuple[tuple[float, float], ...] | None,
+                 tokens_per_second: float) -> tuple[tuple[int, int], ...] | None:
+    """Focus windows in seconds -> ``[start, end)`` audio-token windows of a clip (every token that overlaps)."""
+    if focus is None:
+        return None
+    return tuple((math.floor(start * tokens_per_second), math.ceil(end * tokens_per_second)) for start, end in focus)
 
 
 def chunk_budget(scheduler_config) -> int | None:

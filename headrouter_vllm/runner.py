@@ -41,7 +41,7 @@ from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans, resolve_probe_layer
 from headrouter_vllm.patch.attention_forward import wrap_impl_forward
-from headrouter_vllm.plan import RoutePlan, cdiv, chunk_budget, compaction_moves, make_plan
+from headrouter_vllm.plan import RoutePlan, cdiv, chunk_budget, compaction_moves, focus_tokens, make_plan
 from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
 logger = get_logger(__name__)
@@ -337,9 +337,11 @@ class HeadRouterRunnerMixin:
             values = self._all_heads(values, 1)  # [N, Hkv, d]
             num_kv_heads *= self.hr_tp_size
         kept, per_head, margins, alphas, probes, offset = [], [], [], [], [], 0
+        focus = focus_tokens(plan.focus, self.hr_adapter.audio_tokens_per_second)  # each clip's own windows
         for sp in plan.spans:
             settings = RouteSettings(policy=plan.policy, mode=plan.mode, task=plan.task, seed=self.hr_config.seed,
-                                     b_max=sp.slots if plan.mode == "per_head" else None)
+                                     b_max=sp.slots if plan.mode == "per_head" else None,
+                                     focus=focus)
             cols = slice(offset, offset + sp.length)
             probe = SpanProbe(head_scores[:, cols], last_row[:, cols], num_kv_heads,
                               None if values is None else values[cols])

@@ -50,7 +50,9 @@ def test_any_probe_gives_a_valid_selection(n, data, policy, seed):
     gen = torch.Generator().manual_seed(seed)
     probe = SpanProbe(torch.rand(4, n, generator=gen), torch.rand(4, n, generator=gen), 2,
                       torch.randn(n, 2, 3, generator=gen))
-    kept = select(probe, keep, RouteSettings(policy=policy, seed=seed)).kept
+    window = st.tuples(st.integers(0, 70), st.integers(1, 30)).map(lambda w: (w[0], w[0] + w[1]))
+    focus = tuple(data.draw(st.lists(window, min_size=1, max_size=4))) if policy == "region" else None
+    kept = select(probe, keep, RouteSettings(policy=policy, seed=seed, focus=focus)).kept
     assert kept.numel() == keep and torch.equal(kept, torch.unique(kept)) and int(kept.max()) < n
 
 

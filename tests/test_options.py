@@ -37,12 +37,43 @@ def test_good_options(extra, task, retention):
     ({"headrouter_retention": True}, "headrouter_retention"),
     ({"headrouter_retention": "nan"}, "headrouter_retention"),
     ({"headrouter_retention": "inf"}, "headrouter_retention"),
+    ({"headrouter_policy": "region"}, "headrouter_focus"),  # region keeps what the request names: it must name it
+    ({"headrouter_focus": "1-2"}, "headrouter_focus"),  # focus without policy region
+    ({"headrouter_policy": "uniform", "headrouter_focus": "1-2"}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": "1"}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": "2-1"}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": "1-1"}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": "a-b"}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": "1-nan"}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": ""}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": []}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": [[1, 2, 3]]}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": [[-1, 2]]}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": [[False, 2]]}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": [[0, 1]] * 65}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": {"a": 1}}, "headrouter_focus"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_options_name_the_field(extra, field):
     with pytest.raises(OptionError) as info:
         parse_route_options(extra, prefix="vllm_xargs.")
     assert info.value.param == "vllm_xargs." + field
     assert str(info.value).startswith("vllm_xargs." + field)
+
+
+@pytest.mark.parametrize("focus", ["2.5-7, 12-14.5", [[2.5, 7], [12, 14.5]], [["2.5", "7"], (12, 14.5)]])
+def test_focus_windows_parse_from_metadata_strings_and_lists(focus):
+    options = parse_route_options({"headrouter_policy": "region", "headrouter_focus": focus})
+    assert options.focus == ((2.5, 7.0), (12.0, 14.5))
+    # what the offline API sends is what an HTTP client would: lists, which parse back to the same windows
+    args = route_args(policy="region", focus=focus)
+    assert args["headrouter_focus"] == [[2.5, 7.0], [12.0, 14.5]] and parse_route_options(args) == options
+
+
+def test_focus_seconds_become_every_overlapping_token():
+    from headrouter_vllm.plan import focus_tokens
+
+    assert focus_tokens(((0.5, 1.0), (2.01, 2.05)), 25.0) == ((12, 25), (50, 52))
+    assert focus_tokens(None, 25.0) is None
 
 
 def test_route_args():

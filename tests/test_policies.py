@@ -34,7 +34,15 @@ def make_profiles(heads: int = HEADS, kv: int = KV_HEADS) -> ProfileSet:
     return ProfileSet(ModelIdentity("X", 4, heads, kv, 4), 2, 0.1, profiles, None, {"karaoke": {"acoustic": 1.0}})
 
 
-SETTINGS = [RouteSettings(policy=p) for p in POLICIES] + [
+FOCUS = ((2, 5), (30, 48), (40, 44), (200, 400))  # overlapping, and partly or wholly past short spans
+
+
+def settings_for(policy: str, **kwargs) -> RouteSettings:
+    """A policy's settings; ``region`` needs its windows."""
+    return RouteSettings(policy=policy, focus=FOCUS if policy == "region" else None, **kwargs)
+
+
+SETTINGS = [settings_for(p) for p in POLICIES] + [
     RouteSettings(policy=p, mode="per_head", b_min_fraction=0.0, b_max_fraction=1.0) for p in ("headrouter", "oracle")]
 SIZES = [(1, 1), (3, 1), (3, 3), (7, 4), (50, 1), (50, 17), (50, 35), (50, 50), (301, 90)]
 
@@ -65,9 +73,30 @@ def test_policy_invariants(settings, n, keep, with_profiles):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_bad_keep_is_an_error(policy):
     with pytest.raises(ValueError):
-        select(make_probe(5), 0, RouteSettings(policy=policy))
+        select(make_probe(5), 0, settings_for(policy))
     with pytest.raises(ValueError):
-        select(make_probe(5), 6, RouteSettings(policy=policy))
+        select(make_probe(5), 6, settings_for(policy))
+
+
+def test_region_spreads_over_the_windows_then_tops_up_outside():
+    from headrouter_vllm.routing.select import select_region
+
+    # windows [10, 20) and [40, 50): 20 tokens inside; 10 kept = every second one of them
+    assert select_region(100, 10, ((10, 20), (40, 50))).tolist() == [11, 13, 15, 17, 19, 41, 43, 45, 47, 49]
+    # 26 kept: the 20 inside and 6 evenly over the 80 outside
+    kept = select_region(100, 26, ((10, 20), (40, 50)))
+    inside = set(range(10, 20)) | set(range(40, 50))
+    assert inside <= set(kept.tolist()) and kept.numel() == 26 and torch.equal(kept, torch.unique(kept))
+    outside = [k for k in kept.tolist() if k not in inside]
+    assert outside == [6, 30, 53, 66, 80, 93]  # the outside tokens 0-9, 20-39, 50-99, every ~13th
+    # windows past the span's end are clamped; windows that miss it entirely leave uniform
+    assert select_region(30, 5, ((25, 90),)).tolist() == [25, 26, 27, 28, 29]
+    assert torch.equal(select_region(30, 6, ((31, 40),)), uniform_indices(30, 6))
+
+
+def test_region_needs_its_windows():
+    with pytest.raises(ValueError, match="focus"):
+        select(make_probe(20), 5, RouteSettings(policy="region"))
 
 
 def test_baselines_have_no_per_head_mode():

@@ -9,6 +9,9 @@ in OpenAI ``metadata`` (string values), which the middleware moves into ``vllm_x
                           similarity, coverage), for side-by-side comparisons through the same engine
     headrouter_probe_point  where the probe reads attention: prompt (the rows after the audio) or first_token
                           (the first generated token's row)
+    headrouter_focus      with policy region: the parts of the clip to keep, in seconds from its start,
+                          "start-end" pairs separated by commas ("2.5-7,12-14.5"; a list of [start, end] pairs in
+                          vllm_xargs); with several clips, every clip's own seconds
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from headrouter_vllm.routing.tasks import check_task
 
@@ -25,9 +28,11 @@ XARG_TASK = "headrouter_task"
 XARG_RETENTION = "headrouter_retention"
 XARG_POLICY = "headrouter_policy"
 XARG_PROBE_POINT = "headrouter_probe_point"
-OPTION_KEYS = (XARG_TASK, XARG_RETENTION, XARG_POLICY, XARG_PROBE_POINT)
+XARG_FOCUS = "headrouter_focus"
+OPTION_KEYS = (XARG_TASK, XARG_RETENTION, XARG_POLICY, XARG_PROBE_POINT, XARG_FOCUS)
 FIELD_TO_KEY = {"task": XARG_TASK, "retention": XARG_RETENTION, "policy": XARG_POLICY,
-                "probe_point": XARG_PROBE_POINT}
+                "probe_point": XARG_PROBE_POINT, "focus": XARG_FOCUS}
+MAX_FOCUS_WINDOWS = 64
 
 
 class OptionError(ValueError):
@@ -47,6 +52,46 @@ class RouteOptions(BaseModel):
     retention: float | None = None
     policy: str | None = None
     probe_point: str | None = None
+    focus: tuple[tuple[float, float], ...] | None = None  # region: windows in seconds of each clip
+
+    @field_validator("focus", mode="before")
+    @classmethod
+    def _focus(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):  # OpenAI metadata values are strings: "2.5-7,12-14.5"
+            pairs = [part.split("-") for part in value.split(",")]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"must be start-end pairs in seconds separated by commas, e.g. '2.5-7,12-14', "
+                                 f"got {value!r}")
+            value = pairs
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"must be a non-empty list of [start, end] pairs in seconds, got {value!r}")
+        if len(value) > MAX_FOCUS_WINDOWS:
+            raise ValueError(f"at most {MAX_FOCUS_WINDOWS} windows, got {len(value)}")
+        windows = []
+        for pair in value:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"each window must be a [start, end] pair in seconds, got {pair!r}")
+            try:
+                start, end = (float(x.strip()) if isinstance(x, str) else x for x in pair)
+            except ValueError:
+                raise ValueError(f"window {pair!r}: start and end must be numbers of seconds") from None
+            if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+                   for x in (start, end)):
+                raise ValueError(f"window {pair!r}: start and end must be finite numbers of seconds")
+            if not 0.0 <= start < end:
+                raise ValueError(f"window {pair!r}: needs 0 <= start < end (seconds from the clip's start)")
+            windows.append((float(start), float(end)))
+        return tuple(windows)
+
+    @model_validator(mode="after")
+    def _focus_goes_with_region(self) -> RouteOptions:
+        if self.policy == "region" and self.focus is None:
+            raise ValueError("policy 'region' keeps the audio the request names: set headrouter_focus too")
+        if self.focus is not None and self.policy != "region":
+            raise ValueError("headrouter_focus is read by policy 'region' only: set headrouter_policy to region")
+        return self
 
     @field_validator("probe_point", mode="before")
     @classmethod
@@ -96,13 +141,16 @@ def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "") 
         return RouteOptions(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        field = FIELD_TO_KEY[str(err["loc"][0])]
+        field = FIELD_TO_KEY[str(err["loc"][0])] if err["loc"] else XARG_FOCUS  # the model check: the focus
         message = str(err["msg"]).removeprefix("Value error, ")
         raise OptionError(prefix + field, message) from None
 
 
 def route_args(task: str | None = None, retention: float | None = None, policy: str | None = None,
-               probe_point: str | None = None) -> dict[str, Any]:
+               probe_point: str | None = None, focus=None) -> dict[str, Any]:
     """``extra_args`` for the offline API: ``SamplingParams(extra_args=route_args(task="asr", retention=0.5))``."""
-    options = RouteOptions(task=task, retention=retention, policy=policy, probe_point=probe_point)
-    return {key: getattr(options, field) for field, key in FIELD_TO_KEY.items() if getattr(options, field) is not None}
+    options = RouteOptions(task=task, retention=retention, policy=policy, probe_point=probe_point, focus=focus)
+    args = {key: getattr(options, field) for field, key in FIELD_TO_KEY.items() if getattr(options, field) is not None}
+    if options.focus is not None:
+        args[XARG_FOCUS] = [list(window) for window in options.focus]  # JSON-shaped, as an HTTP client sends it
+    return args

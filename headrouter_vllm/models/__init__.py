@@ -23,6 +23,8 @@ class ModelAdapter:
     # one audio part in the chat format; {n} numbers the parts from 1
     audio_placeholder: str = "<|audio_bos|><|AUDIO|><|audio_eos|>"
     other_modalities: tuple[str, ...] = ()  # what else the model takes (set to 0 items for audio-only serving)
+    # audio tokens per second of a clip (Whisper's 100 frames/s, halved by its convolution and by the pooling)
+    audio_tokens_per_second: float = 25.0
 
     def mm_limits(self, audio: int = 1) -> dict[str, int]:
         """``limit_mm_per_prompt`` for audio-only requests: vLLM then neither profiles nor reserves the rest."""

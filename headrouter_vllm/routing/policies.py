@@ -13,6 +13,11 @@ the offline references call the same :func:`select`.
 | ``random`` | seeded permutation | - | - |
 | ``uniform`` | evenly spaced tokens | - | - |
 | ``similarity`` | drop near-duplicates first (cosine of value vectors, DART-like) | - | - |
+| ``region`` | evenly spaced over the windows the request names (``headrouter_focus``) | - | - |
+
+``region`` is the "oracle spread" of the quality benchmark (the windows are the suite's ground truth: where the
+speech, the beeps or the event is); served, it lets a client that knows where to listen (a voice activity
+detector, a timestamped transcript) say so.
 """
 
 from __future__ import annotations
@@ -26,10 +31,17 @@ from headrouter_vllm.routing.budgets import per_head_budgets
 from headrouter_vllm.routing.profiles import ProfileSet
 from headrouter_vllm.routing.router import route
 from headrouter_vllm.routing.scores import calibrated_position_prior, debias, fallback_position_prior, selectivity
-from headrouter_vllm.routing.select import Coverage, select_coverage, select_per_head, select_shared, uniform_indices
+from headrouter_vllm.routing.select import (
+    Coverage,
+    select_coverage,
+    select_per_head,
+    select_region,
+    select_shared,
+    uniform_indices,
+)
 from headrouter_vllm.routing.tasks import BUILTIN_TASKS, GROUPS, group_prior, task_prior
 
-POLICIES = ("headrouter", "oracle", "coverage", "fastv", "random", "uniform", "similarity")
+POLICIES = ("headrouter", "oracle", "coverage", "fastv", "random", "uniform", "similarity", "region")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +63,7 @@ class RouteSettings:
     b_min_fraction: float = 0.0  # per_head: budget bounds as fractions of N
     b_max_fraction: float = 1.0
     b_max: int | None = None  # per_head: an absolute cap (the engine's plan); overrides b_max_fraction
+    focus: tuple[tuple[int, int], ...] | None = None  # region: [start, end) token windows of the span
 
 
 @dataclasses.dataclass
@@ -81,6 +94,10 @@ def select(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: Profi
         return Selection(torch.randperm(n, generator=gen)[:keep].sort().values)
     if settings.policy == "uniform":
         return Selection(uniform_indices(n, keep))
+    if settings.policy == "region":
+        if settings.focus is None:
+            raise ValueError("policy 'region' needs the focus windows (the request's headrouter_focus)")
+        return Selection(select_region(n, keep, settings.focus))
     return Selection(_dissimilar(probe, keep))
 
 

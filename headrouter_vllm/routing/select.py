@@ -85,6 +85,22 @@ def select_coverage(score: torch.Tensor, keep: int, segments: int = 8, floor: fl
     return torch.cat(kept)
 
 
+def select_region(n: int, keep: int, windows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The ``region`` policy: ``keep`` tokens evenly spaced over the tokens inside ``windows`` (``[start, end)``
+    token ranges, clamped to the span, overlaps merged); when the windows hold fewer than ``keep`` tokens, all of
+    them plus the rest evenly spaced over the tokens outside. Windows that miss the span: evenly spaced over all
+    of it (``uniform``). Returns ascending indices (exactly ``keep``)."""
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, {n}], got {keep}")
+    inside = torch.zeros(n, dtype=torch.bool)
+    for start, end in windows:
+        inside[max(0, start):max(0, min(n, end))] = True
+    focus, rest = torch.nonzero(inside).flatten(), torch.nonzero(~inside).flatten()
+    if keep <= focus.numel():
+        return focus[uniform_indices(focus.numel(), keep)]
+    return torch.cat([focus, rest[uniform_indices(rest.numel(), keep - focus.numel())]]).sort().values
+
+
 def uniform_indices(n: int, keep: int) -> torch.Tensor:
     """``keep`` evenly spaced indices in ``[0, n)``: the centre of each of ``keep`` equal segments."""
     return ((torch.arange(keep, dtype=torch.float64) + 0.5) * n / keep).floor().long().clamp_max(n - 1)
