@@ -10,7 +10,7 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
     from headrouter_vllm.cli import main
 
     args = ["bench", "--model", tiny_model, "--num-requests", "6", "--clip-seconds", "10", "20",
-            "--output-tokens", "4", "--retentions", "0.5", "--kv-blocks", "64", "--out", str(tmp_path),
+            "--output-tokens", "4", "6", "--retentions", "0.5", "--kv-blocks", "64", "--out", str(tmp_path),
             "--name", "t", "--export-workload", str(tmp_path / "workload")]
     assert main(args) == 0
     (run_dir,) = [p for p in tmp_path.glob("*/t")]
@@ -23,7 +23,13 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
     assert pruned["kv_blocks_per_request"] < vanilla["kv_blocks_per_request"]
     assert pruned["ideal_gain"] > 1.5 and summary["machine"]["cores"] >= 1 and "bench" in summary["command"]
     rows = list(csv.DictReader((run_dir / "requests.csv").read_text().splitlines()))
-    assert len(rows) == 12 and all(int(r["output_tokens"]) == 4 for r in rows)
+    # clip lengths and answer lengths cycle so that every pair occurs: 10 s / 4, 20 s / 4, 10 s / 6, 20 s / 6, ...
+    assert len(rows) == 12 and [int(r["output_tokens"]) for r in rows[:6]] == [4, 4, 6, 6, 4, 4]
+    for run in (vanilla, pruned):  # the profile accounts for the run's time, and every request decoded
+        assert run["prefill_steps"] >= 1 and run["decode_steps"] >= 1 and 1 <= run["decoding_max"] <= 6
+        parts = run["input_s"] + run["prefill_s"] + run["decode_s"] + run["other_s"]
+        assert abs(parts - run["duration_s"]) < 1e-6 and run["decode_step_ms"] > 0
+    assert summary["workload"]["warmup_pass"] is True
     assert (run_dir / "plots.png").stat().st_size > 10_000
     lines = (tmp_path / "workload" / "workload.jsonl").read_text().splitlines()
     assert len(lines) == 6 and {"prompt", "audio", "output_tokens"} <= set(json.loads(lines[0]))
@@ -37,7 +43,7 @@ def test_bench_runs_an_omni_long_audio_workload(tmp_path, capsys):
     from headrouter_vllm.cli import main
 
     common = ["bench", "--model", "tiny-qwen2.5-omni", "--num-requests", "2", "--output-tokens", "4",
-              "--retentions", "0.3", "--kv-blocks", "200", "--out", str(tmp_path), "--name", "omni"]
+              "--retentions", "0.3", "--kv-blocks", "200", "--out", str(tmp_path), "--name", "omni", "--no-warmup-pass"]
     for extra, message in ((["--clip-seconds", "301", "--max-model-len", "6000"], "takes at most 300 s"),
                            (["--clip-seconds", "90"], "raise --max-model-len")):
         with pytest.raises(SystemExit) as stop:

@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_POLICIES = ["headrouter:named", "headrouter:auto", "oracle", "fastv", "random", "uniform", "similarity"]
+# region: the oracle spread (kept tokens evenly over the part of the clip a question is about: the suite's labels)
+DEFAULT_POLICIES = ["headrouter:named", "headrouter:auto", "oracle", "fastv", "random", "uniform", "similarity",
+                    "region"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

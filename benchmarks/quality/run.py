@@ -59,6 +59,14 @@ def methods(retentions: list[float], policies: list[str], in_prompt_policies: li
     return out
 
 
+def oracle_focus(clip: suite.Clip, task: str) -> tuple[tuple[float, float], ...]:
+    """The ``region`` policy's windows for a question: the part of the clip it is about, from the generator's
+    labels (speech for digits / words / voice, the beeps for beeps / pitch, the event; the whole clip for noise).
+    This is the "oracle spread": an upper reference, not a deployable method."""
+    region = suite.TASK_REGION[task]
+    return ((0.0, clip.seconds),) if region == "all" else (clip.regions[region],)
+
+
 @dataclasses.dataclass
 class Answer:
     clip: str
@@ -99,7 +107,8 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                         if method.retention < 1.0:
                             named = {"named": task, "auto": "auto", None: None}[method.task]
                             extra = route_args(retention=method.retention, policy=method.policy, task=named,
-                                               probe_point=method.probe_point)
+                                               probe_point=method.probe_point,
+                                               focus=oracle_focus(clip, task) if method.policy == "region" else None)
                         jobs.append((clip, task, method))
                         prompts.append({"prompt": prompt_text(suite.QUESTIONS[task]),
                                         "multi_modal_data": {"audio": (clip.wave, suite.SAMPLE_RATE)}})
