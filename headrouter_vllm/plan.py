@@ -136,7 +136,9 @@ def focus_tokens(focus: tuple[tuple[float, float], ...] | None,
     """Focus windows in seconds -> ``[start, end)`` audio-token windows of a clip (every token that overlaps)."""
     if focus is None:
         return None
-    return tuple((math.floor(start * tokens_per_second), math.ceil(end * tokens_per_second)) for start, end in focus)
+    eps = 1e-6  # 4.4 s x 25 is 110.00000000000001 in floating point: token 110 starts at 4.4 s, it is not inside
+    return tuple((math.floor(start * tokens_per_second + eps), math.ceil(end * tokens_per_second - eps))
+                 for start, end in focus)
 
 
 def chunk_budget(scheduler_config) -> int | None:

@@ -93,8 +93,10 @@ def probe_attention(model, probe_layer: int):
 @torch.no_grad()
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
               semantics: str = "after_prompt", policy: str | None = None, task: str = "auto", seed: int = 0,
-              profiles=None, mode: str = "shared", per_head_cap: float = 1.5, probe_point: str = "prompt") -> dict:
-    """``wave``: one clip, a list of clips (one per audio part of the prompt, each routed on its own), or None."""
+              profiles=None, mode: str = "shared", per_head_cap: float = 1.5, probe_point: str = "prompt",
+              focus=None) -> dict:
+    """``wave``: one clip, a list of clips (one per audio part of the prompt, each routed on its own), or None.
+    ``focus``: the region policy's windows in seconds (``headrouter_focus``)."""
     if policy is None:  # the engine's default for requests that name none
         policy = "headrouter" if mode == "per_head" else HeadRouterConfig().default_policy
     model, processor = load(model_dir)
@@ -115,6 +117,8 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
         spans = audio_runs(is_audio)
         info.update(start=spans[0][0], audio_tokens=int(is_audio.sum()), spans=spans)
     if waves and retention < 1.0:
+        from headrouter_vllm.models import adapter_for_model_dir
+        from headrouter_vllm.plan import focus_tokens
         from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
 
         values = []
@@ -137,14 +141,16 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
         else:
             attn = probs[0][0][:, spans[-1][0] + spans[-1][1]:length]  # [Hq, rows after the audio, L]
         kept, per_head, keeps = [], [], []
+        tokens_per_second = adapter_for_model_dir(model_dir).audio_tokens_per_second
         for start, n in spans:  # each clip is routed on its own
             probe = SpanProbe(head_scores=attn[:, :, start:start + n].mean(dim=1),
                               last_row=attn[:, -1, start:start + n], num_kv_heads=num_kv,
                               values=values[0][start:start + n].view(n, num_kv, -1))
             keep = keep_count(retention, n)
             cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
-            selection = select(probe, keep, RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap),
-                               profiles)
+            settings = RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap,
+                                     focus=focus_tokens(focus, tokens_per_second))
+            selection = select(probe, keep, settings, profiles)
             kept.append(start + selection.kept)
             per_head.append([start + head for head in selection.per_head] if mode == "per_head" else None)
             keeps.append(keep)

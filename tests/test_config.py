@@ -40,6 +40,7 @@ def test_defaults():
     ({"default_task": "karaoke"}, "unknown task 'karaoke'"),
     ({"profiles": "p.json"}, "profile file p.json does not exist"),
     ({"policy": "best"}, "policy must be one of"),
+    ({"policy": "region"}, "per-request policy"),
     ({"seed": "1"}, "seed must be an integer"),
     ({"attention": "flash"}, "attention must be one of"),
 ], ids=lambda v: str(v)[:40])

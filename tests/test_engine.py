@@ -14,6 +14,7 @@ import os
 import pytest
 
 from headrouter_vllm.demo import audio_prompt
+from headrouter_vllm.routing.select import uniform_indices
 from tests.conftest import TINY_MODELS
 from tests.hf_reference import keep_count, reference
 
@@ -33,7 +34,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-BASELINES = ("fastv", "random", "uniform", "similarity", "oracle", "coverage")
+BASELINES = ("fastv", "random", "uniform", "similarity", "oracle", "coverage", "region")
+# region's windows on the long clip (about 7 s): 100 tokens, more than half the clip's, so r = 0.5 keeps inside them
+LONG_FOCUS = ((0.8, 4.4), (6.0, 6.4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,19 +47,20 @@ class Case:
     retention: float | None  # None: the request names no HeadRouter option at all
     policy: str | None = None
     task: str | None = None
+    focus: tuple | None = None
 
     def route_args(self):
         from headrouter_vllm.api.options import route_args
 
         if self.retention is None:
             return None
-        return route_args(retention=self.retention, policy=self.policy, task=self.task)
+        return route_args(retention=self.retention, policy=self.policy, task=self.task, focus=self.focus)
 
 
 def make_cases(speech, prompts) -> list[Case]:
     cases = [Case(f"{clip}_r{r}", prompts[clip], speech[clip], r) for clip in CLIPS for r in RETENTIONS]
-    cases += [Case(f"long_r0.5_{policy}", prompts["long"], speech["long"], 0.5, policy, "asr")
-              for policy in BASELINES]
+    cases += [Case(f"long_r0.5_{policy}", prompts["long"], speech["long"], 0.5, policy, "asr",
+                   LONG_FOCUS if policy == "region" else None) for policy in BASELINES]
     cases.append(Case("short_no_options", prompts["short"], speech["short"], None))
     cases.append(Case("text_only", TEXT_PROMPT, None, 0.5))  # names a retention, has no audio: runs as vanilla
     return cases
@@ -189,7 +193,7 @@ def hf(model_dir, cases):
             c = next(c for c in cases if c.name == name)
             cache[key] = reference(model_dir, c.prompt, c.wave, 1.0 if c.retention is None else c.retention,
                                    NEW_TOKENS, probe_layer=probe_layer, semantics=semantics,
-                                   policy=c.policy, task=c.task or "auto", probe_point=probe_point)
+                                   policy=c.policy, task=c.task or "auto", probe_point=probe_point, focus=c.focus)
         return cache[key]
 
     return get
@@ -223,6 +227,16 @@ def test_routed_requests_equal_hf_reference(engine, hf, mode, name, phase):
     assert got["prompt_ids"] == ref["prompt_ids"]
     assert got["log"] is not None and got["log"].kept == ref["kept"]
     assert got["tokens"] == ref["tokens"]
+
+
+def test_region_keeps_only_the_named_windows(engine, hf):
+    """``region``: every kept audio token lies in the request's focus windows (0.8-4.4 s and 6-6.4 s are tokens
+    20-109 and 150-159 at 25 per second), evenly spaced over them."""
+    ref = hf("long_r0.5_region")
+    got = engine("after_prompt")["single"]["long_r0.5_region"]
+    inside = [ref["start"] + t for t in [*range(20, 110), *range(150, 160)]]
+    assert len(inside) > ref["keep"] and set(got["log"].kept) <= set(inside)
+    assert got["log"].kept == [inside[i] for i in uniform_indices(len(inside), ref["keep"]).tolist()]
 
 
 @pytest.mark.parametrize("mode", ["in_prompt", "in_prompt_chunked"])

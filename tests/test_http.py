@@ -105,6 +105,25 @@ def test_metadata_routes_and_prunes(server, speech, tiny_model):
     assert not getattr(response, "kv_transfer_params", None)
 
 
+@pytest.mark.parametrize("how", ["metadata", "vllm_xargs"])
+def test_region_policy_keeps_the_named_seconds(server, speech, tiny_model, how):
+    """A client that knows where to listen names it (``headrouter_focus``, seconds): the kept audio tokens lie in
+    those windows, and the answer equals the HF reference keeping the same tokens."""
+    from headrouter_vllm.demo import audio_prompt
+
+    wave, focus = speech["long"], "0.8-4.4,6-6.4"
+    options = {"headrouter_policy": "region", "headrouter_focus": focus, "headrouter_retention": "0.5"}
+    kwargs = {"metadata": options} if how == "metadata" else {
+        "extra_body": {"vllm_xargs": {**options, "headrouter_focus": [0.8, 4.4, 6, 6.4]}}}
+    got = chat(server, wave, **kwargs)
+    ref = reference(tiny_model, audio_prompt(QUESTION), wave, 0.5, NEW_TOKENS, policy="region",
+                    focus=((0.8, 4.4), (6.0, 6.4)))
+    assert got.choices[0].token_ids == ref["tokens"]
+    inside = {ref["start"] + t for t in [*range(20, 110), *range(150, 160)]}
+    assert set(ref["kept"]) <= inside and len(ref["kept"]) == keep_count(0.5, ref["audio_tokens"])
+    assert got.usage.model_extra["headrouter"]["policy"] == "region"
+
+
 def test_vllm_xargs_and_unrouted_requests(server, speech, tiny_model):
     from headrouter_vllm.demo import audio_prompt
 
@@ -136,6 +155,11 @@ BAD_REQUESTS = [
     ("task_not_string", {"extra_body": {"vllm_xargs": {"headrouter_task": 3}}}, "headrouter_task"),
     ("unknown_policy", {"metadata": {"headrouter_policy": "best"}}, "headrouter_policy"),
     ("unknown_probe_point", {"metadata": {"headrouter_probe_point": "middle"}}, "headrouter_probe_point"),
+    ("region_without_focus", {"metadata": {"headrouter_policy": "region"}}, "headrouter_focus"),
+    ("focus_without_region", {"metadata": {"headrouter_focus": "1-2"}}, "headrouter_focus"),
+    ("focus_backwards", {"metadata": {"headrouter_policy": "region", "headrouter_focus": "3-1"}}, "headrouter_focus"),
+    ("focus_odd_list", {"metadata": {"headrouter_policy": "region"},
+                        "extra_body": {"vllm_xargs": {"headrouter_focus": [1, 2, 3]}}}, "headrouter_focus"),
     ("conflict", {"metadata": {"headrouter_retention": "0.5"},
                   "extra_body": {"vllm_xargs": {"headrouter_retention": 0.7}}}, "headrouter_retention"),
 ]

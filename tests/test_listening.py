@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from headrouter_vllm.benchmarks.quality.run import oracle_focus
 from headrouter_vllm.listening import model as listening
 from headrouter_vllm.listening import suite
 from headrouter_vllm.listening.train import Layout, prompt_text
@@ -150,7 +151,8 @@ def test_trained_weights_ship_with_their_training_report(seed):
 
 @pytest.fixture(scope="module")
 def vllm_answers(listening_model, test_clips):
-    """Greedy answers with logprobs from vLLM: full audio, and headrouter / uniform at r=0.5."""
+    """Greedy answers with logprobs from vLLM: full audio, and headrouter / uniform / region (the quality
+    benchmark's oracle spread over the part of the clip each question is about) at r=0.5."""
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
@@ -164,10 +166,12 @@ def vllm_answers(listening_model, test_clips):
     prompts = [{"prompt": prompt_text(suite.QUESTIONS[t]), "multi_modal_data": {"audio": (c.wave, 16000)}}
                for c, t in questions]
     result = {}
+    region = [route_args(retention=0.5, policy="region", focus=oracle_focus(c, t)) for c, t in questions]
     for label, extra in (("full", None), ("headrouter", route_args(retention=0.5, policy="headrouter")),
-                         ("uniform", route_args(retention=0.5, policy="uniform"))):
-        params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, extra_args=extra)
-        outs = llm.generate(prompts, [params] * len(prompts), use_tqdm=False)
+                         ("uniform", route_args(retention=0.5, policy="uniform")), ("region", region)):
+        params = [SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, extra_args=args)
+                  for args in (extra if isinstance(extra, list) else [extra] * len(prompts))]
+        outs = llm.generate(prompts, params, use_tqdm=False)
         result[label] = [(list(o.outputs[0].token_ids),
                           [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs], o.outputs[0].text)
                          for o in outs]
@@ -177,7 +181,7 @@ def vllm_answers(listening_model, test_clips):
     return questions, result
 
 
-@pytest.mark.parametrize("label, retention", [("full", 1.0), ("headrouter", 0.5), ("uniform", 0.5)])
+@pytest.mark.parametrize("label, retention", [("full", 1.0), ("headrouter", 0.5), ("uniform", 0.5), ("region", 0.5)])
 def test_vllm_serves_the_listening_model_like_hf(listening_model, vllm_answers, label, retention):
     """vLLM (80 mel bins from the saved processor config) gives HF transformers' greedy answers and logprobs
     (fp32) on held-out test clips, unpruned and pruned (the engine's kept set, HF's own selection)."""
@@ -188,7 +192,8 @@ def test_vllm_serves_the_listening_model_like_hf(listening_model, vllm_answers, 
     correct = 0
     for (clip, task), (tokens, logprobs, text) in zip(questions, result[label], strict=True):
         ref = reference(listening_model, prompt_text(suite.QUESTIONS[task]), clip.wave, retention, 12,
-                        policy="uniform" if label == "uniform" else "headrouter")
+                        policy="headrouter" if label == "full" else label,
+                        focus=oracle_focus(clip, task) if label == "region" else None)
         ref_tokens = ref["tokens"][: ref["tokens"].index(eos) + 1] if eos in ref["tokens"] else ref["tokens"]
         assert tokens == ref_tokens, (clip.id, task, text)
         assert np.allclose(logprobs, ref["logprobs"][: len(tokens)], atol=2e-3, rtol=0)

@@ -52,6 +52,9 @@ def test_good_options(extra, task, retention):
     ({"headrouter_policy": "region", "headrouter_focus": [[False, 2]]}, "headrouter_focus"),
     ({"headrouter_policy": "region", "headrouter_focus": [[0, 1]] * 65}, "headrouter_focus"),
     ({"headrouter_policy": "region", "headrouter_focus": {"a": 1}}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": [1, 2, 3]}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": ["1-2", 3]}, "headrouter_focus"),
+    ({"headrouter_policy": "region", "headrouter_focus": 5}, "headrouter_focus"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_options_name_the_field(extra, field):
     with pytest.raises(OptionError) as info:
@@ -60,19 +63,21 @@ def test_bad_options_name_the_field(extra, field):
     assert str(info.value).startswith("vllm_xargs." + field)
 
 
-@pytest.mark.parametrize("focus", ["2.5-7, 12-14.5", [[2.5, 7], [12, 14.5]], [["2.5", "7"], (12, 14.5)]])
+@pytest.mark.parametrize("focus", ["2.5-7, 12-14.5", ["2.5-7", "12-14.5"], [2.5, 7, 12, 14.5],
+                                   [[2.5, 7], [12, 14.5]], [["2.5", "7"], (12, 14.5)]])
 def test_focus_windows_parse_from_metadata_strings_and_lists(focus):
     options = parse_route_options({"headrouter_policy": "region", "headrouter_focus": focus})
     assert options.focus == ((2.5, 7.0), (12.0, 14.5))
-    # what the offline API sends is what an HTTP client would: lists, which parse back to the same windows
+    # the offline API sends the string form, which metadata and vllm_xargs take too
     args = route_args(policy="region", focus=focus)
-    assert args["headrouter_focus"] == [[2.5, 7.0], [12.0, 14.5]] and parse_route_options(args) == options
+    assert args["headrouter_focus"] == "2.5-7.0,12.0-14.5" and parse_route_options(args) == options
 
 
 def test_focus_seconds_become_every_overlapping_token():
     from headrouter_vllm.plan import focus_tokens
 
     assert focus_tokens(((0.5, 1.0), (2.01, 2.05)), 25.0) == ((12, 25), (50, 52))
+    assert focus_tokens(((0.8, 4.4),), 25.0) == ((20, 110),)  # 4.4 x 25 = 110.00000000000001 in floating point
     assert focus_tokens(None, 25.0) is None
 
 
@@ -105,6 +110,14 @@ def test_retention_without_audio_passes():
     assert out["vllm_xargs"] == {"headrouter_retention": 0.5}
 
 
+def test_region_and_its_focus_may_come_from_either_place():
+    body = {"metadata": {"headrouter_policy": "region"}, "vllm_xargs": {"headrouter_focus": [1, 2.5]},
+            "messages": REMOTE_AUDIO}
+    out = rewrite_body(body)
+    assert out["vllm_xargs"] == {"headrouter_policy": "region", "headrouter_focus": [1, 2.5]}
+    assert parse_route_options(out["vllm_xargs"]).focus == ((1.0, 2.5),)
+
+
 def test_same_value_in_both_places_is_fine():
     out = rewrite_body({"metadata": {"headrouter_retention": "0.5"}, "vllm_xargs": {"headrouter_retention": "0.5"}})
     assert out["vllm_xargs"] == {"headrouter_retention": 0.5}
@@ -127,6 +140,12 @@ def test_same_value_in_both_places_is_fine():
      "vllm_xargs.headrouter_task"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": 7}}]}]},
      "messages[0].content[0].input_audio.format"),
+    # region and its focus: each needs the other, in either place; a focus needs audio
+    ({"metadata": {"headrouter_policy": "region"}, "messages": REMOTE_AUDIO}, "metadata.headrouter_focus"),
+    ({"vllm_xargs": {"headrouter_focus": "1-2"}, "messages": REMOTE_AUDIO}, "vllm_xargs.headrouter_focus"),
+    ({"metadata": {"headrouter_policy": "region", "headrouter_focus": "1-2"}}, "metadata.headrouter_focus"),
+    ({"metadata": {"headrouter_policy": "region", "headrouter_focus": "2-1"}, "messages": REMOTE_AUDIO},
+     "metadata.headrouter_focus"),
 ], ids=lambda v: str(v)[:50])
 def test_bad_bodies(body, param):
     with pytest.raises(RequestError) as info:

@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from headrouter_vllm.api import limits
-from headrouter_vllm.api.options import OPTION_KEYS, XARG_TASK, OptionError, parse_route_options
+from headrouter_vllm.api.options import OPTION_KEYS, XARG_FOCUS, XARG_TASK, OptionError, parse_route_options
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
@@ -121,18 +121,23 @@ def rewrite_body(body: Any) -> Any:
         if key in merged:
             source = "metadata" if xargs is None or key not in xargs else "vllm_xargs"
             try:
-                parse_route_options({key: merged[key]}, prefix=f"{source}.")
+                parse_route_options({key: merged[key]}, prefix=f"{source}.", one_key=True)
             except OptionError as e:
                 raise RequestError(e.param, str(e)) from None
     if not any(key in merged for key in OPTION_KEYS):
         return body
-    if XARG_TASK in merged and not audio_parts:
-        # a task says what to listen for: without audio it is a client mistake (a retention alone is harmless,
-        # e.g. a client-wide default, and such requests run as vanilla vLLM)
-        source = "metadata" if xargs is None or XARG_TASK not in xargs else "vllm_xargs"
-        raise RequestError(f"{source}.{XARG_TASK}", "names a task, but the request has no audio part to route")
+    for key, what in ((XARG_TASK, "a task"), (XARG_FOCUS, "seconds of audio")):
+        if key in merged and not audio_parts:
+            # a task or focus says what to listen for: without audio it is a client mistake (a retention alone is
+            # harmless, e.g. a client-wide default, and such requests run as vanilla vLLM)
+            source = "metadata" if xargs is None or key not in xargs else "vllm_xargs"
+            raise RequestError(f"{source}.{key}", f"names {what}, but the request has no audio part to route")
+    try:  # the options together (policy region needs its focus)
+        options = parse_route_options(merged)
+    except OptionError as e:
+        source = "metadata" if xargs is None or e.param not in xargs else "vllm_xargs"
+        raise RequestError(f"{source}.{e.param}", str(e)) from None
     # the engine sees typed values: the retention as a float
-    options = parse_route_options(merged)
     if options.retention is not None:
         merged["headrouter_retention"] = options.retention
     return {**body, "vllm_xargs": merged}

@@ -10,8 +10,8 @@ in OpenAI ``metadata`` (string values), which the middleware moves into ``vllm_x
     headrouter_probe_point  where the probe reads attention: prompt (the rows after the audio) or first_token
                           (the first generated token's row)
     headrouter_focus      with policy region: the parts of the clip to keep, in seconds from its start,
-                          "start-end" pairs separated by commas ("2.5-7,12-14.5"; a list of [start, end] pairs in
-                          vllm_xargs); with several clips, every clip's own seconds
+                          "start-end" pairs separated by commas ("2.5-7,12-14.5"; in vllm_xargs also a list of
+                          such strings or a flat list of numbers); with several clips, every clip's own seconds
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from headrouter_vllm.routing.tasks import check_task
 
@@ -59,12 +59,20 @@ class RouteOptions(BaseModel):
     def _focus(cls, value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, str):  # OpenAI metadata values are strings: "2.5-7,12-14.5"
-            pairs = [part.split("-") for part in value.split(",")]
+        # OpenAI metadata values are strings ("2.5-7,12-14.5"); vLLM's vllm_xargs takes flat lists of strings or
+        # numbers (["2.5-7", "12-14.5"] or [2.5, 7, 12, 14.5]); the offline API may also pass [start, end] pairs
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)) and value and all(isinstance(x, str) for x in value):
+            pairs = [x.split("-") for x in value]
             if any(len(pair) != 2 for pair in pairs):
                 raise ValueError(f"must be start-end pairs in seconds separated by commas, e.g. '2.5-7,12-14', "
                                  f"got {value!r}")
             value = pairs
+        elif isinstance(value, (list, tuple)) and value and not any(isinstance(x, (list, tuple)) for x in value):
+            if len(value) % 2:
+                raise ValueError(f"a flat list needs start and end of each window, got {len(value)} numbers")
+            value = [value[i:i + 2] for i in range(0, len(value), 2)]
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError(f"must be a non-empty list of [start, end] pairs in seconds, got {value!r}")
         if len(value) > MAX_FOCUS_WINDOWS:
@@ -86,7 +94,9 @@ class RouteOptions(BaseModel):
         return tuple(windows)
 
     @model_validator(mode="after")
-    def _focus_goes_with_region(self) -> RouteOptions:
+    def _focus_goes_with_region(self, info: ValidationInfo) -> RouteOptions:
+        if info.context and info.context.get("one_key"):  # one option checked alone: its pair may be elsewhere
+            return self
         if self.policy == "region" and self.focus is None:
             raise ValueError("policy 'region' keeps the audio the request names: set headrouter_focus too")
         if self.focus is not None and self.policy != "region":
@@ -133,12 +143,13 @@ class RouteOptions(BaseModel):
         return float(value)
 
 
-def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "") -> RouteOptions:
-    """Read the HeadRouter keys of ``extra_args`` (other keys are left to vLLM); raise OptionError."""
+def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "", one_key: bool = False) -> RouteOptions:
+    """Read the HeadRouter keys of ``extra_args`` (other keys are left to vLLM); raise OptionError. ``one_key``:
+    check each value alone, not whether the options go together (``region`` and its ``focus``)."""
     extra_args = extra_args or {}
     values = {field: extra_args.get(key) for field, key in FIELD_TO_KEY.items()}
     try:
-        return RouteOptions(**values)
+        return RouteOptions.model_validate(values, context={"one_key": one_key})
     except ValidationError as e:
         err = e.errors()[0]
         field = FIELD_TO_KEY[str(err["loc"][0])] if err["loc"] else XARG_FOCUS  # the model check: the focus
@@ -151,6 +162,6 @@ def route_args(task: str | None = None, retention: float | None = None, policy: 
     """``extra_args`` for the offline API: ``SamplingParams(extra_args=route_args(task="asr", retention=0.5))``."""
     options = RouteOptions(task=task, retention=retention, policy=policy, probe_point=probe_point, focus=focus)
     args = {key: getattr(options, field) for field, key in FIELD_TO_KEY.items() if getattr(options, field) is not None}
-    if options.focus is not None:
-        args[XARG_FOCUS] = [list(window) for window in options.focus]  # JSON-shaped, as an HTTP client sends it
+    if options.focus is not None:  # the string form, which metadata, vllm_xargs and extra_args all take
+        args[XARG_FOCUS] = ",".join(f"{start!r}-{end!r}" for start, end in options.focus)
     return args
