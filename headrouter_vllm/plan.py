@@ -89,6 +89,16 @@ class RoutePlan:
     def probe_end(self) -> int:
         return self.probe_rows[1]
 
+    @property
+    def one_step_start(self) -> int | None:
+        """The first prompt row that must share one prefill step with the rest of the prompt: the rows after the
+        audio (``in_prompt``) or everything from the first audio token on (``prefill``); None for ``after_prompt``."""
+        return one_step_start(self.semantics, self.spans)
+
+
+def one_step_start(semantics: str, spans: tuple[Span, ...]) -> int | None:
+    return {"in_prompt": spans[-1].end, "prefill": spans[0].start}.get(semantics)
+
 
 def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple[int, int]],
               num_prompt_tokens: int, chunk_budget: int | None = None,
@@ -120,13 +130,12 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
         note = ("prefill does not compute the dropped audio rows, whose prompt log-probabilities the request asks "
                 "for: ran after_prompt")
         semantics = "after_prompt"
-    if semantics in ("in_prompt", "prefill") and chunk_budget is not None:
-        first = plan_spans[-1].end if semantics == "in_prompt" else plan_spans[0].start
-        if num_prompt_tokens - first > chunk_budget:
-            what = "after the audio" if semantics == "in_prompt" else "from the first audio token on"
-            note = (f"{semantics} needs the {num_prompt_tokens - first} prompt tokens {what} in one prefill step, "
-                    f"more than max_num_batched_tokens {chunk_budget}: ran after_prompt")
-            semantics = "after_prompt"
+    first = one_step_start(semantics, plan_spans)
+    if first is not None and chunk_budget is not None and num_prompt_tokens - first > chunk_budget:
+        what = "after the audio" if semantics == "in_prompt" else "from the first audio token on"
+        note = (f"{semantics} needs the {num_prompt_tokens - first} prompt tokens {what} in one prefill step, "
+                f"more than max_num_batched_tokens {chunk_budget}: ran after_prompt")
+        semantics = "after_prompt"
     return RoutePlan(plan_spans, num_prompt_tokens, task, retention, semantics, policy, mode, probe_point, note,
                      options.focus)
 

@@ -113,10 +113,8 @@ class HeadRouterScheduler(Scheduler):
         end = num_computed_tokens + num_new_tokens
         if num_computed_tokens < plan.probe_end < end:
             num_new_tokens = plan.probe_end - num_computed_tokens
-        elif plan.semantics == "in_prompt" and plan.probe_start < end < plan.num_prompt_tokens:
-            num_new_tokens = max(0, plan.probe_start - num_computed_tokens)
-        elif plan.semantics == "prefill" and plan.spans[0].start < end < plan.num_prompt_tokens:
-            num_new_tokens = max(0, plan.spans[0].start - num_computed_tokens)
+        elif plan.one_step_start is not None and plan.one_step_start < end < plan.num_prompt_tokens:
+            num_new_tokens = max(0, plan.one_step_start - num_computed_tokens)
         return num_new_tokens
 
     # ---- shortening -----------------------------------------------------------------------------

@@ -35,10 +35,13 @@ class ModelAdapter:
         return int(m.group(1)) if m else None
 
 
+# Both families' language model is vLLM's Qwen2 under ``language_model``
+QWEN2_DECODER_LAYERS = re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$")
+
 QWEN2_AUDIO = ModelAdapter(
     family="qwen2-audio",
     architectures=("Qwen2AudioForConditionalGeneration",),
-    decoder_layer_pattern=re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$"),
+    decoder_layer_pattern=QWEN2_DECODER_LAYERS,
     max_audio_seconds=30.0,
     audio_placeholder="Audio {n}: <|audio_bos|><|AUDIO|><|audio_eos|>\n",
 )
@@ -52,7 +55,7 @@ QWEN2_5_OMNI = ModelAdapter(
     family="qwen2.5-omni",
     architectures=("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration",
                    "Qwen2_5OmniThinkerForConditionalGeneration"),
-    decoder_layer_pattern=re.compile(r"^language_model\.model\.layers\.(\d+)\.self_attn\.attn$"),
+    decoder_layer_pattern=QWEN2_DECODER_LAYERS,
     max_audio_seconds=300.0,  # the feature extractor's chunk_length: the processor would cut longer audio
     other_modalities=("image", "video"),
 )
