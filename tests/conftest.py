@@ -82,3 +82,15 @@ def server(tiny_model, tmp_path_factory):
         yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
     finally:
         stop_server(proc)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test module may narrow its cross product of parameters with ``collect_only_if(item) -> bool``: the items it
+    declines are deselected (reported as such), not skipped."""
+    keep, deselected = [], []
+    for item in items:
+        rule = getattr(item.module, "collect_only_if", None)
+        (keep if rule is None or rule(item) else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep

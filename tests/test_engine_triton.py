@@ -4,8 +4,9 @@ layout, our Triton kernels for cache write, attention, probe and compaction) sel
 (CPU_ATTN + torch probe and compaction) and to vanilla vLLM, in the same test run, on the tiny audio model.
 
 The interpreter is slow (about 8 s per request of 16 tokens on the tiny model), so these engines run a few cases
-each: unrouted, text-only, shared-mode pruning at 0.7/0.5/0.3, a policy that reads the values (similarity), one
-request at a time and all together as one mixed batch; chunked prefill and fp16 on fewer.
+each: unrouted, text-only, shared-mode pruning at 0.7/0.5/0.3, a policy that reads the values (similarity), all
+together as one mixed batch (requests one at a time: the fp16 engine and the torch references); chunked prefill
+and fp16 on fewer.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ TRITON = {"attention": "triton"}
 ENGINES = {  # (engine settings, cases, phases)
     "vanilla": (dict(headrouter=None), UNROUTED, PHASES),
     "cpu": (dict(headrouter={}), NAMES, ["single"]),
-    "triton": (dict(headrouter=TRITON), NAMES, PHASES),
+    "triton": (dict(headrouter=TRITON), NAMES, ["batch"]),  # single requests: the fp16 engine
     # chunked prefill (64-token budget) splits the audio span and the rows after it, and the batch mixes prefill
     # chunks with decodes; vacated and freed slots are NaN (our kernels never load them; CPU_ATTN would need a
     # finite poison)
@@ -38,7 +39,7 @@ ENGINES = {  # (engine settings, cases, phases)
     # per_head: each KV head keeps its own audio, with head profiles that give the KV heads different budgets
     # (stale head slots NaN-poisoned); the similarity baseline in the same batch stays shared
     "triton_per_head": (dict(headrouter={**TRITON, "mode": "per_head", "profiles": "<per-head profiles>"},
-                             poison=math.nan), ROUTED, PHASES),
+                             poison=math.nan), ROUTED, ["batch"]),
     # the kernels' torch references in the same backend: HeadRouter's CPU path for per_head
     "torch": (dict(headrouter={"attention": "torch"}), NAMES, ["batch"]),
     "torch_per_head": (dict(headrouter={"attention": "torch", "mode": "per_head", "profiles": "<per-head profiles>"},
@@ -114,7 +115,7 @@ def test_the_triton_backend_serves_every_layer(engine, mode):
     assert engine("cpu")["attention_impls"] == {"CPUAttentionBackendImpl"}
 
 
-@pytest.mark.parametrize(("mode", "phase"), [("triton", "single"), ("triton", "batch"), ("torch", "batch")])
+@pytest.mark.parametrize(("mode", "phase"), [("triton", "batch"), ("torch", "batch")])
 @pytest.mark.parametrize("name", UNROUTED)
 def test_unrouted_requests_equal_vanilla(engine, name, mode, phase):
     """fp32: retention 1.0 and text-only requests give vanilla vLLM's greedy tokens through HeadRouter's backend."""
@@ -124,8 +125,8 @@ def test_unrouted_requests_equal_vanilla(engine, name, mode, phase):
     assert max_difference(ours["logprobs"], vanilla["logprobs"]) < 1e-4
 
 
-@pytest.mark.parametrize(("mode", "phase"), [("triton", "single"), ("triton", "batch"),
-                                             ("triton_chunked_poisoned", "batch"), ("torch", "batch")])
+@pytest.mark.parametrize(("mode", "phase"), [("triton", "batch"), ("triton_chunked_poisoned", "batch"),
+                                             ("torch", "batch")])
 @pytest.mark.parametrize("name", ROUTED)
 def test_routed_requests_equal_cpu_path(engine, mode, name, phase):
     """fp32: the same kept audio tokens (probe kernel), the same freed blocks and the same greedy tokens as the CPU
@@ -165,9 +166,9 @@ def hf_per_head(tiny_model, speech):
 PER_HEAD = [n for n in ROUTED if "similarity" not in n]
 
 
-@pytest.mark.parametrize(("mode", "phase"), [("triton_per_head", "single"), ("triton_per_head", "batch"),
-                                             ("torch_per_head", "single"), ("torch_per_head", "batch"),
-                                             ("torch_per_head_chunked", "batch"), ("tp2_torch_per_head", "batch")])
+@pytest.mark.parametrize(("mode", "phase"), [("triton_per_head", "batch"), ("torch_per_head", "single"),
+                                             ("torch_per_head", "batch"), ("torch_per_head_chunked", "batch"),
+                                             ("tp2_torch_per_head", "batch")])
 @pytest.mark.parametrize("name", PER_HEAD)
 def test_per_head_equals_hf_reference(engine, hf_per_head, mode, name, phase):
     """per_head mode: every KV head keeps the HF reference's audio tokens for that head (budgets proportional to
@@ -190,9 +191,8 @@ def test_tensor_parallel_similarity_gathers_values(engine):
     assert got["tokens"] == cpu["long_r0.5_similarity"]["tokens"]
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_per_head_differs_from_shared_and_leaves_baselines_shared(engine, phase):
-    per_head, shared = engine("triton_per_head")[phase], engine("cpu")["single"]
+def test_per_head_differs_from_shared_and_leaves_baselines_shared(engine):
+    per_head, shared = engine("triton_per_head")["batch"], engine("cpu")["single"]
     assert any(per_head[n]["log"].kept != shared[n]["log"].kept for n in PER_HEAD)
     baseline = per_head["long_r0.5_similarity"]
     assert baseline["log"].kept_per_head is None
