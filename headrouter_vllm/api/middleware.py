@@ -117,11 +117,14 @@ def rewrite_body(body: Any) -> Any:
             raise RequestError(f"metadata.{key}", f"{key} is set differently in metadata ({value!r}) and "
                                f"vllm_xargs ({merged[key]!r})")
         merged.setdefault(key, value)
+
+    def source(key: str) -> str:  # where the client put an option: errors name that place
+        return "metadata" if xargs is None or key not in xargs else "vllm_xargs"
+
     for key in OPTION_KEYS:
         if key in merged:
-            source = "metadata" if xargs is None or key not in xargs else "vllm_xargs"
             try:
-                parse_route_options({key: merged[key]}, prefix=f"{source}.", one_key=True)
+                parse_route_options({key: merged[key]}, prefix=f"{source(key)}.", one_key=True)
             except OptionError as e:
                 raise RequestError(e.param, str(e)) from None
     if not any(key in merged for key in OPTION_KEYS):
@@ -130,13 +133,11 @@ def rewrite_body(body: Any) -> Any:
         if key in merged and not audio_parts:
             # a task or focus says what to listen for: without audio it is a client mistake (a retention alone is
             # harmless, e.g. a client-wide default, and such requests run as vanilla vLLM)
-            source = "metadata" if xargs is None or key not in xargs else "vllm_xargs"
-            raise RequestError(f"{source}.{key}", f"names {what}, but the request has no audio part to route")
+            raise RequestError(f"{source(key)}.{key}", f"names {what}, but the request has no audio part to route")
     try:  # the options together (policy region needs its focus)
         options = parse_route_options(merged)
     except OptionError as e:
-        source = "metadata" if xargs is None or e.param not in xargs else "vllm_xargs"
-        raise RequestError(f"{source}.{e.param}", str(e)) from None
+        raise RequestError(f"{source(e.param)}.{e.param}", str(e)) from None
     # the engine sees typed values: the retention as a float
     if options.retention is not None:
         merged["headrouter_retention"] = options.retention
