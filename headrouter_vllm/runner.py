@@ -305,7 +305,8 @@ class HeadRouterRunnerMixin:
         span_len = torch.tensor([r[1] for r in regions], **int32)
         mass = self.hr_kernels.paged_probe_scores(query[row_index].contiguous(), cu_rows,
                                                   torch.cat(positions).to(**int32), key_cache, block_table,
-                                                  span_start, span_len, layer.impl.scale).cpu()
+                                                  span_start, span_len, layer.impl.scale,
+                                                  max_rows_per_seq=max(len(p) for p in positions)).cpu()
         seconds = (time.perf_counter() - t0) / len(self.hr_step)
         for i, item in enumerate(self.hr_step):
             plan, route = item.state.plan, item.state
@@ -447,6 +448,7 @@ class HeadRouterRunnerMixin:
             first, region_len = plan.spans[0].start, plan.probe_start - plan.spans[0].start
             region_args = (torch.tensor([first], **int32), torch.tensor([region_len], **int32),
                            torch.tensor([computed], **int32), kept_slots.to(self.device))
+            suffix_len = computed - plan.probe_start  # the question after the last audio span, moved down
         vacated = torch.arange(computed - plan.removed, computed)
         seen = set()
         row = self.input_batch.req_id_to_index.get(item.req_id)
@@ -463,7 +465,7 @@ class HeadRouterRunnerMixin:
                     continue
                 seen.add(kv.data_ptr())
                 if self.hr_kernels is not None:
-                    self._compact_paged(layer, kv, block_size, paged_args, table, plan, counts, vacated)
+                    self._compact_paged(layer, kv, block_size, paged_args, suffix_len, table, plan, counts, vacated)
                     continue
                 pages = CpuKvPages(kv, layer.isa, layer.impl.kv_cache_dtype)
                 if pages.block_size != block_size:
@@ -509,8 +511,8 @@ class HeadRouterRunnerMixin:
             counts[g] = slots.numel()
         return kept_slots, counts
 
-    def _compact_paged(self, layer, kv_cache, block_size: int, args: tuple, table: torch.Tensor, plan: RoutePlan,
-                       counts: torch.Tensor, vacated: torch.Tensor) -> None:
+    def _compact_paged(self, layer, kv_cache, block_size: int, args: tuple, suffix_len: int, table: torch.Tensor,
+                       plan: RoutePlan, counts: torch.Tensor, vacated: torch.Tensor) -> None:
         """Compaction on HeadRouter's backend: the ``compact_kv`` kernel (``args``: its block table, span, length and
         kept-slot arguments, from :meth:`_region_slots`), with the region from the first audio span to the end of
         the last as its span and each KV head's surviving slots in it as its kept slots. The suffix moves to the
@@ -518,7 +520,7 @@ class HeadRouterRunnerMixin:
         key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
         if key_cache.shape[1] != block_size:
             raise RuntimeError("HeadRouter needs the kernel block size to equal the scheduler block size")
-        self.hr_kernels.compact_kv(key_cache, value_cache, *args)
+        self.hr_kernels.compact_kv(key_cache, value_cache, *args, max_suffix_len=suffix_len)
         if self.hr_poison is not None:  # tests: vacated slots (incl. the blocks about to be freed), stale head slots
             first = plan.spans[0].start
             region_slots = plan.probe_start - first - plan.removed

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a CUDA machine can show that a CPU machine cannot, in one command (see docs/gpu.md):
 #   1. the kernel tests, natively (tests/kernels picks CUDA when torch sees a GPU), incl. the compile checks;
-#   2. the kernel benchmark vs dense baselines (SDPA on gathered K/V; vLLM's Triton unified_attention);
+#   2. the kernel benchmarks: attention vs dense baselines (SDPA on gathered K/V; vLLM's Triton unified_attention),
+#      eager and in a CUDA graph; the probe and compaction per request;
 #   3. a served smoke run: HeadRouter's GPU worker and backend on a dummy-weight real-width model, the same
 #      requests against vanilla vLLM (tokens and usage into the results folder). Needs vLLM: skipped, saying so,
 #      where vLLM is not installed (steps 1 and 2 need only torch and triton).
@@ -41,6 +42,12 @@ $PY benchmarks/kernels/bench_head_sparse.py --dtype float16 --block-size 32 --ou
 # prefill (the whole prompt in one step, dense): the kernel's tile sizes vs causal SDPA (flash) on gathered K/V
 $PY benchmarks/kernels/bench_head_sparse.py --prefill-lengths 512 2048 --batches 1 8 --tile-slots 0 16 32 128 \
     --out "$out/bench_head_sparse_prefill_bf16_bs16.csv" | tee -a "$out/bench.txt"
+
+# what routing adds to a request: the probe and the compaction, per clip length, vs the prompt's prefill attention
+$PY benchmarks/kernels/bench_route_ops.py --out "$out/bench_route_ops.csv" | tee -a "$out/bench.txt"
+# decode attention eager vs replayed from a CUDA graph (launch cost) at small batches
+$PY benchmarks/kernels/bench_head_sparse.py --cuda-graph --batches 1 8 32 --contexts 1024 4096 --kept-fractions 1.0 0.3 \
+    --out "$out/bench_cuda_graph.csv" | tee -a "$out/bench.txt"
 
 echo "== 3. engine smoke: vanilla vs HeadRouter (GPU worker, HeadRouter backend), same requests"
 if [ "$has_vllm" != yes ]; then

@@ -78,6 +78,20 @@ def timer(fn: Callable[[], object], smoke: bool) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph after a warm-up call on a side stream (which compiles it): its replay. A
+    launcher that syncs with the host or reallocates per call fails to capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def paged_cache(layout: str, batch: int, context: int, dtype: torch.dtype, block_size: int, device: str):
     """A random KV cache in vLLM's paged layout for ``batch`` sequences of ``context`` tokens: the logical
     ``[blocks, Hkv, block_size, 2d]`` tensor, its K and V views ``[blocks, block_size, Hkv, d]`` and a shuffled block
@@ -121,7 +135,7 @@ def time_sdpa_gathered(cache: torch.Tensor, block_table: torch.Tensor, query: to
 
 def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fractions: list[float],
                dtype: torch.dtype, block_size: int, smoke: bool, device: str,
-               variants: list[tuple[int | None, int | None]]) -> list[dict]:
+               variants: list[tuple[int | None, int | None]], cuda_graph: bool = False) -> list[dict]:
     num_heads, num_kv_heads, head_size = LAYOUTS[layout]
     element = torch.tensor([], dtype=dtype).element_size()
     cache, key_cache, value_cache, block_table = paged_cache(layout, batch, context, dtype, block_size, device)
@@ -165,16 +179,23 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
         for fraction in fractions:
             budgets = head_budgets(fraction, span, num_kv_heads)
             kept = budgets.to(torch.int32).to(device).expand(batch, num_kv_heads).contiguous()
-            micros = timer(lambda kept=kept, splits=splits, tile=tile: kernel.head_sparse_paged_attention(
-                query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, span_start, span_slots,
-                kept, out=out, max_query_len=1, max_seq_len=context, num_kv_splits=splits, tile_slots=tile), smoke)
+            def call(kept=kept, splits=splits, tile=tile):
+                return kernel.head_sparse_paged_attention(
+                    query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, span_start, span_slots,
+                    kept, out=out, max_query_len=1, max_seq_len=context, num_kv_splits=splits, tile_slots=tile)
+
+            timed = {impl: timer(call, smoke)}
+            if cuda_graph and (tile_slots, target_programs) == (None, None):
+                # what a decode step would cost with attention inside vLLM's CUDA graph (no Python launch)
+                timed["head_sparse_cuda_graph"] = timer(cuda_graph_replay(call), smoke)
             visible = batch * int((context - span + budgets).sum())  # slots read, summed over KV heads
             read = 2 * visible * head_size * element + io_bytes
-            row = {**base, "impl": impl, "kept_fraction": fraction, "time_us": micros, "bytes_read": read,
-                   "bandwidth_gb_s": read / micros / 1e3}
-            for name, dense_micros in baselines.items():
-                row[f"speedup_vs_{name}"] = dense_micros / micros
-            rows.append(row)
+            for name, micros in timed.items():
+                row = {**base, "impl": name, "kept_fraction": fraction, "time_us": micros, "bytes_read": read,
+                       "bandwidth_gb_s": read / micros / 1e3}
+                for baseline, dense_micros in baselines.items():
+                    row[f"speedup_vs_{baseline}"] = dense_micros / micros
+                rows.append(row)
     return rows
 
 
@@ -226,8 +247,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="kernel variants: programs the decode split aims at (0: the kernel's default)")
     parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[],
                         help="time whole-prompt prefill steps of these lengths (per --batches) instead of decode")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time the default kernel replayed from a CUDA graph (decode; GPU only)")
     parser.add_argument("--smoke", action="store_true", help="tiny run on CPU under the Triton interpreter")
     args = parser.parse_args(argv)
+    if args.cuda_graph and not torch.cuda.is_available():
+        parser.error("--cuda-graph needs a CUDA GPU")
     if args.smoke:
         args.layouts, args.batches, args.contexts, args.dtype = ["tiny"], [2], [160], "float16"
         args.prefill_lengths = [40] if args.prefill_lengths else []
@@ -256,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"skip {layout} batch {batch} context {context}: {memory_gib:.1f} GiB > --max-memory-gib")
                     continue
                 rows += run_config(kernel, vllm_attention, layout, batch, context, args.kept_fractions, dtype,
-                                   args.block_size, args.smoke, device, variants)
+                                   args.block_size, args.smoke, device, variants, args.cuda_graph)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     fields = list(dict.fromkeys(key for row in rows for key in row))

@@ -48,9 +48,12 @@ def torch_kernels() -> SimpleNamespace:
         result = head_sparse_paged_attention(*args)
         return result if out is None else out.copy_(result)
 
+    def probe(*args, max_span_len=None, block_m=None, tile_slots=None, max_rows_per_seq=None, max_row_groups=None):
+        return paged_probe_scores(*args, max_span_len=max_span_len)
+
     return SimpleNamespace(write_kv_cache=lambda *args, tokens=16: write_kv_cache(*args), attention=attention,
-                           paged_probe_scores=lambda *args, block_m=16, **kw: paged_probe_scores(*args, **kw),
-                           compact_kv=lambda *args, tile=32: compact_kv(*args))
+                           paged_probe_scores=probe,
+                           compact_kv=lambda *args, tile=None, max_suffix_len=None: compact_kv(*args))
 
 
 def kernels_for(attention: str) -> SimpleNamespace:

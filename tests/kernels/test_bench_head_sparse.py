@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.kernels.conftest import ON_GPU
 
@@ -46,3 +47,20 @@ def test_refuses_without_gpu_and_runs_smoke_mode(bench, tmp_path) -> None:
     assert [r["impl"] for r in prefill] == ["sdpa_causal", "head_sparse_prefill_tiledefault",
                                              "head_sparse_prefill_tile32"]
     assert all(r["tflop_s"] > 0 for r in prefill)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU refusal and smoke mode")
+def test_route_ops_bench_runs_smoke_mode(tmp_path) -> None:
+    script = SCRIPT.with_name("bench_route_ops.py")
+    spec = importlib.util.spec_from_file_location("bench_route_ops", script)
+    route_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(route_ops)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        route_ops.main(["--out", str(tmp_path / "no.csv")])
+    rows = route_ops.main(["--smoke", "--out", str(tmp_path / "smoke.csv")])
+    assert [r["op"] for r in rows] == ["prefill_attention_sdpa", "probe"] + ["compact_tiledefault"] * 3
+    moved = [r["bytes_moved"] for r in rows[2:]]
+    assert moved == sorted(moved, reverse=True) and all(r["time_us"] > 0 for r in rows)
+    kept = route_ops.kept_slot_lists(torch.tensor([3, 5]), span_start=16, span=10)
+    assert kept.tolist()[0][0][3:] == [-1, -1] and all(16 <= s < 26 for s in kept[kept >= 0].tolist())
+    assert all(row == sorted(row) for row in kept[0, :, :3].tolist())

@@ -60,11 +60,15 @@ def make_inputs(case: Case, dtype: torch.dtype, block_size: int, head_size: int,
     return cache, args
 
 
-def check(case: Case, dtype: torch.dtype, block_size: int, head_size: int, tile: int = 16) -> None:
+def check(case: Case, dtype: torch.dtype, block_size: int, head_size: int, tile: int | None = 16,
+          suffix_given: bool = False) -> None:
     cache, args = make_inputs(case, dtype, block_size, head_size)
     expected = cache.storage.clone()
     reference.compact_kv(*expected.transpose(1, 2).split(head_size, dim=-1), *args)
-    triton.compact_kv(cache.key_cache, cache.value_cache, *args, tile=tile)
+    # as the runner calls it: the longest suffix from the host, no sync
+    suffixes = [t - a - n for t, a, n in zip(case.total_len, case.span_start, case.span_len, strict=True)]
+    suffix = max(suffixes) if suffix_given else None
+    triton.compact_kv(cache.key_cache, cache.value_cache, *args, tile=tile, max_suffix_len=suffix)
     # bit-exact, NaN (never written slots) included
     assert torch.equal(cache.storage.isnan(), expected.isnan())
     assert torch.equal(cache.storage.nan_to_num(0.0), expected.nan_to_num(0.0))
@@ -89,6 +93,11 @@ def test_cases(name: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("tile", [16, 64], ids=lambda t: f"tile{t}")
 def test_layouts(block_size: int, head_size: int, tile: int) -> None:
     check(CASES["overlap_last"], torch.float16, block_size, head_size, tile)
+
+
+@pytest.mark.parametrize("name", ["random", "overlap_last", "keep_none", "span_mid_block_long_suffix"])
+def test_default_tile_and_suffix_given(name: str) -> None:
+    check(CASES[name], torch.bfloat16, block_size=16, head_size=32, tile=None, suffix_given=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -94,22 +94,24 @@ def test_head_sparse_attention_compiles(variant: str, dtype: str) -> None:
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_compact_kv_compiles(dtype: str, arch: int) -> None:
     module = load_compilable("compact_kv")
-    types = {"k_ptr": TYPES[dtype], "v_ptr": TYPES[dtype], "block_table_ptr": "*i32", "span_start_ptr": "*i32",
-             "span_len_ptr": "*i32", "total_len_ptr": "*i32", "kept_slots_ptr": "*i32"}
-    compile_for_gpu(module._compact_kv_kernel, types, dict(BLOCK_SIZE=16, HEAD_SIZE=128, TILE=32),
-                    arch)
+    types = {"k_ptr": TYPES[dtype], "v_ptr": TYPES[dtype], "scratch_ptr": TYPES[dtype], "block_table_ptr": "*i32",
+             "span_start_ptr": "*i32", "span_len_ptr": "*i32", "total_len_ptr": "*i32", "kept_slots_ptr": "*i32"}
+    for gather in (True, False):
+        compile_for_gpu(module._compact_kv_kernel, types, dict(NUM_KV_HEADS=4, BLOCK_SIZE=16, HEAD_SIZE=128,
+                                                               TILE=module.GPU_TILE, GATHER=gather), arch)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("group", [1, 7], ids=lambda g: f"group{g}")
-def test_probe_scores_compiles(dtype: str, group: int) -> None:
+@pytest.mark.parametrize(("block_m", "tile_blocks"), [(16, 1), (64, 4)], ids=["rows16_tile1", "rows64_tile4"])
+def test_probe_scores_compiles(dtype: str, group: int, block_m: int, tile_blocks: int) -> None:
     module = load_compilable("probe_scores")
     types = {"q_ptr": TYPES[dtype], "k_ptr": TYPES[dtype], "out_ptr": "*fp32", "cu_rows_ptr": "*i32",
              "row_positions_ptr": "*i32", "block_table_ptr": "*i32", "span_start_ptr": "*i32",
              "span_len_ptr": "*i32", "scale": "fp32"}
     compile_for_gpu(module._probe_scores_kernel, types, dict(
-        QUERIES_PER_KV=group, QUERIES_PER_KV_PADDED=triton.next_power_of_2(group), BLOCK_M=16, BLOCK_SIZE=16,
-        HEAD_SIZE=128, DOT_PRECISION="tf32"))
+        QUERIES_PER_KV=group, QUERIES_PER_KV_PADDED=triton.next_power_of_2(group), BLOCK_M=block_m, BLOCK_SIZE=16,
+        TILE_BLOCKS=tile_blocks, HEAD_SIZE=128, DOT_PRECISION="tf32"))
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

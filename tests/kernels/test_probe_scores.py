@@ -52,10 +52,10 @@ def make_inputs(case: Case, dtype: torch.dtype, block_size: int, head_size: int)
             torch.tensor(case.span_start, **as_int), torch.tensor(case.span_len, **as_int), head_size ** -0.5)
 
 
-def check(case: Case, dtype: torch.dtype, block_size: int, head_size: int) -> None:
+def check(case: Case, dtype: torch.dtype, block_size: int, head_size: int, **launch) -> None:
     args = make_inputs(case, dtype, block_size, head_size)
     expected = reference.paged_probe_scores(*args)
-    out = triton.paged_probe_scores(*args)
+    out = triton.paged_probe_scores(*args, **launch)
     assert out.shape == expected.shape == (len(case.positions), case.num_heads, max(case.span_len))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=TOLERANCES[dtype], rtol=TOLERANCES[dtype])
@@ -71,6 +71,26 @@ def test_cases(name: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("block_size", [16, 32], ids=lambda b: f"bs{b}")
 def test_layouts(block_size: int, head_size: int) -> None:
     check(CASES["two_sequences"], torch.float16, block_size, head_size)
+
+
+# (rows per chunk, keys per iteration, parallel row groups): the GPU defaults, one group looping over its chunks,
+# groups that each loop over several chunks, key tiles of several blocks (edges past the table masked)
+LAUNCHES = {
+    "rows16_tile1block_groups64": dict(block_m=16, tile_slots=16, max_row_groups=64),
+    "rows64_tile4blocks": dict(block_m=64, tile_slots=64),
+    "rows16_one_group": dict(block_m=16, tile_slots=16, max_row_groups=1),
+    "rows16_tile2blocks_two_groups": dict(block_m=16, tile_slots=32, max_row_groups=2),
+    "rows32_tile8blocks_rows_given": dict(block_m=32, tile_slots=128, rows_given=True),
+}
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+@pytest.mark.parametrize("name", ["many_rows", "two_sequences", "gqa_group_of_7", "sequence_without_rows"])
+def test_launch_variants(name: str, launch: str) -> None:
+    case, options = CASES[name], dict(LAUNCHES[launch])
+    if options.pop("rows_given", False):  # as the runner calls it: no host sync for the grid
+        options["max_rows_per_seq"] = max(len(rows) for rows in case.positions)
+    check(case, torch.bfloat16, block_size=16, head_size=32, **options)
 
 
 def test_paged_reference_matches_dense_probe_scores() -> None:
