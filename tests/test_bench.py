@@ -54,3 +54,25 @@ def test_bench_runs_an_omni_long_audio_workload(tmp_path, capsys):
     vanilla, pruned = summary["runs"]
     assert pruned["audio_tokens_mean"] == 2250 and pruned["audio_kept_mean"] == 675
     assert "tiny-qwen2.5-omni" in summary["model"]
+
+
+def test_step_profile_counts_only_steps_that_ran():
+    """The mean of requests past their prompt is over the time of the steps that scheduled something: a step that
+    ran nothing counts in neither its numerator nor its time base."""
+    from types import SimpleNamespace
+
+    from headrouter_vllm.benchmarks.serving.run import StepProfile
+
+    def scheduled(rows: int, tokens: int, encoder: bool = False):
+        return SimpleNamespace(num_scheduled_tokens=dict.fromkeys(range(rows), 1), total_num_scheduled_tokens=tokens,
+                               scheduled_encoder_inputs={0: [0]} if encoder else {})
+
+    profile = StepProfile()
+    profile.add_step(1.0, scheduled(2, 200, encoder=True), decoding=0)
+    profile.add_step(0.5, scheduled(3, 3), decoding=3)
+    profile.add_step(0.2, None, decoding=3)
+    profile.add_step(0.3, scheduled(0, 0), decoding=3)
+    profile.add_step(0.5, scheduled(3, 3), decoding=1)
+    assert (profile.prefill_steps, profile.decode_steps, profile.decode_rows) == (1, 2, 6)
+    assert profile.decoding_max == 3 and abs(profile.decoding_mean - (3 * 0.5 + 1 * 0.5) / 2.0) < 1e-12
+    assert StepProfile().decoding_mean == 0.0

@@ -58,10 +58,14 @@ class StepProfile:
     decoding_max: int = 0  # the most requests past their prompt (holding their whole KV) after any step
     decoding_time: float = 0.0  # sum over steps of (requests past their prompt) x (step seconds)
 
-    def add_step(self, seconds: float, scheduled) -> None:
+    def add_step(self, seconds: float, scheduled, decoding: int) -> None:
+        """One engine step: its seconds, vLLM's scheduler output (None or empty: nothing ran, and the step counts
+        nowhere, so the mean below has the same time base as its numerator) and the requests past their prompt."""
         rows = 0 if scheduled is None else len(scheduled.num_scheduled_tokens)
         if not rows:
             return
+        self.decoding_max = max(self.decoding_max, decoding)
+        self.decoding_time += decoding * seconds
         if scheduled.scheduled_encoder_inputs or scheduled.total_num_scheduled_tokens > rows:
             self.prefill_s += seconds
             self.prefill_steps += 1
@@ -69,6 +73,12 @@ class StepProfile:
             self.decode_s += seconds
             self.decode_steps += 1
             self.decode_rows += rows
+
+    @property
+    def decoding_mean(self) -> float:
+        """Requests past their prompt, averaged over the time of the steps that ran."""
+        busy = self.prefill_s + self.decode_s
+        return self.decoding_time / busy if busy else 0.0
 
 
 @dataclasses.dataclass
@@ -157,13 +167,11 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
         last_scheduled[0], t_step = None, time.perf_counter()
         outputs = engine.step()
         t = time.perf_counter()
-        profile.add_step(t - t_step, last_scheduled[0])
         max_running = max(max_running, len(scheduler.running))
         # vLLM's running list also holds requests part-way through a chunked prompt; the requests past their
         # prompt are the ones whose whole KV the pool holds
         decoding = sum(1 for request in scheduler.running if request.num_output_tokens)
-        profile.decoding_max = max(profile.decoding_max, decoding)
-        profile.decoding_time += decoding * (t - t_step)
+        profile.add_step(t - t_step, last_scheduled[0], decoding)
         for rid, blocks in block_manager.req_to_blocks.items():
             key = rid.split("-")[0]
             if key in results:
