@@ -230,6 +230,15 @@ def run_prefill_config(kernel, layout: str, batch: int, length: int, dtype: torc
     return rows
 
 
+def write_csv(rows: list[dict], path: str) -> None:
+    """Rows with differing keys (baselines, variants) in one CSV: the union of the keys, in first-seen order."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_head_sparse.csv", help="CSV file to write")
@@ -284,11 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                    args.block_size, args.smoke, device, variants, args.cuda_graph)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
     for row in rows:
         ratios = " ".join(f"{k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
         rate = f"{row['tflop_s']:8.1f} TFLOP/s" if "tflop_s" in row else f"{row['bandwidth_gb_s']:8.1f} GB/s"

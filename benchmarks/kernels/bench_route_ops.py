@@ -21,7 +21,6 @@ CPU smoke:  python benchmarks/kernels/bench_route_ops.py --smoke --out smoke.csv
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import importlib.util
 import sys
@@ -149,11 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seconds in args.clip_seconds:
             rows += run_config(compact, probe, layout, seconds, args.kept_fractions, tiles, probe_variants, dtype,
                                args.block_size, args.question_tokens, args.smoke, device)
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    bench.write_csv(rows, args.out)
     for row in rows:
         rate = f"{row['bandwidth_gb_s']:8.1f} GB/s" if "bandwidth_gb_s" in row else " " * 13
         total = f"per request {row['per_request_us']:9.1f} us" if "per_request_us" in row else ""
