@@ -39,19 +39,23 @@ def head_budgets(kept_fraction: float, span: int, num_kv_heads: int) -> torch.Te
     return (kept_fraction * span * spread).round().clamp(0, span).long()
 
 
-def load_kernel(smoke: bool):
-    module = "headrouter_vllm.kernels.head_sparse_paged_attention.triton"
+def load_kernels(smoke: bool, script: str, *modules: str) -> list:
+    """The Triton kernel modules: compiled on a GPU; under the interpreter in smoke mode; else the script refuses."""
     if torch.cuda.is_available():
         import importlib
 
-        return importlib.import_module(module)
+        return [importlib.import_module(module) for module in modules]
     if not smoke:
-        raise SystemExit("bench_head_sparse.py needs a CUDA GPU: the numbers are GPU timings. On a CPU-only machine "
-                         "run it with --smoke (a tiny configuration under the Triton interpreter: checks the "
-                         "harness, measures nothing meaningful).")
+        raise SystemExit(f"{script} needs a CUDA GPU: the numbers are GPU timings. On a CPU-only machine run it with "
+                         "--smoke (a tiny configuration under the Triton interpreter: checks the harness, measures "
+                         "nothing meaningful).")
     from headrouter_vllm.kernels.interpreter import import_interpreted
 
-    return import_interpreted(module)[0]
+    return import_interpreted(*modules)
+
+
+def load_kernel(smoke: bool):
+    return load_kernels(smoke, "bench_head_sparse.py", "headrouter_vllm.kernels.head_sparse_paged_attention.triton")[0]
 
 
 def load_vllm_attention() -> Callable | None:

@@ -21,7 +21,6 @@ CPU smoke:  python benchmarks/kernels/bench_route_ops.py --smoke --out smoke.csv
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -38,15 +37,7 @@ MODULES = ("headrouter_vllm.kernels.compact_kv.triton", "headrouter_vllm.kernels
 
 
 def load_kernels(smoke: bool):
-    if torch.cuda.is_available():
-        return [importlib.import_module(m) for m in MODULES]
-    if not smoke:
-        raise SystemExit("bench_route_ops.py needs a CUDA GPU: the numbers are GPU timings. On a CPU-only machine run "
-                         "it with --smoke (a tiny configuration under the Triton interpreter: checks the harness, "
-                         "measures nothing meaningful).")
-    from headrouter_vllm.kernels.interpreter import import_interpreted
-
-    return import_interpreted(*MODULES)
+    return bench.load_kernels(smoke, "bench_route_ops.py", *MODULES)
 
 
 def kept_slot_lists(budgets: torch.Tensor, span_start: int, span: int, seed: int = 0) -> torch.Tensor:

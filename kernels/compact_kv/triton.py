@@ -6,7 +6,7 @@ kept slot (-1 padding: no move), after that the suffix slot ``span_start + span_
 destinations overlap, so the first launch gathers every moved slot into a scratch buffer and the second scatters
 them to their destinations: the launch boundary orders every read before every write, and each launch runs one
 program per (sequence, KV head, tile of moves), all in parallel. (The first version walked each head's moves in
-order in one program, in place: on an H200 that was latency-bound, 50-970 GB/s, ``benchmarks/results/nvidia-h200/
+order in one program, in place: on an H200 that was latency-bound, 50-610 GB/s, ``benchmarks/results/nvidia-h200/
 route-ops``.) Moves whose source is their destination (a kept slot already in place) are skipped.
 """
 
