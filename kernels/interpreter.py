@@ -41,11 +41,20 @@ def _install_interpreter_patches() -> None:
     running: list = []  # scope of the kernel being interpreted
 
     class KernelScope(interpreter._LangPatchScope):
+        patched: set[int]  # ids of the language modules patched in this kernel's scope
+
         def restore(self) -> None:
             super().restore()
             running.remove(self)
 
+    def languages(fn) -> set[int]:  # the modules Triton's ``_patch_lang(fn)`` patches
+        return {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
+
     def patch_lang(fn):
+        if running and languages(fn) <= running[-1].patched:
+            # a device-function call whose language modules this kernel already patched: patching again changes
+            # nothing (patched members are no longer builtins) and took a third of an interpreted engine's time
+            return interpreter._LangPatchScope()
         scope = original_patch_lang(fn)
         if library_compiled:
             for module in (tl, tl.standard, tl.math, tl.core):
@@ -55,9 +64,11 @@ def _install_interpreter_patches() -> None:
                         scope.set_attr(module, name, copy)
         if running:  # a device-function call inside a kernel: undo with the kernel's swaps
             running[-1]._changes.extend(scope._changes)
+            running[-1].patched |= languages(fn)
             return scope
         kernel_scope = KernelScope()
         kernel_scope._changes = scope._changes
+        kernel_scope.patched = languages(fn)
         running.append(kernel_scope)
         return kernel_scope
 

@@ -1,5 +1,6 @@
 """Shared fixtures: scratch folders for vLLM, a locally built tiny model, espeak-ng speech, and engines
-shared per test module (an in-process engine starts in about 3 s once warm, a server in 30-45 s)."""
+shared per test module or session (an in-process engine starts in about 3 s once warm, a server in about a minute on
+two cores)."""
 
 from __future__ import annotations
 
@@ -67,21 +68,24 @@ def speech() -> dict:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
-    """A HeadRouter server (retention 1.0 by default) on the tiny model, one per test module, stopped by pid."""
+    """A HeadRouter server (retention 1.0 by default) on the tiny model, shared by the session (a start costs about
+    a minute on two cores), stopped by pid. Tests read its counters and log lines as differences. The restart test
+    stops it and starts it again on the same port (``proc`` is then the new server)."""
     import openai
 
     from tests.test_http import free_port, start_server, stop_server
 
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = start_server(tiny_model, log_path, port)
-    base = f"http://127.0.0.1:{port}"
+    state = dict(base=f"http://127.0.0.1:{port}", port=port, log=log_path, model=tiny_model,
+                 proc=start_server(tiny_model, log_path, port))
+    state["client"] = openai.OpenAI(base_url=state["base"] + "/v1", api_key="none")
     try:
-        yield dict(base=base, log=log_path, client=openai.OpenAI(base_url=base + "/v1", api_key="none"))
+        yield state
     finally:
-        stop_server(proc)
+        stop_server(state["proc"])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -320,14 +320,17 @@ def test_vllm_bench_serve_client_drives_the_server(server, tiny_model, tmp_path)
     assert len(routed_log_lines(server)) - before == 4
 
 
-def test_restart_mid_load_loses_no_request_silently(tiny_model, speech, tmp_path):
+def test_restart_mid_load_loses_no_request_silently(server, speech):
     """Stop the server while 48 requests are in flight, start it again: every request either got a complete
     answer or an error its client can see (connection error, 5xx, a stream without its end); retried on the
-    restarted server, all of those succeed."""
+    restarted server, all of those succeed. The restarted server's HeadRouter counters start at 0. (The session's
+    shared server is the one stopped; the restarted one takes its place for the tests after this one.)"""
     import asyncio
     import json as jsonlib
 
-    port, log_path = free_port(), tmp_path / "server.log"
+    from tests.test_metrics import COUNTERS, scrape
+
+    port = server["port"]
     data = base64.b64encode(to_wav_bytes(speech["long"], subtype="FLOAT")).decode()
 
     def body(i: int) -> dict:
@@ -374,18 +377,17 @@ def test_restart_mid_load_loses_no_request_silently(tiny_model, speech, tmp_path
                 await asyncio.to_thread(stop_server, stop_server_after_first_answer)
             return await asyncio.gather(*tasks)
 
-    proc = start_server(tiny_model, log_path, port)
     try:
-        first = asyncio.run(load(range(48), stop_server_after_first_answer=proc))
+        first = asyncio.run(load(range(48), stop_server_after_first_answer=server["proc"]))
     finally:
-        stop_server(proc)
+        stop_server(server["proc"])
     failed = [i for i, outcome in enumerate(first) if outcome == "error"]
     assert failed, "the stop was meant to land mid-load"
-    proc = start_server(tiny_model, log_path, port)
-    try:
-        retried = asyncio.run(load(failed))
-    finally:
-        stop_server(proc)
+    server["proc"] = start_server(server["model"], server["log"], port)  # the session fixture stops it
+    start = scrape(server)
+    for name in COUNTERS:  # registered at startup: 0 before any request
+        assert start[(name, ())] == 0, name
+    retried = asyncio.run(load(failed))
     assert retried == ["ok"] * len(failed)
 
 
