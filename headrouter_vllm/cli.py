@@ -19,7 +19,8 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS
 
     section = {"retention": args.retention, "semantics": args.semantics, "default_task": args.default_task}
-    for key in ("probe_layer", "profiles", "policy", "mode", "attention", "per_head_cap", "probe_point"):
+    for key in ("probe_layer", "profiles", "policy", "mode", "attention", "per_head_cap", "probe_point",
+                "admission_headroom"):
         if getattr(args, key) is not None:
             section[key] = getattr(args, key)
     HeadRouterConfig.from_dict(section)  # fail here, before a 30 s server start
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="per_head: a KV head keeps at most this multiple of the mean budget (default 1.5)")
     serve.add_argument("--attention", choices=ATTENTION, default=None,
                        help="platform, triton or torch (default auto: see README, engine settings)")
+    serve.add_argument("--admission-headroom", type=int, default=None, metavar="TOKENS",
+                       help="growth-aware admission: admit a request only if every running one can still grow this "
+                            "many tokens (default 0: off, vLLM's rule)")
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
 
     demo = sub.add_parser("demo", help="ask one clip every listening-suite question at several retentions "

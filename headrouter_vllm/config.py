@@ -69,6 +69,10 @@ class HeadRouterConfig:
             plain-torch references (the same semantics; the CPU path for ``per_head``). ``auto``:
             ``$HEADROUTER_ATTENTION`` if set, else ``platform`` on CPU; ``triton`` on a GPU (``platform`` is refused
             there).
+        admission_headroom: growth-aware admission, in tokens (0: off, vLLM's rule). A waiting request is
+            admitted only if, once its whole prompt is allocated, the KV pool still holds the blocks every running
+            request needs to grow this many tokens more (or to its end). Fewer preemptions, at some concurrency;
+            it applies to every request of the engine, routed or not.
     """
 
     retention: float = 0.7
@@ -83,6 +87,7 @@ class HeadRouterConfig:
     seed: int = 0
     record_probes: bool = False
     attention: Literal["auto", "platform", "triton", "torch"] = "auto"
+    admission_headroom: int = 0
 
     def __post_init__(self) -> None:
         check_retention(self.retention, "retention")
@@ -117,6 +122,10 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.record_probes must be true or false, got {self.record_probes!r}")
         if self.attention not in ATTENTION:
             raise ConfigError(f"headrouter.attention must be one of {ATTENTION}, got {self.attention!r}")
+        if (isinstance(self.admission_headroom, bool) or not isinstance(self.admission_headroom, int)
+                or self.admission_headroom < 0):
+            raise ConfigError(f"headrouter.admission_headroom must be a non-negative integer (tokens), got "
+                              f"{self.admission_headroom!r}")
         if self.mode == "per_head" and self.semantics != "after_prompt":
             raise ConfigError("headrouter.mode 'per_head' supports semantics 'after_prompt' only")
         if self.mode == "per_head" and self.attention == "platform":

@@ -107,6 +107,8 @@ class HeadRouterScheduler(Scheduler):
           of the audio it does not keep, so they must all be in it).
         """
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        if request.status != RequestStatus.RUNNING and not self._room_to_grow(request):
+            return 0  # not admitted this step (vLLM stops admitting at the first request that does not fit)
         plan = self.hr_plans.get(request.request_id)
         if plan is None or request.request_id in self.hr_removed:
             return num_new_tokens
@@ -116,6 +118,33 @@ class HeadRouterScheduler(Scheduler):
         elif plan.one_step_start is not None and plan.one_step_start < end < plan.num_prompt_tokens:
             num_new_tokens = max(0, plan.one_step_start - num_computed_tokens)
         return num_new_tokens
+
+    def _room_to_grow(self, request: Request) -> bool:
+        """Growth-aware admission (``headrouter.admission_headroom`` tokens; 0: vLLM's rule, admit what fits).
+
+        A waiting request is admitted only if the pool holds its whole prompt and still has the blocks every
+        running request needs to grow by ``admission_headroom`` more tokens (or to its end, if nearer), the new
+        one included. A routed request counts at its length after compaction (the blocks a compaction is about
+        to free count as free). vLLM admits on the prompt alone; then the decoders' growth finds the pool full and
+        preempts, and a preempted request prefills again. Pruning makes that likelier: more, shorter requests share
+        the pool, and together they take more new blocks per step. With nothing running, a request is always
+        admitted."""
+        headroom = self.hr_config.admission_headroom
+        if headroom <= 0 or not self.running:
+            return True
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        reserve = sum(self._blocks_to_grow(r, headroom) - len(manager.req_to_blocks.get(r.request_id, ()))
+                      for r in self.running)
+        needed = max(cdiv(request.num_tokens, manager.block_size), self._blocks_to_grow(request, headroom))
+        return self.kv_cache_manager.block_pool.get_num_free_blocks() - needed >= reserve
+
+    def _blocks_to_grow(self, request: Request, headroom: int) -> int:
+        """Blocks ``request`` holds once it has its tokens so far (the prompt, from the step that admits it), less
+        what its route removes, and ``headroom`` more (or up to its end)."""
+        plan = self.hr_plans.get(request.request_id)
+        tokens = (request.num_tokens - (0 if plan is None else plan.removed)
+                  + min(headroom, request.max_tokens - request.num_output_tokens))
+        return cdiv(tokens, self.kv_cache_manager.coordinator.single_type_managers[0].block_size)
 
     # ---- shortening -----------------------------------------------------------------------------
     def _update_after_schedule(self, scheduler_output) -> None:

@@ -43,6 +43,9 @@ def test_defaults():
     ({"policy": "region"}, "per-request policy"),
     ({"seed": "1"}, "seed must be an integer"),
     ({"attention": "flash"}, "attention must be one of"),
+    ({"admission_headroom": -1}, "admission_headroom must be a non-negative integer"),
+    ({"admission_headroom": 1.5}, "admission_headroom must be a non-negative integer"),
+    ({"admission_headroom": True}, "admission_headroom must be a non-negative integer"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_settings_are_clear_errors(values, message):
     with pytest.raises(ConfigError, match=None) as info:
@@ -222,10 +225,11 @@ def test_serve_passes_mode_and_attention(capsys):
     from headrouter_vllm.cli import main
 
     assert main(["serve", "/models/m", "--mode", "per_head", "--attention", "torch", "--per-head-cap", "2",
-                 "--print-command"]) == 0
+                 "--admission-headroom", "64", "--print-command"]) == 0
     cmd = shlex.split(capsys.readouterr().out)
     section = json.loads(cmd[cmd.index("--additional-config") + 1])["headrouter"]
     assert (section["mode"], section["attention"], section["per_head_cap"]) == ("per_head", "torch", 2.0)
+    assert section["admission_headroom"] == 64
 
 
 def test_serve_rejects_bad_settings_before_starting(capsys):

@@ -161,7 +161,8 @@ QWEN2_AUDIO_ONLY_MODES = {"after_prompt_poisoned", "after_prompt_compiled", "in_
                           "first_token", "tensor_parallel"}
 QWEN2_AUDIO_ONLY_CASES = {f"long_r0.5_{policy}" for policy in ("fastv", "random", "uniform", "oracle")}
 QWEN2_AUDIO_ONLY_TESTS = {"test_tensor_parallel_routes_equal_hf_reference",
-                          "test_first_token_engine_runs_unrouted_requests_as_vanilla"}
+                          "test_first_token_engine_runs_unrouted_requests_as_vanilla",
+                          "test_growth_aware_admission_avoids_the_preemptions"}
 
 
 def collect_only_if(item) -> bool:
@@ -425,12 +426,10 @@ def test_offline_api_rejects_bad_options(model_dir, prompts, speech):
     gc.collect()
 
 
-@pytest.mark.parametrize("options", [{}, {"semantics": "in_prompt"}, {"probe_point": "first_token"}],
-                         ids=["after_prompt", "in_prompt", "first_token"])
-def test_preemption_by_recompute_reproduces_routes_and_outputs(model_dir, prompts, speech, options):
-    """A KV pool too small for the batch forces recompute preemptions; preempted routed requests are re-prefilled,
-    re-probed and compacted at the prompt's end before their generated tokens are recomputed, so every request
-    gives exactly the tokens it gives alone, and no block leaks."""
+def run_in_a_small_pool(model_dir, prompts, speech, options: dict) -> dict:
+    """Five routed and unrouted requests of 120 tokens, each alone and then together, in a 16-block KV pool (too
+    small for the five at once): the tokens of both, the requests preempted together, and whether every block
+    came back."""
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
@@ -453,14 +452,36 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(model_dir, prompt
     inputs = [{"prompt": prompts[c], "multi_modal_data": {"audio": (speech[c], 16000)}} for c, _ in clips]
     params = [SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True, extra_args=route_args(retention=r))
               for _, r in clips]
-    alone = [llm.generate(i, p, use_tqdm=False)[0].outputs[0].token_ids for i, p in zip(inputs, params, strict=True)]
+    alone = [list(llm.generate(i, p, use_tqdm=False)[0].outputs[0].token_ids)
+             for i, p in zip(inputs, params, strict=True)]
     assert not preempted
-    together = [o.outputs[0].token_ids for o in llm.generate(inputs, params, use_tqdm=False)]
-    assert preempted, "the pool was meant to force preemptions"
-    assert [list(t) for t in together] == [list(t) for t in alone]
-    assert inprocess.num_free_blocks(llm) == free
+    together = [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
+    result = dict(alone=alone, together=together, preempted=preempted,
+                  blocks_back=inprocess.num_free_blocks(llm) == free)
     del scheduler, llm
     gc.collect()
+    return result
+
+
+@pytest.mark.parametrize("options", [{}, {"semantics": "in_prompt"}, {"probe_point": "first_token"}],
+                         ids=["after_prompt", "in_prompt", "first_token"])
+def test_preemption_by_recompute_reproduces_routes_and_outputs(model_dir, prompts, speech, options):
+    """A KV pool too small for the batch forces recompute preemptions; preempted routed requests are re-prefilled,
+    re-probed and compacted at the prompt's end before their generated tokens are recomputed, so every request
+    gives exactly the tokens it gives alone, and no block leaks."""
+    run = run_in_a_small_pool(model_dir, prompts, speech, options)
+    assert run["preempted"], "the pool was meant to force preemptions"
+    assert run["together"] == run["alone"]
+    assert run["blocks_back"]
+
+
+def test_growth_aware_admission_avoids_the_preemptions(model_dir, prompts, speech):
+    """With ``admission_headroom`` as long as the answers, a request waits until the running ones can finish in
+    what is left of the pool: the same batch runs without a preemption, with the same tokens."""
+    run = run_in_a_small_pool(model_dir, prompts, speech, {"admission_headroom": 120})
+    assert not run["preempted"]
+    assert run["together"] == run["alone"]
+    assert run["blocks_back"]
 
 
 @pytest.mark.parametrize("abort_after_steps", [0, 1, 2, 3])

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="tokens per engine step (long prompts prefill in chunks of this; default: vLLM's)")
+    parser.add_argument("--admission-headroom", type=int, default=0, metavar="TOKENS",
+                        help="HeadRouter runs: growth-aware admission (headrouter.admission_headroom; default 0, "
+                             "vLLM's rule, as in the vanilla run, which always keeps vLLM's rule)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-warmup-pass", dest="warmup_pass", action="store_false",
                         help="skip the unmeasured vanilla pass over the workload that runs first (without it, the "
@@ -96,7 +99,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             for retention, semantics in configs:
                 progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g} {semantics}")
                 runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress,
-                                       semantics or "after_prompt"))
+                                       semantics or "after_prompt", args.admission_headroom))
     audio = {}
     for run in runs:
         for r in run.requests:
@@ -110,7 +113,8 @@ def main(args: argparse.Namespace) -> list[dict]:
             "workload": {k: getattr(args, k) for k in ("num_requests", "clip_seconds", "output_tokens",
                                                        "request_rate", "kv_blocks", "block_size", "seed",
                                                        "policy", "load_format", "dtype", "semantics",
-                                                       "max_num_batched_tokens", "warmup_pass")},
+                                                       "max_num_batched_tokens", "warmup_pass",
+                                                       "admission_headroom")},
             "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)
     print(report.table(rows))

@@ -98,7 +98,8 @@ class RunResult:
 
 
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
-               policy: str | None = None, progress=None, semantics: str = "after_prompt") -> RunResult:
+               policy: str | None = None, progress=None, semantics: str = "after_prompt",
+               admission_headroom: int = 0) -> RunResult:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
@@ -109,7 +110,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     adapter = adapter_for_model_dir(model)
     extra = {}
     if retention is not None:
-        extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy, "semantics": semantics}}
+        extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy, "semantics": semantics,
+                                                     "admission_headroom": admission_headroom}}
     llm = LLM(model=model, seed=0, enable_prefix_caching=False, limit_mm_per_prompt=adapter.mm_limits(),
               **engine_kwargs, **extra)
     engine = llm.llm_engine
