@@ -11,7 +11,7 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
 
     args = ["bench", "--model", tiny_model, "--num-requests", "6", "--clip-seconds", "10", "20",
             "--output-tokens", "4", "6", "--retentions", "0.5", "--kv-blocks", "64", "--out", str(tmp_path),
-            "--name", "t", "--export-workload", str(tmp_path / "workload")]
+            "--name", "t", "--export-workload", str(tmp_path / "workload"), "--admission-headroom", "8"]
     assert main(args) == 0
     (run_dir,) = [p for p in tmp_path.glob("*/t")]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -30,6 +30,8 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
         parts = run["input_s"] + run["prefill_s"] + run["decode_s"] + run["other_s"]
         assert abs(parts - run["duration_s"]) < 1e-6 and run["decode_step_ms"] > 0
     assert summary["workload"]["warmup_pass"] is True
+    # growth-aware admission with headroom for every answer (at most 6 tokens): the HeadRouter run never preempts
+    assert summary["workload"]["admission_headroom"] == 8 and pruned["preemptions"] == 0
     assert (run_dir / "plots.png").stat().st_size > 10_000
     lines = (tmp_path / "workload" / "workload.jsonl").read_text().splitlines()
     assert len(lines) == 6 and {"prompt", "audio", "output_tokens"} <= set(json.loads(lines[0]))
