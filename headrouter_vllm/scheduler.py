@@ -124,27 +124,31 @@ class HeadRouterScheduler(Scheduler):
 
         A waiting request is admitted only if the pool holds its whole prompt and still has the blocks every
         running request needs to grow by ``admission_headroom`` more tokens (or to its end, if nearer), the new
-        one included. A routed request counts at its length after compaction (the blocks a compaction is about
-        to free count as free). vLLM admits on the prompt alone; then the decoders' growth finds the pool full and
-        preempts, and a preempted request prefills again. Pruning makes that likelier: more, shorter requests share
-        the pool, and together they take more new blocks per step. With nothing running, a request is always
-        admitted."""
+        one included. A routed request counts at its length after compaction, but at its whole prompt until then
+        (when that is more); blocks a compaction has yet to give back count as free. vLLM admits on the prompt
+        alone; then the decoders' growth finds the pool full and preempts, and a preempted request prefills again.
+        Pruning makes that likelier: more, shorter requests share the pool, and together they take more new blocks
+        per step. With nothing running, a request is always admitted."""
         headroom = self.hr_config.admission_headroom
         if headroom <= 0 or not self.running:
             return True
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         reserve = sum(self._blocks_to_grow(r, headroom) - len(manager.req_to_blocks.get(r.request_id, ()))
                       for r in self.running)
-        needed = max(cdiv(request.num_tokens, manager.block_size), self._blocks_to_grow(request, headroom))
+        needed = self._blocks_to_grow(request, headroom)
         return self.kv_cache_manager.block_pool.get_num_free_blocks() - needed >= reserve
 
     def _blocks_to_grow(self, request: Request, headroom: int) -> int:
-        """Blocks ``request`` holds once it has its tokens so far (the prompt, from the step that admits it), less
-        what its route removes, and ``headroom`` more (or up to its end)."""
+        """The most blocks ``request`` holds from now until it has grown ``headroom`` tokens (or reached its end):
+        its tokens so far (the whole prompt, from the step that admits it) less what its route removes, plus the
+        growth; a routed request not compacted yet first holds its whole prompt."""
+        block_size = self.kv_cache_manager.coordinator.single_type_managers[0].block_size
         plan = self.hr_plans.get(request.request_id)
-        tokens = (request.num_tokens - (0 if plan is None else plan.removed)
-                  + min(headroom, request.max_tokens - request.num_output_tokens))
-        return cdiv(tokens, self.kv_cache_manager.coordinator.single_type_managers[0].block_size)
+        grown = cdiv(request.num_tokens - (0 if plan is None else plan.removed)
+                     + min(headroom, request.max_tokens - request.num_output_tokens), block_size)
+        if plan is not None and request.request_id not in self.hr_removed:
+            return max(cdiv(request.num_tokens, block_size), grown)
+        return grown
 
     # ---- shortening -----------------------------------------------------------------------------
     def _update_after_schedule(self, scheduler_output) -> None:

@@ -426,7 +426,7 @@ def test_offline_api_rejects_bad_options(model_dir, prompts, speech):
     gc.collect()
 
 
-def run_in_a_small_pool(model_dir, prompts, speech, options: dict) -> dict:
+def run_in_a_small_pool(model_dir, prompts, speech, options: dict, **engine_kwargs) -> dict:
     """Five routed and unrouted requests of 120 tokens, each alone and then together, in a 16-block KV pool (too
     small for the five at once): the tokens of both, the requests preempted together, and whether every block
     came back."""
@@ -437,7 +437,7 @@ def run_in_a_small_pool(model_dir, prompts, speech, options: dict) -> dict:
 
     llm = LLM(model=model_dir, dtype="float32", max_model_len=448, block_size=BLOCK, enforce_eager=True, seed=0,
               num_gpu_blocks_override=16, max_num_seqs=8, limit_mm_per_prompt=LIMIT_MM,
-              additional_config={"headrouter": {"retention": 1.0, "probe_layer": 1, **options}})
+              additional_config={"headrouter": {"retention": 1.0, "probe_layer": 1, **options}}, **engine_kwargs)
     scheduler = inprocess.scheduler(llm)
     preempted = []
     original = scheduler._preempt_request
@@ -475,10 +475,13 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(model_dir, prompt
     assert run["blocks_back"]
 
 
-def test_growth_aware_admission_avoids_the_preemptions(model_dir, prompts, speech):
+@pytest.mark.parametrize("engine_kwargs", [{}, dict(enable_chunked_prefill=True, max_num_batched_tokens=64)],
+                         ids=["whole_prompts", "chunked"])
+def test_growth_aware_admission_avoids_the_preemptions(model_dir, prompts, speech, engine_kwargs):
     """With ``admission_headroom`` as long as the answers, a request waits until the running ones can finish in
-    what is left of the pool: the same batch runs without a preemption, with the same tokens."""
-    run = run_in_a_small_pool(model_dir, prompts, speech, {"admission_headroom": 120})
+    what is left of the pool: the same batch runs without a preemption, with the same tokens. Also with 64-token
+    steps, where prompts are admitted part-way and grow chunk by chunk before their compaction."""
+    run = run_in_a_small_pool(model_dir, prompts, speech, {"admission_headroom": 120}, **engine_kwargs)
     assert not run["preempted"]
     assert run["together"] == run["alone"]
     assert run["blocks_back"]
