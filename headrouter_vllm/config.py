@@ -70,9 +70,9 @@ class HeadRouterConfig:
             ``$HEADROUTER_ATTENTION`` if set, else ``platform`` on CPU; ``triton`` on a GPU (``platform`` is refused
             there).
         admission_headroom: growth-aware admission, in tokens (0: off, vLLM's rule). A waiting request is
-            admitted only if, once its whole prompt is allocated, the KV pool still holds the blocks every running
-            request needs to grow this many tokens more (or to its end). Fewer preemptions, at some concurrency;
-            it applies to every request of the engine, routed or not.
+            admitted only if the KV pool holds its whole prompt and the blocks every running request, and it, need
+            to grow this many tokens more (or to their end; routed requests at their length after compaction).
+            Fewer preemptions, at some concurrency; it applies to every request of the engine, routed or not.
     """
 
     retention: float = 0.7

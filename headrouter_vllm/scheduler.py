@@ -132,17 +132,16 @@ class HeadRouterScheduler(Scheduler):
         headroom = self.hr_config.admission_headroom
         if headroom <= 0 or not self.running:
             return True
-        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
-        reserve = sum(self._blocks_to_grow(r, headroom) - len(manager.req_to_blocks.get(r.request_id, ()))
+        block_size = self.kv_cache_manager.coordinator.single_type_managers[0].block_size
+        reserve = sum(self._blocks_to_grow(r, headroom, block_size) - self.num_blocks_of(r.request_id)
                       for r in self.running)
-        needed = self._blocks_to_grow(request, headroom)
+        needed = self._blocks_to_grow(request, headroom, block_size)
         return self.kv_cache_manager.block_pool.get_num_free_blocks() - needed >= reserve
 
-    def _blocks_to_grow(self, request: Request, headroom: int) -> int:
+    def _blocks_to_grow(self, request: Request, headroom: int, block_size: int) -> int:
         """The most blocks ``request`` holds from now until it has grown ``headroom`` tokens (or reached its end):
         its tokens so far (the whole prompt, from the step that admits it) less what its route removes, plus the
         growth; a routed request not compacted yet first holds its whole prompt."""
-        block_size = self.kv_cache_manager.coordinator.single_type_managers[0].block_size
         plan = self.hr_plans.get(request.request_id)
         grown = cdiv(request.num_tokens - (0 if plan is None else plan.removed)
                      + min(headroom, request.max_tokens - request.num_output_tokens), block_size)

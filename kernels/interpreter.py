@@ -51,7 +51,8 @@ def _install_interpreter_patches() -> None:
         return {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
 
     def patch_lang(fn):
-        if running and languages(fn) <= running[-1].patched:
+        patched_here = languages(fn)
+        if running and patched_here <= running[-1].patched:
             # a device-function call whose language modules this kernel already patched: patching again changes
             # nothing (patched members are no longer builtins) and took a third of an interpreted engine's time
             return interpreter._LangPatchScope()
@@ -64,11 +65,11 @@ def _install_interpreter_patches() -> None:
                         scope.set_attr(module, name, copy)
         if running:  # a device-function call inside a kernel: undo with the kernel's swaps
             running[-1]._changes.extend(scope._changes)
-            running[-1].patched |= languages(fn)
+            running[-1].patched |= patched_here
             return scope
         kernel_scope = KernelScope()
         kernel_scope._changes = scope._changes
-        kernel_scope.patched = languages(fn)
+        kernel_scope.patched = patched_here
         running.append(kernel_scope)
         return kernel_scope
 
