@@ -30,11 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, log_path, port: int, max_model_len: int = 1024, limit_mm: str = '{"audio": 1}'):
+def start_server(model: str, log_path, port: int, max_model_len: int = 1024, limit_mm: str = '{"audio": 1}',
+                 extra: tuple[str, ...] = ()):
     cmd = [sys.executable, "-m", "headrouter_vllm.cli", "serve", model, "--retention", "1.0",
            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", str(max_model_len), "--block-size", "32", "--enforce-eager", "--limit-mm-per-prompt",
-           limit_mm]
+           limit_mm, *extra]
     # the routed-request log line is at INFO (other tests in this process may have turned vLLM logging down)
     env = {**CLEAN_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     with open(log_path, "a") as log:

@@ -7,19 +7,35 @@ when they cannot be decoded, are empty, or are longer than the model takes (Qwen
 silently cut them at 30 s). A bad request gets an HTTP 400 in OpenAI's error format naming the field; the
 server keeps serving. Remote audio URLs are fetched by vLLM later and are not checked here.
 
+vLLM adds user middleware outside its own API-key check, so with ``--api-key`` (or ``VLLM_API_KEY``) this
+middleware puts vLLM's own ``AuthenticationMiddleware``, with the same keys, in front of its work: a request vLLM
+would refuse gets vLLM's 401 before its body is read. A body larger than ``limits.max_body_bytes`` gets a 413 as
+soon as its Content-Length or the bytes read so far pass the limit. ``/metrics`` counts the bodies read and the
+audio parts decoded here (``headrouter_http_*``).
+
 Load it with vLLM's own flag: ``--middleware headrouter_vllm.api.middleware.HeadRouterMiddleware``
 (``headrouter-vllm serve`` does this for you).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
+
+from prometheus_client import Counter
 
 from headrouter_vllm.api import limits
 from headrouter_vllm.api.options import OPTION_KEYS, XARG_FOCUS, XARG_TASK, OptionError, parse_route_options
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+# What the middleware did, on vLLM's /metrics: shows that refused requests cost no parsing or decoding.
+BODIES_READ = Counter("headrouter_http_bodies_read", "Request bodies the HeadRouter middleware began to read "
+                      "(authenticated requests to the routed paths).")
+AUDIO_DECODED = Counter("headrouter_http_audio_decoded", "Inline audio parts the HeadRouter middleware decoded "
+                        "to check their length.")
+BODIES_TOO_LARGE = Counter("headrouter_http_bodies_too_large", "Requests answered 413: body over the limit.")
 
 
 class RequestError(Exception):
@@ -82,6 +98,7 @@ def _decoded_seconds(data: Any, where: str) -> float:
         raw = pybase64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(where, "audio data is not valid base64") from None
+    AUDIO_DECODED.inc()
     try:
         wave, rate = AudioMediaIO().load_bytes(raw)
     except Exception as e:  # any decoder failure is the client's audio, not a server error
@@ -158,25 +175,99 @@ def move_usage(body: Any) -> Any:
     return {**body, "usage": usage, "kv_transfer_params": params or None}
 
 
-def error_body(param: str, message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param,
-                                 "code": 400}}).encode()
+def error_body(param: str | None, message: str, code: int = 400, kind: str = "BadRequestError") -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def api_tokens(args) -> list[str]:
+    """The API keys vLLM's server enforces: ``--api-key`` (one or more) over ``VLLM_API_KEY``, as vLLM's
+    ``init_entrypoints_middleware`` picks them."""
+    from vllm import envs
+
+    return [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+
+
+def _vllm_auth_below(app):
+    """vLLM's AuthenticationMiddleware among the middleware this one wraps, if any (a fallback for an app without
+    ``state.args``: Starlette builds each middleware around the next one, as ``.app``)."""
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    for _ in range(64):
+        if isinstance(app, AuthenticationMiddleware):
+            return app
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def _too_large(limit: int) -> bytes:
+    return error_body(None, f"request body is larger than {limit} bytes ({limit / limits.MIB:.1f} MiB), the most "
+                      f"this server reads; send shorter or compressed audio, or raise {limits.BODY_LIMIT_ENV} on the "
+                      "server", code=413, kind="RequestEntityTooLargeError")
 
 
 class HeadRouterMiddleware:
     def __init__(self, app):
         self.app = app
+        # Starlette builds its middleware at the lifespan startup: a bad HEADROUTER_MAX_BODY_MB stops the start
+        limits.configured_body_limit()
+        self._guarded = None  # _checked behind vLLM's API-key check when the server has keys (first request)
+        self._body_limit: int | None = None
+        self._completions_limit: int | None = None
+
+    def _setup(self, scope) -> None:
+        """Learns the server's args from the app (vLLM's ``build_app`` keeps them in ``app.state.args``)."""
+        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+        args = getattr(getattr(scope.get("app"), "state", None), "args", None)
+        tokens = api_tokens(args)
+        if tokens:
+            # vLLM's own class and comparison: the same 401, the same open paths and methods
+            guarded = AuthenticationMiddleware(self._checked, tokens=tokens)
+        elif args is None and (below := _vllm_auth_below(self.app)) is not None:
+            guarded = copy.copy(below)  # its keys, in front of our work
+            guarded.app = self._checked
+        else:
+            guarded = self._checked
+        self._body_limit = limits.max_body_bytes(limits.audio_clips_per_prompt(
+            getattr(args, "limit_mm_per_prompt", None)))
+        # the default is sized for audio: /v1/completions carries none, but may carry prompt embeddings, whose size
+        # the default knows nothing of (an explicit HEADROUTER_MAX_BODY_MB applies there too)
+        embeds = getattr(args, "enable_prompt_embeds", False) and limits.configured_body_limit() is None
+        self._completions_limit = None if embeds else self._body_limit
+        self._guarded = guarded
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in ROUTED_PATHS:
             await self.app(scope, receive, send)
             return
-        chunks = []
+        if self._guarded is None:
+            self._setup(scope)
+        await self._guarded(scope, receive, send)
+
+    async def _checked(self, scope, receive, send):
+        """An authenticated routed request: read the body (up to the limit), check and rewrite it, pass it on."""
+        limit = self._completions_limit if scope["path"] == "/v1/completions" else self._body_limit
+        if limit is not None:
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
+                BODIES_TOO_LARGE.inc()
+                await _send_json(send, 413, _too_large(limit))
+                return
+        BODIES_READ.inc()
+        chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if limit is not None and size > limit:  # chunked, or longer than declared: stop buffering now
+                BODIES_TOO_LARGE.inc()
+                await _send_json(send, 413, _too_large(limit))
+                return
+            chunks.append(chunk)
             if not message.get("more_body"):
                 break
         raw = b"".join(chunks)
