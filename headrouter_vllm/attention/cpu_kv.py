@@ -1,4 +1,4 @@
-"""Reading and moving token slots in CPU_ATTN's paged KV cache (vLLM 0.32).
+"""Reading and moving token slots in CPU_ATTN's paged KV cache (vLLM 0.32): one layer's cache at a time.
 
 Per layer the cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``: one page of
 ``2 * block_size * head_size`` elements per (block, KV head), K half then V half. Inside a page the layout
@@ -46,7 +46,7 @@ def page_offsets(isa: str, dtype: torch.dtype, block_size: int, head_size: int,
     return koff, voff
 
 
-class CpuKvPages:
+class CpuAttnLayer:
     """One CPU_ATTN layer cache, addressed by a request's block ids and token slots."""
 
     def __init__(self, kv_cache: torch.Tensor, isa: str, kv_cache_dtype: str):
