@@ -35,7 +35,8 @@ class HeadRouterConfig:
         mode: ``shared`` (one kept set for every head, the paper's) or ``per_head`` (each KV head keeps its own
             top tokens, budgets proportional to its routed weight, mean ``retention * N``, at most
             ``per_head_cap`` times that; the baseline policies stay shared). ``per_head`` needs
-            ``attention = "triton"`` (HeadRouter's backend skips each head's pruned slots) and ``after_prompt``.
+            HeadRouter's backend (``attention`` ``auto``, ``triton`` or ``torch``: each KV head skips its own pruned
+            slots) and ``after_prompt``.
         per_head_cap: ``per_head``: a KV head keeps at most this multiple of the mean budget (>= 1). It fixes
             the KV slots a span holds after compaction up front: ``min(N, ceil(cap * retention * N))``.
         probe_layer: decoder layer whose attention picks the kept tokens; ``None`` = the model
@@ -63,12 +64,14 @@ class HeadRouterConfig:
         seed: seed of the ``random`` policy.
         record_probes: keep each routed request's probe measurements in the runner (calibration).
         attention: which attention serves the decoder layers. ``platform``: vLLM's own backend for the machine
-            (CPU: CPU_ATTN, with HeadRouter's probe and compaction in torch). ``triton``: HeadRouter's backend
-            (vLLM's standard paged KV layout, HeadRouter's Triton kernels; on CPU they run under the Triton
-            interpreter, which is slow and meant for tests). ``torch``: HeadRouter's backend with the kernels'
-            plain-torch references (the same semantics; the CPU path for ``per_head``). ``auto``:
-            ``$HEADROUTER_ATTENTION`` if set, else ``platform`` on CPU; ``triton`` on a GPU (``platform`` is refused
-            there).
+            (CPU: CPU_ATTN, HeadRouter's probe and compaction in torch on its pages; GPU: the backend vLLM picks or
+            ``--attention-backend`` names, FLASH_ATTN, FLASHINFER or TRITON_ATTN, with HeadRouter's Triton probe and
+            compaction kernels on its cache, and vLLM's CUDA graphs); ``shared`` mode only. ``triton``: HeadRouter's
+            backend (vLLM's standard paged KV layout, HeadRouter's Triton kernels; each KV head skips its own pruned
+            slots, which ``per_head`` needs; on CPU the kernels run under the Triton interpreter, slow, for tests).
+            ``torch``: HeadRouter's backend with the kernels' plain-torch references (the same semantics; the CPU
+            path for ``per_head``). ``auto``: ``$HEADROUTER_ATTENTION`` if set, else ``platform`` for ``shared``
+            engines and HeadRouter's backend for ``per_head`` ones (``triton`` on a GPU, ``torch`` on CPU).
         admission_headroom: growth-aware admission, in tokens (0: off, vLLM's rule). A waiting request is
             admitted only if the KV pool holds its whole prompt and the blocks every running request, and it, need
             to grow this many tokens more (or to their end; routed requests at their length after compaction).
@@ -192,7 +195,11 @@ class HeadRouterConfig:
         """``platform``, ``triton`` or ``torch`` (see ``attention``) on this machine."""
         if self.attention != "auto":
             return self.attention
-        return environment().attention or ("triton" if on_cuda else "platform")
+        if environment().attention:
+            return environment().attention
+        if self.mode == "per_head":
+            return "triton" if on_cuda else "torch"
+        return "platform"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> HeadRouterConfig:

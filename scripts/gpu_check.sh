@@ -3,9 +3,11 @@
 #   1. the kernel tests, natively (tests/kernels picks CUDA when torch sees a GPU), incl. the compile checks;
 #   2. the kernel benchmarks: attention vs dense baselines (SDPA on gathered K/V; vLLM's Triton unified_attention),
 #      eager and in a CUDA graph; the probe and compaction per request;
-#   3. a served smoke run: HeadRouter's GPU worker and backend on a dummy-weight real-width model, the same
-#      requests against vanilla vLLM (tokens and usage into the results folder). Needs vLLM: skipped, saying so,
-#      where vLLM is not installed (steps 1 and 2 need only torch and triton).
+#   3. the engine check (scripts/gpu_engine_check.py): vanilla vs HeadRouter on vLLM's own backend (FLASH_ATTN)
+#      with its CUDA graphs, with and without graph replay, and per_head on HeadRouter's backend, on the tiny model;
+#   4. a served smoke run: vanilla vs HeadRouter on a dummy-weight real-width model, the same requests (throughput,
+#      tokens and usage into the results folder). Steps 3 and 4 need vLLM: skipped, saying so, where vLLM is not
+#      installed (steps 1 and 2 need only torch and triton).
 # Usage: bash scripts/gpu_check.sh [results folder]      (default: benchmarks/results/<gpu name>/gpu-check)
 # Needs: a CUDA GPU, and an environment with vllm==0.32.0 (GPU build) and this package installed:
 #   pip install -e '.[gpu]'          ($PYTHON picks the interpreter; default python3)
@@ -49,14 +51,18 @@ $PY benchmarks/kernels/bench_route_ops.py --out "$out/bench_route_ops.csv" | tee
 $PY benchmarks/kernels/bench_head_sparse.py --cuda-graph --batches 1 8 32 --contexts 1024 4096 --kept-fractions 1.0 0.3 \
     --out "$out/bench_cuda_graph.csv" | tee -a "$out/bench.txt"
 
-echo "== 3. engine smoke: vanilla vs HeadRouter (GPU worker, HeadRouter backend), same requests"
 if [ "$has_vllm" != yes ]; then
-  echo "skipped: vLLM is not installed in this environment (pip install -e '.[gpu]')" | tee "$out/serve-smoke.txt"
+  echo "== 3-4. skipped: vLLM is not installed in this environment (pip install -e '.[gpu]')" | tee "$out/serve-smoke.txt"
   echo "results in $out"
   exit 0
 fi
+echo "== 3. engine check: vanilla vs HeadRouter on one device, with and without CUDA graph replay"
+status=0
+$PY scripts/gpu_engine_check.py --out "$out" 2>&1 | tee "$out/engine-check.txt" || status=1
+echo "== 4. serving smoke: vanilla vs HeadRouter (shared mode on vLLM's backend), same requests"
 model=$(headrouter-vllm make-model qwen2-audio-7b-width-2l "$out/model" | tail -1)
 headrouter-vllm bench --model "$model" --load-format dummy --dtype bfloat16 --num-requests 64 --clip-seconds 30 \
     --output-tokens 32 --kv-blocks 2000 --block-size 16 --max-model-len 2048 --out "$out" --name serve-smoke \
     2>&1 | tee "$out/serve-smoke.txt"
 echo "results in $out"
+exit "$status"

@@ -55,7 +55,8 @@ def test_bad_settings_are_clear_errors(values, message):
 
 def fake_vllm_config(additional_config, scheduler_cls=None, worker_cls="vllm.v1.worker.cpu_worker.CPUWorker",
                      prefix_caching=True, architectures=("Qwen2AudioForConditionalGeneration",), tp=1, spec=None,
-                     block_size=32, dbo=False, pp=1, enforce_eager=True):
+                     block_size=32, dbo=False, pp=1, enforce_eager=True, cache_dtype="auto", backend=None,
+                     cudagraph_mode=None):
     return types.SimpleNamespace(
         additional_config=additional_config,
         model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(
@@ -65,7 +66,10 @@ def fake_vllm_config(additional_config, scheduler_cls=None, worker_cls="vllm.v1.
         parallel_config=types.SimpleNamespace(worker_cls=worker_cls, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                               enable_dbo=dbo),
         speculative_config=spec,
-        cache_config=types.SimpleNamespace(enable_prefix_caching=prefix_caching, block_size=block_size))
+        cache_config=types.SimpleNamespace(enable_prefix_caching=prefix_caching, block_size=block_size,
+                                           cache_dtype=cache_dtype),
+        attention_config=types.SimpleNamespace(backend=backend),
+        compilation_config=types.SimpleNamespace(cudagraph_mode=cudagraph_mode))
 
 
 def test_engine_without_headrouter_is_untouched():
@@ -99,6 +103,11 @@ def test_headrouter_section_selects_scheduler_worker_and_disables_prefix_caching
     (dict(additional_config={"headrouter": {}}, pp=2), "pipeline_parallel_size > 1"),
     (dict(additional_config={"headrouter": {}}, spec=object()), "speculative decoding"),
     (dict(additional_config={"headrouter": {"attention": "torch"}}, block_size=24), "power of two >= 16"),
+    # HeadRouter's backend declares 16-128: vLLM would split 256-token blocks, and the first compaction fail
+    (dict(additional_config={"headrouter": {"attention": "torch"}}, block_size=256), "<= 128"),
+    (dict(additional_config={"headrouter": {}}, cache_dtype="fp8"), "--kv-cache-dtype fp8 is not supported"),
+    (dict(additional_config={"headrouter": {"attention": "torch"}}, cache_dtype="fp8_e5m2"), "not supported"),
+    (dict(additional_config={"headrouter": {"mode": "per_head", "attention": "platform"}}), "per_head"),
     (dict(additional_config={"headrouter": {}}, dbo=True), "dual-batch overlap"),
     (dict(additional_config={"headrouter": {"semantics": "prefill"}}, enforce_eager=False), "add --enforce-eager"),
     (dict(additional_config={"headrouter": {"semantics": "prefill", "attention": "torch"}}), "CPU attention only"),
@@ -123,6 +132,10 @@ def test_tensor_parallel_engine_is_configured():
 def test_attention_switch_and_environment(monkeypatch):
     monkeypatch.delenv("HEADROUTER_ATTENTION", raising=False)
     assert HeadRouterConfig().resolved_attention() == "platform"
+    assert HeadRouterConfig().resolved_attention(on_cuda=True) == "platform"  # shared mode: vLLM's own backend
+    # per_head needs HeadRouter's backend: Triton on a GPU, the torch references on CPU
+    assert HeadRouterConfig(mode="per_head").resolved_attention(on_cuda=True) == "triton"
+    assert HeadRouterConfig(mode="per_head").resolved_attention() == "torch"
     monkeypatch.setenv("HEADROUTER_ATTENTION", "triton")
     assert HeadRouterConfig().resolved_attention() == "triton"
     assert HeadRouterConfig(attention="platform").resolved_attention() == "platform"  # the config wins
@@ -142,7 +155,6 @@ def test_attention_triton_selects_our_backend_in_the_custom_slot(monkeypatch):
     register()
     monkeypatch.delenv("HEADROUTER_ATTENTION", raising=False)
     config = fake_vllm_config({"headrouter": {"attention": "triton"}})
-    config.attention_config = types.SimpleNamespace(backend=None)
     configure_engine(config)
     assert config.attention_config.backend == AttentionBackendEnum.CUSTOM
     assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
@@ -155,8 +167,10 @@ def test_attention_triton_selects_our_backend_in_the_custom_slot(monkeypatch):
         configure_engine(config)
 
 
-def test_gpu_engine_gets_the_gpu_worker_our_backend_and_sync_scheduling(monkeypatch):
-    """The configuration a CUDA machine gets (the platform check is faked: no GPU here)."""
+def test_gpu_engine_keeps_vllms_backend_in_shared_mode(monkeypatch):
+    """The configuration a CUDA machine gets (the platform check is faked: no GPU here): the GPU worker, synchronous
+    scheduling, and in shared mode the backend vLLM picks (or a stock one named), with its CUDA graph mode."""
+    from vllm.config import CUDAGraphMode
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from headrouter_vllm.patch import platform_config
@@ -164,18 +178,54 @@ def test_gpu_engine_gets_the_gpu_worker_our_backend_and_sync_scheduling(monkeypa
     from headrouter_vllm.worker import HeadRouterGPUWorker
 
     monkeypatch.setattr(platform_config, "_on_cuda", lambda: True)
-    config = fake_vllm_config({"headrouter": {}}, worker_cls=platform_config.VLLM_GPU_WORKER_CLS)
-    config.attention_config = types.SimpleNamespace(backend=None)
+    monkeypatch.delenv("HEADROUTER_ATTENTION", raising=False)
+
+    def gpu_config(section=None, **kwargs):
+        return fake_vllm_config({"headrouter": section or {}}, worker_cls=platform_config.VLLM_GPU_WORKER_CLS,
+                                **kwargs)
+
+    config = gpu_config(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
     config.scheduler_config.async_scheduling = True
     platform_config.configure_engine(config)
     assert config.parallel_config.worker_cls == platform_config.GPU_WORKER_CLS
-    assert config.attention_config.backend == AttentionBackendEnum.CUSTOM
+    assert config.attention_config.backend is None  # vLLM picks (FLASH_ATTN on Hopper); the runner checks it
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE
     assert config.scheduler_config.async_scheduling is False
-    with pytest.raises(ConfigError, match="'platform' is CPU only"):
-        platform_config.configure_engine(fake_vllm_config({"headrouter": {"attention": "platform"}},
-                                                          worker_cls=platform_config.VLLM_GPU_WORKER_CLS))
+    for name in ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"):
+        named = gpu_config(backend=AttentionBackendEnum[name], cudagraph_mode=CUDAGraphMode.FULL)
+        platform_config.configure_engine(named)
+        assert named.attention_config.backend == AttentionBackendEnum[name]
+    with pytest.raises(ConfigError, match="FLEX_ATTENTION is not supported"):
+        platform_config.configure_engine(gpu_config(backend=AttentionBackendEnum.FLEX_ATTENTION))
+    # block sizes above HeadRouter's backend's 128 are vLLM's business on its own backends (the runner refuses a
+    # split into smaller kernel blocks at startup)
+    platform_config.configure_engine(gpu_config(block_size=256))
+    with pytest.raises(ConfigError, match="power of two"):
+        platform_config.configure_engine(gpu_config(block_size=48))
     assert issubclass(HeadRouterGPUModelRunner, HeadRouterRunnerMixin)
     assert "_make_model_runner" in HeadRouterGPUWorker.__dict__
+
+
+@pytest.mark.parametrize("mode", ["FULL", "FULL_DECODE_ONLY"])
+def test_gpu_per_head_engine_gets_our_backend_without_full_graphs(monkeypatch, mode):
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from headrouter_vllm.patch import platform_config
+
+    monkeypatch.setattr(platform_config, "_on_cuda", lambda: True)
+    monkeypatch.delenv("HEADROUTER_ATTENTION", raising=False)
+    config = fake_vllm_config({"headrouter": {"mode": "per_head"}}, worker_cls=platform_config.VLLM_GPU_WORKER_CLS,
+                              cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+    platform_config.configure_engine(config)  # vLLM then turns the default into PIECEWISE
+    assert config.attention_config.backend == AttentionBackendEnum.CUSTOM
+    with pytest.raises(ConfigError, match=f"cudagraph_mode {mode} cannot apply"):
+        platform_config.configure_engine(fake_vllm_config(
+            {"headrouter": {"mode": "per_head"}}, worker_cls=platform_config.VLLM_GPU_WORKER_CLS,
+            cudagraph_mode=CUDAGraphMode[mode]))
+    with pytest.raises(ConfigError, match="<= 128"):
+        platform_config.configure_engine(fake_vllm_config(
+            {"headrouter": {"mode": "per_head"}}, worker_cls=platform_config.VLLM_GPU_WORKER_CLS, block_size=256))
 
 
 PATCHES = ["attention_backend", "omni_audio_budget", "output_processor", "platform_config", "sampling_params"]

@@ -7,6 +7,7 @@ batch; each engine is started once per family and its results are shared by the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -88,11 +89,44 @@ ENGINES = {
                                      enable_chunked_prefill=True, max_num_batched_tokens=192),
     # two CPU ranks, one KV head each (the tiny model has 2): the ranks gather the probe's heads and select alike
     "tensor_parallel": dict(headrouter={}, poison=1e4, tensor_parallel_size=2),
+    # host and device buffers kept apart, as on a GPU (vLLM's CPU runner makes them one tensor): every edit the
+    # runner makes (block table rows, slot mapping, lengths) must reach the copy attention reads; chunked prefill
+    # makes a shortened request's later steps read them
+    "after_prompt_device_buffers": dict(headrouter={}, device_buffers=True, enable_chunked_prefill=True,
+                                        max_num_batched_tokens=64, poison=1e4),
 }
 
 
+def runner_buffers(runner) -> list:
+    """The runner's host/device buffer pairs (vLLM's ``CpuGpuBuffer``): its own and its block tables'."""
+    from vllm.v1.utils import CpuGpuBuffer
+
+    buffers = [v for v in vars(runner).values() if isinstance(v, CpuGpuBuffer)]
+    for table in runner.input_batch.block_table.block_tables:
+        buffers += [v for v in vars(table).values() if isinstance(v, CpuGpuBuffer)]
+    return buffers
+
+
+@contextlib.contextmanager
+def separate_device_buffers():
+    """HeadRouter's CPU runners built meanwhile keep a device tensor apart from each host tensor, as on a GPU."""
+    from headrouter_vllm.runner import HeadRouterCPUModelRunner
+
+    def postprocess(self):
+        original(self)  # vLLM's CPU runner: every buffer's .gpu becomes its .cpu
+        for buffer in runner_buffers(self):
+            buffer.gpu = buffer.cpu.clone()
+
+    original = HeadRouterCPUModelRunner._postprocess_tensors
+    HeadRouterCPUModelRunner._postprocess_tensors = postprocess
+    try:
+        yield
+    finally:
+        HeadRouterCPUModelRunner._postprocess_tensors = original
+
+
 def run_engine(model: str, cases, headrouter: dict | None, poison: float | None = None, phases=("single", "batch"),
-               **engine_kwargs) -> dict:
+               device_buffers: bool = False, **engine_kwargs) -> dict:
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
@@ -108,7 +142,8 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
         extra = {} if headrouter is None else {"additional_config": {"headrouter": {"retention": 1.0, **headrouter}}}
         kwargs = dict(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
                       max_num_seqs=16, enable_prefix_caching=False, limit_mm_per_prompt=LIMIT_MM)
-        llm = LLM(**{**kwargs, **extra, **engine_kwargs})
+        with separate_device_buffers() if device_buffers else contextlib.nullcontext():
+            llm = LLM(**{**kwargs, **extra, **engine_kwargs})
     finally:
         os.environ.pop("HEADROUTER_POISON_FREED_KV", None)
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
@@ -145,8 +180,11 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
     if not tensor_parallel:  # the runner lives in this process
         context = inprocess.model_runner(llm).compilation_config.static_forward_context
         result["attention_impls"] = {type(layer.impl).__name__ for layer in context.values() if hasattr(layer, "impl")}
-        shortener = getattr(inprocess.model_runner(llm), "hr_prefill", None)
+        runner = inprocess.model_runner(llm)
+        shortener = getattr(runner, "hr_prefill", None)
         result["prefill_rows_dropped"] = None if shortener is None else shortener.rows_dropped
+        result["aliased_buffers"] = sum(b.gpu is b.cpu for b in runner_buffers(runner))
+        del runner
     del scheduler, llm
     gc.collect()
     return result
@@ -158,11 +196,12 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
 # compiled, tensor parallel, unchunked in_prompt / first_token, the other baselines) run on Qwen2-Audio only: the
 # CI time budget.
 QWEN2_AUDIO_ONLY_MODES = {"after_prompt_poisoned", "after_prompt_compiled", "in_prompt", "prefill_chunked_poisoned",
-                          "first_token", "tensor_parallel"}
+                          "first_token", "tensor_parallel", "after_prompt_device_buffers"}
 QWEN2_AUDIO_ONLY_CASES = {f"long_r0.5_{policy}" for policy in ("fastv", "random", "uniform", "oracle")}
 QWEN2_AUDIO_ONLY_TESTS = {"test_tensor_parallel_routes_equal_hf_reference",
                           "test_first_token_engine_runs_unrouted_requests_as_vanilla",
-                          "test_growth_aware_admission_avoids_the_preemptions"}
+                          "test_growth_aware_admission_avoids_the_preemptions",
+                          "test_device_buffers_engine_keeps_host_and_device_apart"}
 
 
 def collect_only_if(item) -> bool:
@@ -240,7 +279,7 @@ def test_unrouted_requests_equal_vanilla(engine, hf, name, phase):
 
 
 @pytest.mark.parametrize("mode", ["after_prompt", "after_prompt_chunked", "after_prompt_poisoned",
-                                  "after_prompt_compiled"])
+                                  "after_prompt_compiled", "after_prompt_device_buffers"])
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("name", ROUTED)
 def test_routed_requests_equal_hf_reference(engine, hf, mode, name, phase):
@@ -251,6 +290,12 @@ def test_routed_requests_equal_hf_reference(engine, hf, mode, name, phase):
     assert got["prompt_ids"] == ref["prompt_ids"]
     assert got["log"] is not None and got["log"].kept == ref["kept"]
     assert got["tokens"] == ref["tokens"]
+
+
+def test_device_buffers_engine_keeps_host_and_device_apart(engine):
+    """The engine behind the device-buffers cases really had two tensors per buffer (vLLM's CPU runner: one)."""
+    assert engine("after_prompt_device_buffers")["aliased_buffers"] == 0
+    assert engine("after_prompt")["aliased_buffers"] > 0
 
 
 def test_region_keeps_only_the_named_windows(engine, hf):

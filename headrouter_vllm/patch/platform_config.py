@@ -72,7 +72,7 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
         raise ConfigError("HeadRouter does not support dual-batch overlap (--enable-dbo) yet")
     attention = config.resolved_attention(on_cuda)
     if config.semantics == "prefill":
-        if attention != "platform":
+        if attention != "platform" or on_cuda:
             raise ConfigError("headrouter.semantics 'prefill' runs with vLLM's CPU attention only for now "
                               "(headrouter.attention 'platform', on CPU)")
         if not vllm_config.model_config.enforce_eager:
@@ -80,19 +80,15 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
                               "compiled model cannot: add --enforce-eager")
         if tp > 1:
             raise ConfigError("headrouter.semantics 'prefill' is not yet supported with tensor parallelism")
-    if on_cuda and attention == "platform":
-        # the GPU runner reads and moves KV only in vLLM's standard layout, through HeadRouter's backend
-        raise ConfigError("headrouter.attention 'platform' is CPU only: on a GPU HeadRouter serves with its own "
-                          "attention backend ('auto' or 'triton')")
-    if attention != "platform":
-        block_size = getattr(vllm_config.cache_config, "block_size", None)
-        if block_size is not None and not (block_size >= 16 and block_size & (block_size - 1) == 0):
-            raise ConfigError(f"HeadRouter's attention backend needs a block size that is a power of two >= 16, "
-                              f"got --block-size {block_size}")
+    check_kv_cache(vllm_config, attention, on_cuda)
+    if attention == "platform":
+        if config.mode == "per_head":
+            raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' or 'torch' (HeadRouter's "
+                              "backend; vLLM's own attention cannot skip each head's pruned slots)")
+        if on_cuda:
+            check_stock_gpu_backend(vllm_config)
+    else:
         select_headrouter_attention(vllm_config, attention)
-    elif config.mode == "per_head":
-        raise ConfigError("headrouter.mode 'per_head' needs attention 'torch' or 'triton' (HeadRouter's backend; "
-                          "vLLM's CPU attention cannot skip each head's pruned slots)")
     if on_cuda and getattr(sched, "async_scheduling", False):
         # our scheduler frees a routed request's tail blocks after its prompt step's output: synchronous
         sched.async_scheduling = False
@@ -105,6 +101,37 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     metrics()  # registered now, so /metrics shows them at 0 from startup
     logger.info("HeadRouter configured: %s", config)
     return config
+
+
+def check_kv_cache(vllm_config, attention: str, on_cuda: bool) -> None:
+    """What HeadRouter's probe and compaction can read and move, refused at startup rather than at the first
+    compaction: a quantized KV cache, and (vLLM's standard paged layout) block sizes its kernels do not take."""
+    from vllm.utils.torch_utils import is_quantized_kv_cache
+
+    cache = vllm_config.cache_config
+    if is_quantized_kv_cache(getattr(cache, "cache_dtype", "auto")):
+        raise ConfigError(f"HeadRouter reads and moves KV in the model's dtype: --kv-cache-dtype {cache.cache_dtype} "
+                          "is not supported (use auto)")
+    if attention == "platform" and not on_cuda:
+        return  # CPU_ATTN: pages addressed in torch, any block size vLLM's CPU attention takes
+    block_size = getattr(cache, "block_size", None)
+    largest = 128 if attention != "platform" else None  # HeadRouter's backend declares 16-128
+    if block_size is not None and not (block_size >= 16 and block_size & (block_size - 1) == 0
+                                       and (largest is None or block_size <= largest)):
+        raise ConfigError("HeadRouter's probe and compaction kernels need a block size that is a power of two >= 16"
+                          + (f" and <= {largest} on HeadRouter's attention backend" if largest else "")
+                          + f", got --block-size {block_size}")
+
+
+def check_stock_gpu_backend(vllm_config) -> None:
+    """Shared mode on a GPU keeps vLLM's own backend: one whose cache is vLLM's standard paged layout, or none
+    chosen yet (vLLM picks; the runner checks what it picked when the KV caches are allocated)."""
+    from headrouter_vllm.attention.kv_store import STOCK_GPU_BACKENDS
+
+    backend = vllm_config.attention_config.backend
+    if backend is not None and backend.name not in STOCK_GPU_BACKENDS:
+        raise ConfigError(f"HeadRouter reads and moves the KV cache of {', '.join(STOCK_GPU_BACKENDS)} only; "
+                          f"--attention-backend {backend.name} is not supported")
 
 
 def select_headrouter_attention(vllm_config, kernels: str) -> None:
@@ -121,6 +148,16 @@ def select_headrouter_attention(vllm_config, kernels: str) -> None:
         raise ConfigError(f"headrouter.attention {kernels!r} conflicts with --attention-backend "
                           f"{attention.backend.name}")
     attention.backend = AttentionBackendEnum.CUSTOM
+    from vllm.config import CUDAGraphMode
+
+    # its kernels' grids depend on each step's lengths (AttentionCGSupport.NEVER): vLLM turns its default
+    # FULL_AND_PIECEWISE into PIECEWISE, but a full-only mode asked for by hand would fail at startup (FULL) or
+    # silently capture nothing (FULL_DECODE_ONLY)
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY):
+        raise ConfigError(f"HeadRouter's attention backend (headrouter.attention {kernels!r}) has no full CUDA "
+                          f"graphs: -cc.cudagraph_mode {mode.name} cannot apply (leave it unset, or use PIECEWISE; "
+                          "shared-mode engines keep vLLM's own backend and its full graphs)")
     if kernels == "torch":
         logger.info("HeadRouter attention backend selected, with the kernels' torch references")
     elif not _on_cuda():
