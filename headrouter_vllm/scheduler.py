@@ -50,7 +50,8 @@ class HeadRouterScheduler(Scheduler):
         if not current_platform.is_cpu():
             logger.warning("HeadRouter on a GPU: its GPU worker and runner have not run on a CUDA machine in this "
                            "project's CI yet (their logic is tested on CPU with the Triton kernels interpreted; "
-                           "see docs/gpu.md). Check outputs against vanilla vLLM (scripts/gpu_engine_check.py) before relying on them.")
+                           "see docs/gpu.md). Check outputs against vanilla vLLM (scripts/gpu_engine_check.py) "
+                           "before relying on them.")
         self.hr_config = HeadRouterConfig.from_vllm_config(self.vllm_config) or HeadRouterConfig()
         if self.cache_config.enable_prefix_caching:
             raise ConfigError("HeadRouter rewrites the KV blocks of routed requests: prefix caching must be off "
