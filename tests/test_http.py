@@ -342,31 +342,31 @@ def test_restart_mid_load_loses_no_request_silently(server, speech):
                 "metadata": {"headrouter_retention": ["0.3", "0.5", "1.0"][i % 3]}}
 
     async def one(client, i, limit) -> str:
-        """'ok' for a complete answer, 'error' for a failure the client can see."""
+        """'ok' for a complete answer, else 'error: <what the client saw>'."""
         async with limit:
             try:
                 if not body(i)["stream"]:
                     r = await client.post("/v1/chat/completions", json=body(i))
                     if r.status_code != 200:
-                        return "error"
+                        return f"error: HTTP {r.status_code} {r.text[:200]}"
                     choice = r.json()["choices"][0]
                     assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 24
                     return "ok"
                 finish, done = None, False
                 async with client.stream("POST", "/v1/chat/completions", json=body(i)) as r:
                     if r.status_code != 200:
-                        return "error"
+                        return f"error: stream HTTP {r.status_code}"
                     async for line in r.aiter_lines():
                         if line == "data: [DONE]":
                             done = True
                         elif line.startswith("data: "):
                             chunk = jsonlib.loads(line[6:])
                             if "error" in chunk:
-                                return "error"
+                                return f"error: stream chunk {line[:200]}"
                             finish = chunk["choices"][0].get("finish_reason") or finish if chunk["choices"] else finish
-                return "ok" if done and finish == "length" else "error"
-            except httpx.HTTPError:
-                return "error"
+                return "ok" if done and finish == "length" else f"error: stream ended, done={done} finish={finish}"
+            except httpx.HTTPError as e:
+                return f"error: {type(e).__name__} {e!r}"
 
     async def load(indices, stop_server_after_first_answer=None):
         limit = asyncio.Semaphore(16)
@@ -382,14 +382,19 @@ def test_restart_mid_load_loses_no_request_silently(server, speech):
         first = asyncio.run(load(range(48), stop_server_after_first_answer=server["proc"]))
     finally:
         stop_server(server["proc"])
-    failed = [i for i, outcome in enumerate(first) if outcome == "error"]
+    failed = [i for i, outcome in enumerate(first) if outcome != "ok"]
     assert failed, "the stop was meant to land mid-load"
     server["proc"] = start_server(server["model"], server["log"], port)  # the session fixture stops it
     start = scrape(server)
     for name in COUNTERS:  # registered at startup: 0 before any request
         assert start[(name, ())] == 0, name
+    log_before_retry = len(server["log"].read_text())
     retried = asyncio.run(load(failed))
-    assert retried == ["ok"] * len(failed)
+    # on a failure, say what each client saw and what the restarted server logged
+    errors = {i: outcome for i, outcome in zip(failed, retried, strict=True) if outcome != "ok"}
+    server_errors = [line for line in server["log"].read_text()[log_before_retry:].splitlines()
+                     if re.search(r"ERROR|Traceback|Error:| 5\d\d ", line)]
+    assert not errors, f"retried requests failed: {errors}\nserver log: {server_errors[-40:]}"
 
 
 @pytest.fixture(scope="module")
