@@ -225,6 +225,17 @@ class HeadRouterConfig:
             raise ConfigError(f"additional_config.{CONFIG_KEY} must be an object, got {type(section).__name__}")
         return cls.from_dict(section)
 
+    @classmethod
+    def required_from_vllm_config(cls, vllm_config: Any, component: str) -> HeadRouterConfig:
+        """The config of an engine that runs HeadRouter's ``component`` (scheduler, worker): without a
+        ``headrouter`` section that is a startup error, not pruning at a default nobody asked for."""
+        config = cls.from_vllm_config(vllm_config)
+        if config is None:
+            raise ConfigError(f"HeadRouter's {component} needs a {CONFIG_KEY!r} section in vLLM's additional config, "
+                              f"e.g. --additional-config '{{\"{CONFIG_KEY}\": {{\"retention\": 0.7}}}}' "
+                              f"(headrouter-vllm serve adds it); without HeadRouter, drop --scheduler-cls/--worker-cls")
+        return config
+
 
 def check_retention(value: Any, name: str) -> float:
     """A retention is a real number in (0, 1]; returns it as float or raises ConfigError naming ``name``."""

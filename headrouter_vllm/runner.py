@@ -46,7 +46,7 @@ class HeadRouterRunnerMixin:
 
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
-        self.hr_config = HeadRouterConfig.from_vllm_config(vllm_config) or HeadRouterConfig()
+        self.hr_config = HeadRouterConfig.required_from_vllm_config(vllm_config, "model runner")
         hf_config = vllm_config.model_config.hf_config
         self.hr_adapter = adapter_for(hf_config)
         self.hr_profiles = self.hr_config.load_profiles()

@@ -45,6 +45,7 @@ class RouteRecord:
 class HeadRouterScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.hr_config = HeadRouterConfig.required_from_vllm_config(self.vllm_config, "scheduler")
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
@@ -52,7 +53,6 @@ class HeadRouterScheduler(Scheduler):
                            "project's CI yet (their logic is tested on CPU with the Triton kernels interpreted; "
                            "see docs/gpu.md). Check outputs against vanilla vLLM (scripts/gpu_engine_check.py) "
                            "before relying on them.")
-        self.hr_config = HeadRouterConfig.from_vllm_config(self.vllm_config) or HeadRouterConfig()
         if self.cache_config.enable_prefix_caching:
             raise ConfigError("HeadRouter rewrites the KV blocks of routed requests: prefix caching must be off "
                               "(--no-enable-prefix-caching)")

@@ -30,11 +30,42 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
         parts = run["input_s"] + run["prefill_s"] + run["decode_s"] + run["other_s"]
         assert abs(parts - run["duration_s"]) < 1e-6 and run["decode_step_ms"] > 0
     assert summary["workload"]["warmup_pass"] is True
+    # traceable to the code that ran: this checkout's commit (the tests run from a git checkout)
+    assert len(summary["source"]["git_commit"]) == 40 and isinstance(summary["source"]["git_dirty"], bool)
     # growth-aware admission with headroom for every answer (at most 6 tokens): the HeadRouter run never preempts
     assert summary["workload"]["admission_headroom"] == 8 and pruned["preemptions"] == 0
     assert (run_dir / "plots.png").stat().st_size > 10_000
     lines = (tmp_path / "workload" / "workload.jsonl").read_text().splitlines()
     assert len(lines) == 6 and {"prompt", "audio", "output_tokens"} <= set(json.loads(lines[0]))
+
+
+def test_bench_order_runs_repeated_engines_apart(tiny_model, tmp_path):
+    """``--order``: exactly these engines in this order, repeats measured and labelled apart, ratios against the
+    first vanilla."""
+    from headrouter_vllm.cli import main
+
+    args = ["bench", "--model", tiny_model, "--num-requests", "3", "--clip-seconds", "5", "--output-tokens", "3",
+            "--order", "vanilla,1.0,vanilla", "--kv-blocks", "64", "--out", str(tmp_path), "--name", "o",
+            "--no-warmup-pass"]
+    assert main(args) == 0
+    (run_dir,) = [p for p in tmp_path.glob("*/o")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["label"] for r in summary["runs"]] == ["vanilla", "headrouter r=1", "vanilla #2"]
+    assert [r["retention"] for r in summary["runs"]] == [None, 1.0, None]
+    assert summary["runs"][0]["throughput_gain"] == 1.0 and summary["workload"]["order"] == [None, 1.0, None]
+
+
+def test_bench_order_refuses_what_it_cannot_run():
+    import argparse
+
+    import pytest
+
+    from headrouter_vllm.benchmarks.serving.main import engine_order
+
+    assert engine_order("vanilla, 0.5,vanilla") == [None, 0.5, None]
+    for bad, message in (("1.0,0.5", "needs a 'vanilla' run"), ("vanilla,1.5", "not in"), ("vanilla,abc", "neither")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            engine_order(bad)
 
 
 def test_bench_runs_an_omni_long_audio_workload(tmp_path, capsys):

@@ -305,3 +305,27 @@ def test_dockerfile_entrypoint_builds_a_server_command(capsys, name):
     assert main([*entry[1:], "/models/m", "--host", "0.0.0.0", "--retention", "0.7", "--print-command"]) == 0
     cmd = shlex.split(capsys.readouterr().out)
     assert cmd[cmd.index("--model") + 1] == "/models/m" and cmd[-2:] == ["--host", "0.0.0.0"]
+
+
+@pytest.mark.parametrize("component", ["scheduler", "model runner"])
+def test_headrouter_classes_without_a_headrouter_section_refuse_to_start(monkeypatch, component):
+    """``--scheduler-cls`` / ``--worker-cls`` set by hand without ``additional_config.headrouter``: a startup error
+    naming the fix, not pruning at a default retention nobody asked for."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    from headrouter_vllm.runner import HeadRouterCPUModelRunner
+    from headrouter_vllm.scheduler import HeadRouterScheduler
+
+    base, cls = (Scheduler, HeadRouterScheduler) if component == "scheduler" else (CPUModelRunner,
+                                                                                     HeadRouterCPUModelRunner)
+    vllm_config = types.SimpleNamespace(additional_config={})
+
+    def base_init(self, *args, **kwargs):  # vLLM's own constructor needs a whole engine; it only keeps the config
+        self.vllm_config = vllm_config
+
+    monkeypatch.setattr(base, "__init__", base_init)
+    with pytest.raises(ConfigError, match=f"HeadRouter's {component} needs a 'headrouter' section.*--additional"):
+        cls(vllm_config) if component == "model runner" else cls()
+    assert HeadRouterConfig.required_from_vllm_config(
+        types.SimpleNamespace(additional_config={"headrouter": {"retention": 0.5}}), component).retention == 0.5

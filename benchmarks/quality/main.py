@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from headrouter_vllm.benchmarks.quality import report
     from headrouter_vllm.benchmarks.quality.run import methods, run_methods
     from headrouter_vllm.benchmarks.quality.tune import measured_grid, parse_grid, tune_coverage
-    from headrouter_vllm.benchmarks.serving.report import machine, machine_slug
+    from headrouter_vllm.benchmarks.serving.report import machine, machine_slug, source_state
     from headrouter_vllm.calibrate import calibrate
     from headrouter_vllm.listening import suite
 
@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = [row for name in args.models
             for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name)]
     command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
-    meta = {"command": command, "machine": info, "split": args.split, "clips": len(clips),
+    meta = {"command": command, "machine": info, "source": source_state(), "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
             "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {})}
     report.write(out, rows, answers, meta)

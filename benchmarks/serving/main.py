@@ -11,6 +11,26 @@ import time
 from pathlib import Path
 
 
+def engine_order(text: str) -> list[float | None]:
+    """``--order``: comma-separated ``vanilla`` or retentions in (0, 1]; ``None`` stands for vanilla. The first
+    vanilla is the base of every ratio, so the list must hold one."""
+    order = []
+    for item in (part.strip() for part in text.split(",")):
+        if item == "vanilla":
+            order.append(None)
+            continue
+        try:
+            retention = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is neither 'vanilla' nor a retention") from None
+        if not 0.0 < retention <= 1.0:
+            raise argparse.ArgumentTypeError(f"retention {item} is not in (0, 1]")
+        order.append(retention)
+    if None not in order:
+        raise argparse.ArgumentTypeError("the order needs a 'vanilla' run: every ratio is against the first one")
+    return order
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-qwen2-audio",
                         help="a model directory, or the name of a local builder (`headrouter-vllm make-model`), "
@@ -24,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=None,
                         help="Poisson arrivals per second (default: all at once, closed loop)")
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    parser.add_argument("--order", type=engine_order, default=None, metavar="ENGINES",
+                        help="run exactly these engines in this order instead of vanilla then --retentions, e.g. "
+                             "'vanilla,1.0,vanilla,1.0' (repeats are measured separately: how much identical engines "
+                             "differ on this machine); a retention runs with the first --semantics")
     parser.add_argument("--policy", default=None, help="selection policy (default: the engine's, coverage)")
     parser.add_argument("--semantics", nargs="+", default=["after_prompt"],
                         choices=["after_prompt", "in_prompt", "prefill"],
@@ -90,7 +114,10 @@ def main(args: argparse.Namespace) -> list[dict]:
         if int(longest * 25) + 64 + max(args.output_tokens) > args.max_model_len:
             raise ValueError(f"--clip-seconds {longest:g} is {int(longest * 25)} audio tokens: raise --max-model-len "
                              f"(now {args.max_model_len}) above that plus the question and answer")
-        configs = [(None, None), *((r, semantics) for semantics in args.semantics for r in args.retentions)]
+        if args.order is not None:
+            configs = [(r, None if r is None else args.semantics[0]) for r in args.order]
+        else:
+            configs = [(None, None), *((r, semantics) for semantics in args.semantics for r in args.retentions)]
         runs = []
         with tqdm(total=(len(configs) + args.warmup_pass) * len(workload), desc="bench", unit="req") as progress:
             if args.warmup_pass:
@@ -100,6 +127,11 @@ def main(args: argparse.Namespace) -> list[dict]:
                 progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g} {semantics}")
                 runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress,
                                        semantics or "after_prompt", args.admission_headroom))
+    seen: dict[str, int] = {}
+    for run in runs:  # repeated engines (--order) keep apart in the tables: "vanilla", "vanilla #2", ...
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} #{seen[run.label]}"
     audio = {}
     for run in runs:
         for r in run.requests:
@@ -109,11 +141,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     report.add_ratios(rows)
     info = report.machine()
     out_dir = Path(args.out) / report.machine_slug(info) / (args.name or time.strftime("%Y%m%d-%H%M%S"))
-    meta = {"machine": info, "command": shlex.join(["headrouter-vllm", *getattr(args, "argv", sys.argv[1:])]),
+    meta = {"machine": info, "source": report.source_state(),
+            "command": shlex.join(["headrouter-vllm", *getattr(args, "argv", sys.argv[1:])]),
             "workload": {k: getattr(args, k) for k in ("num_requests", "clip_seconds", "output_tokens",
                                                        "request_rate", "kv_blocks", "block_size", "seed",
                                                        "policy", "load_format", "dtype", "semantics",
-                                                       "max_num_batched_tokens", "warmup_pass",
+                                                       "max_num_batched_tokens", "warmup_pass", "order",
                                                        "admission_headroom")},
             "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,23 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def source_state() -> dict:
+    """The git commit the run's code came from and whether the tree had uncommitted changes (``None``s outside a
+    git checkout), so a result can be traced to the code that produced it."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def machine_slug(info: dict) -> str:
@@ -156,11 +174,13 @@ def plot(out_dir: Path, rows: list[dict], runs: list[RunResult]) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     base = next(r for r in rows if r["retention"] is None)
+    pruned, xs = [], []  # an --order of vanilla runs only has no HeadRouter curve
     for semantics in dict.fromkeys(r["semantics"] for r in rows if r["retention"] is not None):
         pruned = [r for r in rows if r["retention"] is not None and r["semantics"] == semantics]
         xs = [r["retention"] for r in pruned]
         axes[0].plot(xs, [r["request_throughput"] for r in pruned], "o-", label=f"HeadRouter ({semantics})")
-    axes[0].plot(xs, [base["request_throughput"] * r["ideal_gain"] for r in pruned], "k--", label="ceiling")
+    if pruned:
+        axes[0].plot(xs, [base["request_throughput"] * r["ideal_gain"] for r in pruned], "k--", label="ceiling")
     axes[0].axhline(base["request_throughput"], color="gray", label="vanilla")
     axes[0].set(xlabel="retention", ylabel="requests / s", title="throughput vs retention")
     axes[0].legend()
