@@ -112,7 +112,7 @@ def calibrate(model: str, manifest: str | Path, out: str | Path, retention: floa
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     samples = read_manifest(manifest)
     section = {"retention": retention, "record_probes": True, "policy": "uniform"}

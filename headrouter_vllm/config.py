@@ -2,7 +2,7 @@
 
 Engine-wide settings arrive through vLLM's ``--additional-config '{"headrouter": {...}}'`` (or the
 ``headrouter-vllm serve`` flags, which build that JSON). Per-request options (task, retention) are
-in :mod:`headrouter_vllm.api.options`.
+in :mod:`headrouter_vllm.options`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-CONFIG_KEY = "headrouter"
-MODES = ("shared", "per_head")
-SEMANTICS = ("after_prompt", "in_prompt", "prefill")
-PROBE_POINTS = ("prompt", "first_token")
-ATTENTION = ("auto", "platform", "triton", "torch")
+from headrouter_vllm.log import get_logger
+from headrouter_vllm.names import ATTENTION, CONFIG_KEY, MODES, PROBE_POINTS, SEMANTICS
+from headrouter_vllm.routing.policies import POLICIES, policy
+from headrouter_vllm.routing.profiles import ProfileError, ProfileSet
+from headrouter_vllm.routing.tasks import check_task, register_operator_tasks, task_group
+
+__all__ = ["ATTENTION", "CONFIG_KEY", "MODES", "PROBE_POINTS", "SEMANTICS", "ConfigError", "Environment",
+           "HeadRouterConfig", "check_retention", "environment"]
 
 
 class ConfigError(ValueError):
@@ -111,14 +114,11 @@ class HeadRouterConfig:
                               f"{self.semantics!r} (which prunes inside the prompt) does not apply; use 'after_prompt'")
         if self.probe_point == "first_token" and self.mode == "per_head":
             raise ConfigError("headrouter.mode 'per_head' selects at probe_point 'prompt' only")
-        from headrouter_vllm.routing.policies import POLICIES
-        from headrouter_vllm.routing.tasks import check_task, register_operator_tasks
-
         if self.policy is not None and self.policy not in POLICIES:
             raise ConfigError(f"headrouter.policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.policy == "region":
-            raise ConfigError("headrouter.policy 'region' keeps the windows each request names (headrouter_focus): "
-                              "it is a per-request policy, not a default")
+        if self.policy is not None and policy(self.policy).needs_focus:
+            raise ConfigError(f"headrouter.policy {self.policy!r} keeps the windows each request names "
+                              "(headrouter_focus): it is a per-request policy, not a default")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"headrouter.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.record_probes, bool):
@@ -141,8 +141,6 @@ class HeadRouterConfig:
             uses_first_token = "first_token" in (profiles.probe_point.values() if isinstance(profiles.probe_point, dict)
                                                  else (profiles.probe_point,))
             if uses_first_token and (self.semantics != "after_prompt" or self.mode == "per_head"):
-                from headrouter_vllm.log import get_logger
-
                 get_logger(__name__).warning(
                     "the profile file's probe point 'first_token' does not apply to a %s engine: requests that "
                     "name no probe point probe the prompt", "per_head" if self.mode == "per_head" else self.semantics)
@@ -166,8 +164,6 @@ class HeadRouterConfig:
         ``__post_init__``), else ``prompt``."""
         if self.probe_point is not None:
             return self.probe_point
-        from headrouter_vllm.routing.tasks import task_group
-
         point, tasks = getattr(self, "_profile_probe_point", None) or (None, None)
         if isinstance(point, dict):
             point = point[task_group(task, tasks)]
@@ -182,8 +178,6 @@ class HeadRouterConfig:
         """The profile file's contents, or ``None`` without one; a bad file is a ConfigError."""
         if self.profiles is None:
             return None
-        from headrouter_vllm.routing.profiles import ProfileError, ProfileSet
-
         if not isinstance(self.profiles, str):
             raise ConfigError(f"headrouter.profiles must be a path, got {self.profiles!r}")
         try:

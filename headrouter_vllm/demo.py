@@ -48,7 +48,7 @@ def run_demo(model: str | None, retentions: list[float], max_tokens: int, semant
         from vllm import LLM, SamplingParams
 
         from headrouter_vllm import inprocess
-        from headrouter_vllm.api.options import route_args
+        from headrouter_vllm.options import route_args
 
         llm = LLM(model=model, dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
                   limit_mm_per_prompt={"audio": 1},

@@ -12,8 +12,9 @@ import math
 
 import torch
 
-from headrouter_vllm.api.options import RouteOptions
 from headrouter_vllm.config import HeadRouterConfig
+from headrouter_vllm.options import RouteOptions
+from headrouter_vllm.routing.policies import policy as policy_named
 
 
 def cdiv(a: int, b: int) -> int:
@@ -23,11 +24,6 @@ def cdiv(a: int, b: int) -> int:
 def keep_count(retention: float, n: int) -> int:
     """Audio tokens kept of ``n``: round half up (not Python's banker's rounding), at least 1."""
     return max(1, min(n, math.floor(retention * n + 0.5)))
-
-
-# Policies with per-head scores: only these select per KV head in ``per_head`` mode; the baselines (fastv,
-# random, uniform, similarity, coverage) define one kept set for all heads, so they always run shared.
-PER_HEAD_POLICIES = ("headrouter", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +114,7 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     if not spans or retention >= 1.0:
         return None
     # per_head selects per KV head at the prompt probe only; other requests on a per_head engine run shared
-    per_head = config.mode == "per_head" and policy in PER_HEAD_POLICIES and probe_point == "prompt"
+    per_head = config.mode == "per_head" and policy_named(policy).per_head and probe_point == "prompt"
     mode = "per_head" if per_head else "shared"
     plan_spans = tuple(Span(s, n, keep, per_head_cap(config.per_head_cap, keep, n) if mode == "per_head" else keep)
                        for s, n, keep in ((s, n, keep_count(retention, n)) for s, n in spans))

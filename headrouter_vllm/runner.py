@@ -25,16 +25,17 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from headrouter_vllm.api.options import parse_route_options
 from headrouter_vllm.attention.backend import HeadRouterAttentionMetadataBuilder, RouteRows
 from headrouter_vllm.attention.kernels import kernels_for
 from headrouter_vllm.attention.kv_store import KvStore, store_for
 from headrouter_vllm.config import ConfigError, HeadRouterConfig, environment
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans, resolve_probe_layer
+from headrouter_vllm.options import parse_route_options
 from headrouter_vllm.patch.attention_forward import wrap_impl_forward
 from headrouter_vllm.plan import cdiv, chunk_budget, make_plan
-from headrouter_vllm.route_step import LayerCaches, ProbeItem, ProbeLog, RouteContext, RouteState, RouteStep
+from headrouter_vllm.route_state import ProbeItem, ProbeLog, RouteState
+from headrouter_vllm.route_step import LayerCaches, RouteContext, RouteStep
 
 logger = get_logger(__name__)
 

@@ -15,10 +15,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
-from headrouter_vllm.api.options import parse_route_options
 from headrouter_vllm.config import ConfigError, HeadRouterConfig
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans
+from headrouter_vllm.options import parse_route_options
 from headrouter_vllm.patch.kv_cache_coordinator import wrap_block_accounting
 from headrouter_vllm.plan import RoutePlan, cdiv, chunk_budget, make_plan
 

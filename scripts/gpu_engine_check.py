@@ -44,9 +44,9 @@ def run(model: str, name: str, dtype: str, new_tokens: int, cpu: bool) -> dict:
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
     from headrouter_vllm.audio import speak
     from headrouter_vllm.demo import audio_prompt
+    from headrouter_vllm.options import route_args
 
     settings = dict(ENGINES[name])
     section = settings.pop("headrouter")

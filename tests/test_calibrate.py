@@ -94,7 +94,7 @@ def test_engine_routes_with_the_profiles_like_the_reference(tiny_model, profile_
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
     from headrouter_vllm.routing.profiles import ProfileSet
     from headrouter_vllm.routing.tasks import register_operator_tasks
 

@@ -52,7 +52,7 @@ class Case:
     focus: tuple | None = None
 
     def route_args(self):
-        from headrouter_vllm.api.options import route_args
+        from headrouter_vllm.options import route_args
 
         if self.retention is None:
             return None
@@ -347,7 +347,7 @@ def test_prefill_request_too_long_for_one_step_runs_after_prompt_and_says_so(mod
     after_prompt (= the HF reference for that), its report names it, and the engine keeps serving."""
     from vllm import LLM, SamplingParams
 
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     llm = LLM(model=model_dir, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
               enable_chunked_prefill=True, max_num_batched_tokens=64, limit_mm_per_prompt=LIMIT_MM,
@@ -478,7 +478,7 @@ def run_in_a_small_pool(model_dir, prompts, speech, options: dict, **engine_kwar
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     llm = LLM(model=model_dir, dtype="float32", max_model_len=448, block_size=BLOCK, enforce_eager=True, seed=0,
               num_gpu_blocks_override=16, max_num_seqs=8, limit_mm_per_prompt=LIMIT_MM,
@@ -539,7 +539,7 @@ def test_abort_at_any_point_leaks_nothing(abort_engine, prompts, speech, abort_a
     from vllm import SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     llm = abort_engine
     engine, scheduler, runner = llm.llm_engine, inprocess.scheduler(llm), inprocess.model_runner(llm)

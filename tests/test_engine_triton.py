@@ -253,7 +253,7 @@ def test_a_finished_per_head_request_leaves_no_skip_behind(tiny_model, speech, p
     inherit its per-head skip (the backend reads each row's skip from the runner's persistent buffers)."""
     from vllm import LLM, SamplingParams
 
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
               limit_mm_per_prompt={"audio": 1},

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headrouter_vllm.api.middleware import RequestError, rewrite_body
-from headrouter_vllm.api.options import OPTION_KEYS, OptionError, parse_route_options
+from headrouter_vllm.options import OPTION_KEYS, OptionError, parse_route_options
 from headrouter_vllm.routing.budgets import per_head_budgets
 from headrouter_vllm.routing.policies import POLICIES, RouteSettings, SpanProbe, select
 

@@ -156,7 +156,7 @@ def vllm_answers(listening_model, test_clips):
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     llm = LLM(model=listening_model, dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
               enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1}, max_num_seqs=32,

@@ -34,7 +34,7 @@ def generate(llm, prompt, waves, retention, **route):
     from vllm import SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
                             extra_args=route_args(retention=retention, **route))

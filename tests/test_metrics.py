@@ -124,8 +124,8 @@ def test_offline_llm_requests_are_counted(tiny_model, speech):
     """In-process ``vllm.LLM``: the counters move by what the outputs' reports say; routed requests are timed."""
     from vllm import LLM, SamplingParams
 
-    from headrouter_vllm.api.options import route_args
     from headrouter_vllm.demo import audio_prompt
+    from headrouter_vllm.options import route_args
 
     llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
               max_num_seqs=4, enable_prefix_caching=False, limit_mm_per_prompt={"audio": 1},

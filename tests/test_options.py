@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from headrouter_vllm.api.middleware import RequestError, rewrite_body
-from headrouter_vllm.api.options import OptionError, parse_route_options, route_args
+from headrouter_vllm.options import OptionError, parse_route_options, route_args
 
 
 @pytest.mark.parametrize("extra,task,retention", [

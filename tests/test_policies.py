@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from headrouter_vllm.api.options import RouteOptions
 from headrouter_vllm.config import HeadRouterConfig
+from headrouter_vllm.options import RouteOptions
 from headrouter_vllm.plan import compaction_moves, make_plan
 from headrouter_vllm.routing.budgets import per_head_budgets
 from headrouter_vllm.routing.policies import POLICIES, RouteSettings, SpanProbe, select, uniform_indices
@@ -217,7 +217,7 @@ def test_malformed_profile_files(mutate, message):
 
 
 def test_profile_tasks_become_valid_request_tasks(tmp_path):
-    from headrouter_vllm.api.options import parse_route_options
+    from headrouter_vllm.options import parse_route_options
     from headrouter_vllm.routing import tasks
 
     path = tmp_path / "p.json"
@@ -461,3 +461,34 @@ def test_semantics_that_need_one_step_fall_back_where_the_chunk_budget_is_too_sm
     prefill = HeadRouterConfig(semantics="prefill")
     plan = make_plan(RouteOptions(retention=0.5), prefill, spans, length, None, prompt_logprobs=True)
     assert plan.semantics == "after_prompt" and "prompt log-probabilities" in plan.semantics_note
+
+
+def test_the_registry_is_the_one_list_of_policies_and_their_capabilities():
+    """Policy names and what each needs come from the registry; no module outside ``routing/policies/`` compares a
+    policy name with a string (so adding a policy is its module, its registry line and its tests)."""
+    import ast
+    from pathlib import Path
+
+    from headrouter_vllm.routing.policies import PER_HEAD_POLICIES, REGISTRY, policy
+
+    assert tuple(REGISTRY) == POLICIES and all(REGISTRY[name].name == name for name in POLICIES)
+    assert PER_HEAD_POLICIES == tuple(n for n in POLICIES if policy(n).per_head) == ("headrouter", "oracle")
+    assert [n for n in POLICIES if policy(n).needs_values] == ["similarity"]
+    assert [n for n in POLICIES if policy(n).needs_focus] == ["region"]
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        policy("nope")
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*(root / "headrouter_vllm").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]:
+        if "routing/policies" in path.as_posix():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                names = {s.value for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, str)}
+                for side in sides:  # "... in ('headrouter', 'oracle')"
+                    if isinstance(side, (ast.Tuple, ast.List, ast.Set)):
+                        names |= {e.value for e in side.elts if isinstance(e, ast.Constant)}
+                if names & set(POLICIES) and "policy" in ast.unparse(node):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, offenders

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from headrouter_vllm.api.options import RouteOptions
 from headrouter_vllm.config import HeadRouterConfig
 from headrouter_vllm.kernels.probe_scores import probe_scores
+from headrouter_vllm.options import RouteOptions
 from headrouter_vllm.plan import keep_count, make_plan
 from headrouter_vllm.routing import select_shared
 

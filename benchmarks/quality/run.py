@@ -7,6 +7,8 @@ import gc
 
 from headrouter_vllm.listening import suite
 from headrouter_vllm.listening.train import prompt_text
+from headrouter_vllm.routing.policies import PER_HEAD_POLICIES
+from headrouter_vllm.routing.policies import policy as policy_named
 
 MAX_TOKENS = 12  # the longest answer ("digits 1 2 3 4 5" + <|im_end|>) is 7 tokens
 
@@ -40,8 +42,6 @@ class Method:
 
 def methods(retentions: list[float], policies: list[str], in_prompt_policies: list[str],
             per_head_policies: list[str] = ()) -> list[Method]:
-    from headrouter_vllm.plan import PER_HEAD_POLICIES
-
     for name in per_head_policies:
         if name.partition(":")[0] not in PER_HEAD_POLICIES:
             raise ValueError(f"per_head mode applies to the policies {PER_HEAD_POLICIES} (the baselines stay "
@@ -54,8 +54,8 @@ def methods(retentions: list[float], policies: list[str], in_prompt_policies: li
             for name in names:
                 spec, _, probe_point = name.partition("@")
                 policy, _, task = spec.partition(":")
-                out.append(Method(policy, r, semantics, task or ("named" if policy == "oracle" else None), mode,
-                                  probe_point or None))
+                task = task or ("named" if policy_named(policy).needs_true_task else None)
+                out.append(Method(policy, r, semantics, task, mode, probe_point or None))
     return out
 
 
@@ -88,7 +88,7 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
     requests."""
     from vllm import LLM, SamplingParams
 
-    from headrouter_vllm.api.options import route_args
+    from headrouter_vllm.options import route_args
 
     section = {"retention": 1.0, "semantics": semantics}
     if mode == "per_head":  # served by HeadRouter's backend; on CPU with the kernels' torch references
@@ -108,7 +108,8 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                             named = {"named": task, "auto": "auto", None: None}[method.task]
                             extra = route_args(retention=method.retention, policy=method.policy, task=named,
                                                probe_point=method.probe_point,
-                                               focus=oracle_focus(clip, task) if method.policy == "region" else None)
+                                               focus=oracle_focus(clip, task)
+                                               if policy_named(method.policy).needs_focus else None)
                         jobs.append((clip, task, method))
                         prompts.append({"prompt": prompt_text(suite.QUESTIONS[task]),
                                         "multi_modal_data": {"audio": (clip.wave, suite.SAMPLE_RATE)}})

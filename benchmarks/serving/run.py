@@ -104,8 +104,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
-    from headrouter_vllm.api.options import route_args
     from headrouter_vllm.models import adapter_for_model_dir
+    from headrouter_vllm.options import route_args
 
     adapter = adapter_for_model_dir(model)
     extra = {}

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from headrouter_vllm.api import limits
-from headrouter_vllm.api.options import OPTION_KEYS, XARG_FOCUS, XARG_TASK, OptionError, parse_route_options
+from headrouter_vllm.options import OPTION_KEYS, XARG_FOCUS, XARG_TASK, OptionError, parse_route_options
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 

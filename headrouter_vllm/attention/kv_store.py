@@ -28,11 +28,11 @@ from headrouter_vllm.attention.kernels import split_kv_cache
 from headrouter_vllm.kernels.head_sparse_paged_attention.reference import gather_slots
 from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.plan import RoutePlan, compaction_moves
+from headrouter_vllm.route_state import ProbeItem, RouteState
 
 if TYPE_CHECKING:
     from types import SimpleNamespace
 
-    from headrouter_vllm.route_step import ProbeItem, RouteState
 
 # vLLM 0.32 backend name -> the store that reads its cache. Any other backend is refused at startup.
 CPU_ATTN = "CPU_ATTN"

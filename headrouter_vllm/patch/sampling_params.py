@@ -13,7 +13,7 @@ of ``extra_args`` are unaffected.
 
 from __future__ import annotations
 
-from headrouter_vllm.api.options import OPTION_KEYS, OptionError, parse_route_options
+from headrouter_vllm.options import OPTION_KEYS, OptionError, parse_route_options
 
 
 def apply():

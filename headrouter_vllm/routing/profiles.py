@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
-from headrouter_vllm.config import PROBE_POINTS
+from headrouter_vllm.names import GROUPS, PROBE_POINTS
 from headrouter_vllm.routing.router import Profile
 from headrouter_vllm.routing.select import Coverage
-from headrouter_vllm.routing.tasks import GROUPS
 
 FORMAT = "headrouter-profiles"
 VERSION = 1

@@ -8,21 +8,10 @@ that group. A profile file may add tasks of its own (see :mod:`headrouter_vllm.r
 
 from __future__ import annotations
 
-GROUPS = ("semantic", "acoustic", "mixed")
-AUTO = "auto"
+from headrouter_vllm.names import AUTO, BUILTIN_TASKS, GROUPS
 
-BUILTIN_TASKS: dict[str, str] = {
-    "asr": "semantic",
-    "ser": "semantic",
-    "scr": "semantic",
-    "sed": "acoustic",
-    "music_genre": "acoustic",
-    "scene": "acoustic",
-    "spoof": "acoustic",
-    "speaker_age": "acoustic",
-    "speaker_gender": "acoustic",
-    "emotion": "acoustic",
-}
+__all__ = ["AUTO", "BUILTIN_TASKS", "GROUPS", "TASK_PRIOR_WEIGHT", "check_task", "group_prior", "known_tasks",
+           "register_operator_tasks", "task_group", "task_prior"]
 
 # How strongly a named task leans to its group; the rest is spread evenly (a prior, not a hard switch).
 TASK_PRIOR_WEIGHT = 0.8

@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
+from headrouter_vllm.names import PROBE_POINTS
+from headrouter_vllm.routing.policies import POLICIES, REGISTRY, policy
 from headrouter_vllm.routing.tasks import check_task
 
 XARG_TASK = "headrouter_task"
@@ -97,17 +99,18 @@ class RouteOptions(BaseModel):
     def _focus_goes_with_region(self, info: ValidationInfo) -> RouteOptions:
         if info.context and info.context.get("one_key"):  # one option checked alone: its pair may be elsewhere
             return self
-        if self.policy == "region" and self.focus is None:
-            raise ValueError("policy 'region' keeps the audio the request names: set headrouter_focus too")
-        if self.focus is not None and self.policy != "region":
-            raise ValueError("headrouter_focus is read by policy 'region' only: set headrouter_policy to region")
+        reads_focus = self.policy is not None and policy(self.policy).needs_focus
+        if reads_focus and self.focus is None:
+            raise ValueError(f"policy {self.policy!r} keeps the audio the request names: set headrouter_focus too")
+        if self.focus is not None and not reads_focus:
+            focus_policies = [p.name for p in REGISTRY.values() if p.needs_focus]
+            raise ValueError(f"headrouter_focus is read by policy {' or '.join(map(repr, focus_policies))} only: set "
+                             f"headrouter_policy to {focus_policies[0]}")
         return self
 
     @field_validator("probe_point", mode="before")
     @classmethod
     def _probe_point(cls, value: Any) -> Any:
-        from headrouter_vllm.config import PROBE_POINTS
-
         if value is not None and value not in PROBE_POINTS:
             raise ValueError(f"unknown probe point {value!r}; choose one of {', '.join(PROBE_POINTS)}")
         return value
@@ -115,8 +118,6 @@ class RouteOptions(BaseModel):
     @field_validator("policy", mode="before")
     @classmethod
     def _policy(cls, value: Any) -> Any:
-        from headrouter_vllm.routing.policies import POLICIES
-
         if value is not None and value not in POLICIES:
             raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICIES)}")
         return value
