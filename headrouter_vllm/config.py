@@ -11,6 +11,9 @@ import dataclasses
 import difflib
 import math
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,8 +93,8 @@ class HeadRouterConfig:
     default_task: str = "auto"
     policy: str | None = None
     profiles: str | None = None
-    seed: int = 0
-    record_probes: bool = False
+    seed: int = dataclasses.field(default=0, metadata={"cli": False})  # vLLM's serve has its own --seed
+    record_probes: bool = dataclasses.field(default=False, metadata={"cli": False})  # calibration, in-process
     attention: Literal["auto", "platform", "triton", "torch"] = "auto"
     admission_headroom: int = 0
 
@@ -231,6 +234,54 @@ class HeadRouterConfig:
         return config
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One engine setting, as the CLI and the docs show it (from the config's fields and their docs)."""
+
+    name: str
+    type: type  # float, int, str or bool (of the value, ``None`` aside)
+    choices: tuple[str, ...] | None
+    default: Any
+    doc: str  # the field's text in ``HeadRouterConfig``'s Attributes
+    cli: bool  # ``headrouter-vllm serve --<name>`` exists
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def settings() -> list[Setting]:
+    """Every ``HeadRouterConfig`` field, in order: the one list the CLI's engine flags and the README's settings
+    table are made from (``tests/test_config.py`` checks the README against it)."""
+    hints = typing.get_type_hints(HeadRouterConfig)
+    docs = _attribute_docs(HeadRouterConfig.__doc__ or "")
+    out = []
+    for field in dataclasses.fields(HeadRouterConfig):
+        hint = hints[field.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kind = next(t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None))
+        choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+        kind = str if choices else kind
+        out.append(Setting(field.name, kind, choices, field.default, docs.get(field.name, ""),
+                           field.metadata.get("cli", True)))
+    return out
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """``name: text`` entries of a Google-style ``Attributes:`` section, each text on one line."""
+    lines = doc.split("Attributes:", 1)[-1].splitlines()
+    docs: dict[str, list[str]] = {}
+    current = None
+    for line in lines:
+        match = re.match(r"^ {8}(\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            docs[current] = [match.group(2)]
+        elif current and line.startswith(" " * 12):
+            docs[current].append(line.strip())
+    return {name: " ".join(parts) for name, parts in docs.items()}
+
+
 def check_retention(value: Any, name: str) -> float:
     """A retention is a real number in (0, 1]; returns it as float or raises ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -251,6 +302,8 @@ class Environment:
     cache_dir: Path
     # The attention of ``headrouter.attention = "auto"`` (tests select the Triton backend on CPU with it).
     attention: str | None
+    # $HEADROUTER_MAX_BODY_MB as set (the HTTP edge's body limit, checked in api/limits.py); "" when unset.
+    max_body_mb: str
 
 
 def environment() -> Environment:
@@ -260,4 +313,5 @@ def environment() -> Environment:
     attention = os.environ.get("HEADROUTER_ATTENTION") or None
     if attention is not None and attention not in ATTENTION[1:]:
         raise ConfigError(f"HEADROUTER_ATTENTION must be one of {ATTENTION[1:]}, got {attention!r}")
-    return Environment(poison_value=float(poison) if poison else None, cache_dir=Path(cache), attention=attention)
+    return Environment(poison_value=float(poison) if poison else None, cache_dir=Path(cache), attention=attention,
+                       max_body_mb=os.environ.get("HEADROUTER_MAX_BODY_MB", "").strip())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shlex
 import types
 
@@ -266,7 +268,7 @@ def test_serve_command(capsys):
     cmd = shlex.split(capsys.readouterr().out)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     config = json.loads(cmd[cmd.index("--additional-config") + 1])
-    assert config == {"headrouter": {"retention": 0.5, "semantics": "after_prompt", "default_task": "auto"}}
+    assert config == {"headrouter": {"retention": 0.5}}  # only what the command line sets
     assert cmd[cmd.index("--middleware") + 1] == "headrouter_vllm.api.middleware.HeadRouterMiddleware"
     assert "--no-enable-prefix-caching" in cmd and cmd[-2:] == ["--port", "8001"]
 
@@ -329,3 +331,28 @@ def test_headrouter_classes_without_a_headrouter_section_refuse_to_start(monkeyp
         cls(vllm_config) if component == "model runner" else cls()
     assert HeadRouterConfig.required_from_vllm_config(
         types.SimpleNamespace(additional_config={"headrouter": {"retention": 0.5}}), component).retention == 0.5
+
+
+def test_engine_settings_are_one_list_for_the_config_the_cli_and_the_readme():
+    """The serve flags and the README's settings table are made from ``HeadRouterConfig``'s fields: a field added
+    to the config without its flag, its doc or its README row fails here."""
+    import argparse
+    from pathlib import Path
+
+    from headrouter_vllm.cli import add_engine_settings
+    from headrouter_vllm.config import settings
+    from headrouter_vllm.names import ATTENTION, MODES, PROBE_POINTS, SEMANTICS
+
+    fields = [s.name for s in settings()]
+    assert fields == [f.name for f in dataclasses.fields(HeadRouterConfig)]
+    assert all(s.doc for s in settings()), [s.name for s in settings() if not s.doc]
+    choices = {s.name: s.choices for s in settings() if s.choices}
+    assert choices == {"mode": MODES, "semantics": SEMANTICS, "probe_point": PROBE_POINTS, "attention": ATTENTION}
+    parser = argparse.ArgumentParser()
+    add_engine_settings(parser)
+    flags = {a.dest for a in parser._actions if a.dest != "help"}
+    assert flags == {s.name for s in settings() if s.cli} == set(fields) - {"seed", "record_probes"}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("### Engine settings", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)
+    assert sorted(rows) == sorted(fields) and len(rows) == len(set(rows)), (rows, fields)

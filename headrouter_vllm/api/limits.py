@@ -5,8 +5,9 @@ the longest audio)."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
+
+from headrouter_vllm.config import environment
 
 _max_audio_seconds: float | None = None
 
@@ -30,7 +31,7 @@ def max_audio_seconds() -> float | None:
 
 def configured_body_limit() -> int | None:
     """``HEADROUTER_MAX_BODY_MB`` in bytes (0: no limit); ``None`` when unset. Raises ValueError for a bad value."""
-    value = os.environ.get(BODY_LIMIT_ENV, "").strip()
+    value = environment().max_body_mb
     if not value:
         return None
     try:
