@@ -10,6 +10,7 @@ import sys
 
 from headrouter_vllm.config import ConfigError, HeadRouterConfig, settings
 from headrouter_vllm.names import SEMANTICS
+from headrouter_vllm.routing.context import routing_context
 
 MIDDLEWARE = "headrouter_vllm.api.middleware.HeadRouterMiddleware"
 
@@ -21,7 +22,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
 
     # only what the command line sets: the rest keeps the config's defaults
     section = {s.name: getattr(args, s.name) for s in settings() if s.cli and getattr(args, s.name) is not None}
-    HeadRouterConfig.from_dict(section)  # fail here, before a 30 s server start
+    routing_context(HeadRouterConfig.from_dict(section))  # fail here (the profile file too), before a 30 s start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
            "--additional-config", json.dumps({"headrouter": section}),
            "--scheduler-cls", SCHEDULER_CLS, "--middleware", MIDDLEWARE, "--no-enable-prefix-caching"]

@@ -17,11 +17,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from headrouter_vllm.log import get_logger
 from headrouter_vllm.names import ATTENTION, CONFIG_KEY, MODES, PROBE_POINTS, SEMANTICS
 from headrouter_vllm.routing.policies import POLICIES, policy
-from headrouter_vllm.routing.profiles import ProfileError, ProfileSet
-from headrouter_vllm.routing.tasks import check_task, register_operator_tasks, task_group
+from headrouter_vllm.routing.tasks import check_task
 
 __all__ = ["ATTENTION", "CONFIG_KEY", "MODES", "PROBE_POINTS", "SEMANTICS", "ConfigError", "Environment",
            "HeadRouterConfig", "check_retention", "environment"]
@@ -137,56 +135,20 @@ class HeadRouterConfig:
         if self.mode == "per_head" and self.attention == "platform":
             raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' or 'torch' (vLLM's own attention "
                               "cannot skip each head's pruned slots)")
-        profiles = None
-        if self.profiles is not None:
-            profiles = self.load_profiles()
-            register_operator_tasks(profiles.task_names())
-            uses_first_token = "first_token" in (profiles.probe_point.values() if isinstance(profiles.probe_point, dict)
-                                                 else (profiles.probe_point,))
-            if uses_first_token and (self.semantics != "after_prompt" or self.mode == "per_head"):
-                get_logger(__name__).warning(
-                    "the profile file's probe point 'first_token' does not apply to a %s engine: requests that "
-                    "name no probe point probe the prompt", "per_head" if self.mode == "per_head" else self.semantics)
-                profiles = None
-        # the file's probe point(s) and task table, for probe_point_for
-        object.__setattr__(self, "_profile_probe_point", None if profiles is None else (profiles.probe_point,
-                                                                                        profiles.tasks))
-        try:
-            check_task(self.default_task)
-        except ValueError as e:
-            raise ConfigError(f"headrouter.default_task: {e}") from None
+        if self.profiles is not None and not isinstance(self.profiles, str):
+            raise ConfigError(f"headrouter.profiles must be a path, got {self.profiles!r}")
+        if self.profiles is None:  # with a profile file, its tasks count too: the routing context checks then
+            try:
+                check_task(self.default_task)
+            except ValueError as e:
+                raise ConfigError(f"headrouter.default_task: {e}") from None
+        elif not isinstance(self.default_task, str):
+            raise ConfigError(f"headrouter.default_task must be a task name, got {self.default_task!r}")
 
     @property
     def default_policy(self) -> str:
         """The policy of requests that name none: ``policy``, else ``coverage`` (``headrouter`` in ``per_head``)."""
         return self.policy or ("headrouter" if self.mode == "per_head" else "coverage")
-
-    def probe_point_for(self, task: str) -> str:
-        """The probe point of a request that names none, routed by ``task``: ``probe_point``, else the profile
-        file's for that task (on an ``after_prompt``, ``shared`` engine: the others probe the prompt, see
-        ``__post_init__``), else ``prompt``."""
-        if self.probe_point is not None:
-            return self.probe_point
-        point, tasks = getattr(self, "_profile_probe_point", None) or (None, None)
-        if isinstance(point, dict):
-            point = point[task_group(task, tasks)]
-        return point or "prompt"
-
-    @property
-    def default_probe_point(self) -> str:
-        """The probe point of requests that name neither a probe point nor a task."""
-        return self.probe_point_for(self.default_task)
-
-    def load_profiles(self):
-        """The profile file's contents, or ``None`` without one; a bad file is a ConfigError."""
-        if self.profiles is None:
-            return None
-        if not isinstance(self.profiles, str):
-            raise ConfigError(f"headrouter.profiles must be a path, got {self.profiles!r}")
-        try:
-            return ProfileSet.load(self.profiles)
-        except ProfileError as e:
-            raise ConfigError(f"headrouter.profiles: {e}") from None
 
     def resolved_attention(self, on_cuda: bool = False) -> str:
         """``platform``, ``triton`` or ``torch`` (see ``attention``) on this machine."""

@@ -36,6 +36,7 @@ from headrouter_vllm.patch.attention_forward import wrap_impl_forward
 from headrouter_vllm.plan import cdiv, chunk_budget, make_plan
 from headrouter_vllm.route_state import ProbeItem, ProbeLog, RouteState
 from headrouter_vllm.route_step import LayerCaches, RouteContext, RouteStep
+from headrouter_vllm.routing.context import routing_context
 
 logger = get_logger(__name__)
 
@@ -50,7 +51,7 @@ class HeadRouterRunnerMixin:
         self.hr_config = HeadRouterConfig.required_from_vllm_config(vllm_config, "model runner")
         hf_config = vllm_config.model_config.hf_config
         self.hr_adapter = adapter_for(hf_config)
-        self.hr_profiles = self.hr_config.load_profiles()
+        self.hr_profiles = routing_context(self.hr_config).profiles
         self.hr_probe_layer = resolve_probe_layer(self.hr_config, hf_config, self.hr_profiles)
         self.hr_routes: dict[str, RouteState] = {}  # planned, not yet compacted
         self.hr_removed: dict[str, int] = {}  # compacted: KV slots removed

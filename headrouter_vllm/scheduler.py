@@ -21,6 +21,7 @@ from headrouter_vllm.models import adapter_for, audio_spans
 from headrouter_vllm.options import parse_route_options
 from headrouter_vllm.patch.kv_cache_coordinator import wrap_block_accounting
 from headrouter_vllm.plan import RoutePlan, cdiv, chunk_budget, make_plan
+from headrouter_vllm.routing.context import routing_context
 
 logger = get_logger(__name__)
 
@@ -46,6 +47,7 @@ class HeadRouterScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hr_config = HeadRouterConfig.required_from_vllm_config(self.vllm_config, "scheduler")
+        routing_context(self.hr_config)  # reads the profile file once: its tasks become valid request tasks here
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():

@@ -50,8 +50,12 @@ def test_defaults():
     ({"admission_headroom": True}, "admission_headroom must be a non-negative integer"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_settings_are_clear_errors(values, message):
+    """At startup: the config's values when it is built, the profile file when the process builds its routing
+    context (the front end, the scheduler and each runner do, before any request)."""
+    from headrouter_vllm.routing.context import routing_context
+
     with pytest.raises(ConfigError, match=None) as info:
-        HeadRouterConfig.from_dict(values)
+        routing_context(HeadRouterConfig.from_dict(values))
     assert message in str(info.value)
 
 

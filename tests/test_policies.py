@@ -11,6 +11,7 @@ from headrouter_vllm.config import HeadRouterConfig
 from headrouter_vllm.options import RouteOptions
 from headrouter_vllm.plan import compaction_moves, make_plan
 from headrouter_vllm.routing.budgets import per_head_budgets
+from headrouter_vllm.routing.context import routing_context
 from headrouter_vllm.routing.policies import POLICIES, RouteSettings, SpanProbe, select, uniform_indices
 from headrouter_vllm.routing.profiles import ModelIdentity, ProfileError, ProfileSet
 from headrouter_vllm.routing.router import Profile, route
@@ -223,7 +224,7 @@ def test_profile_tasks_become_valid_request_tasks(tmp_path):
     path = tmp_path / "p.json"
     make_profiles().save(path)
     try:
-        assert HeadRouterConfig(profiles=str(path)).load_profiles().task_names() == ("karaoke",)
+        assert routing_context(HeadRouterConfig(profiles=str(path))).profiles.task_names() == ("karaoke",)
         assert parse_route_options({"headrouter_task": "karaoke"}).task == "karaoke"
     finally:
         tasks.register_operator_tasks(())
@@ -394,12 +395,13 @@ def test_profile_file_probe_point_is_the_engines_default(tmp_path):
     path = tmp_path / "p.json"
     profiles = dataclasses.replace(make_profiles(), probe_point="first_token", tasks={})  # registers no task
     profiles.save(path)
-    assert HeadRouterConfig(profiles=str(path)).default_probe_point == "first_token"
-    assert HeadRouterConfig(profiles=str(path), probe_point="prompt").default_probe_point == "prompt"
-    assert HeadRouterConfig().default_probe_point == "prompt"
+    assert routing_context(HeadRouterConfig(profiles=str(path))).default_probe_point == "first_token"
+    assert routing_context(HeadRouterConfig(profiles=str(path), probe_point="prompt")).default_probe_point == "prompt"
+    assert routing_context(HeadRouterConfig()).default_probe_point == "prompt"
     # engines whose prompt-step pruning first_token would bypass keep the prompt probe
-    assert HeadRouterConfig(profiles=str(path), semantics="in_prompt").default_probe_point == "prompt"
-    assert HeadRouterConfig(profiles=str(path), mode="per_head", attention="torch").default_probe_point == "prompt"
+    assert routing_context(HeadRouterConfig(profiles=str(path), semantics="in_prompt")).default_probe_point == "prompt"
+    per_head = HeadRouterConfig(profiles=str(path), mode="per_head", attention="torch")
+    assert routing_context(per_head).default_probe_point == "prompt"
     data = profiles.to_json()
     data["probe_point"] = "last_token"
     with pytest.raises(ProfileError, match="probe_point"):
@@ -418,12 +420,13 @@ def test_profile_file_probe_point_per_group_follows_the_task(tmp_path):
              "beeps": {"semantic": 0.1, "acoustic": 0.8, "mixed": 0.1}}
     dataclasses.replace(make_profiles(), probe_point=points, tasks=tasks).save(path)
     config = HeadRouterConfig(profiles=str(path))
+    context = routing_context(config)
     expected = {"asr": "prompt", "semantic": "prompt", "sed": "first_token", "acoustic": "first_token",
                 "digits": "prompt", "beeps": "first_token", "auto": "first_token", "mixed": "first_token"}
-    assert {task: config.probe_point_for(task) for task in expected} == expected
-    assert config.default_probe_point == "first_token"  # default task auto
-    assert HeadRouterConfig(profiles=str(path), probe_point="prompt").probe_point_for("sed") == "prompt"
-    assert HeadRouterConfig(profiles=str(path), semantics="in_prompt").probe_point_for("sed") == "prompt"
+    assert {task: context.probe_point_for(task) for task in expected} == expected
+    assert context.default_probe_point == "first_token"  # default task auto
+    for named in (dict(probe_point="prompt"), dict(semantics="in_prompt")):
+        assert routing_context(HeadRouterConfig(profiles=str(path), **named)).probe_point_for("sed") == "prompt"
     spans, length = [(3, 40)], 60
     assert make_plan(RouteOptions(task="sed", retention=0.5), config, spans, length).probe_point == "first_token"
     assert make_plan(RouteOptions(task="asr", retention=0.5), config, spans, length).probe_point == "prompt"

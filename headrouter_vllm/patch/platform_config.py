@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from headrouter_vllm.config import ConfigError, HeadRouterConfig
 from headrouter_vllm.log import get_logger
+from headrouter_vllm.routing.context import routing_context
 
 logger = get_logger(__name__)
 
@@ -40,7 +41,7 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
 
     limits.set_max_audio_seconds(adapter_for(hf_config).max_audio_seconds)
     try:
-        resolve_probe_layer(config, hf_config, config.load_profiles())
+        resolve_probe_layer(config, hf_config, routing_context(config).profiles)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     sched = vllm_config.scheduler_config
