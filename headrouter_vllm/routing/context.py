@@ -43,13 +43,22 @@ class RoutingContext:
         return self.probe_point_for(self.config.default_task)
 
 
-@functools.lru_cache(maxsize=16)
 def routing_context(config: HeadRouterConfig) -> RoutingContext:
-    """The context of ``config`` in this process (built once: the file is read once per process and config)."""
+    """The context of ``config`` in this process; its profile file's tasks become valid request tasks here (again
+    on every call: cheap, and right after anything reset the table)."""
+    context = _built_context(config)
+    if context.profiles is not None:
+        register_operator_tasks(context.profiles.task_names())
+    return context
+
+
+@functools.lru_cache(maxsize=16)
+def _built_context(config: HeadRouterConfig) -> RoutingContext:
+    """Built once per process and config: the file is read once."""
     profiles = load_profiles(config.profiles)
     point = None
     if profiles is not None:
-        register_operator_tasks(profiles.task_names())
+        register_operator_tasks(profiles.task_names())  # default_task may be one of them
         point = profiles.probe_point
         uses_first_token = "first_token" in (point.values() if isinstance(point, dict) else (point,))
         if uses_first_token and (config.semantics != "after_prompt" or config.mode == "per_head"):
