@@ -88,19 +88,25 @@ def server(tiny_model, tmp_path_factory):
         stop_server(state["proc"])
 
 
-# HEADROUTER_FULL_MATRIX=1: run every combination, the ones deselected for CI time included (hours on 2 cores)
-FULL_MATRIX = os.environ.get("HEADROUTER_FULL_MATRIX", "") == "1"
+# HEADROUTER_FULL_MATRIX=1: run every combination, the ones deselected for CI time included (hours on 2 cores);
+# =rest: only those (the complement of what CI runs)
+FULL_MATRIX = os.environ.get("HEADROUTER_FULL_MATRIX", "")
 
 
 def pytest_collection_modifyitems(config, items):
     """A test module may narrow its cross product of parameters with ``collect_only_if(item) -> bool``: the items it
-    declines are deselected (reported as such), not skipped, unless ``HEADROUTER_FULL_MATRIX=1``."""
-    if FULL_MATRIX:
+    declines are deselected (reported as such), not skipped, unless ``HEADROUTER_FULL_MATRIX=1`` (``rest``: only
+    those)."""
+    if FULL_MATRIX not in ("", "1", "rest"):
+        raise pytest.UsageError(f"HEADROUTER_FULL_MATRIX must be 1 or rest, got {FULL_MATRIX!r}")
+    if FULL_MATRIX == "1":
         return
     keep, deselected = [], []
     for item in items:
         rule = getattr(item.module, "collect_only_if", None)
         (keep if rule is None or rule(item) else deselected).append(item)
+    if FULL_MATRIX == "rest":
+        keep, deselected = deselected, keep
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = keep
