@@ -96,7 +96,7 @@ def test_whisper_conversion_transcribes_speech(wheel):
 
     from headrouter_vllm.audio import speak
     from headrouter_vllm.listening import ct2
-    from headrouter_vllm.models.build import feature_extractor
+    from headrouter_vllm.models.checkpoint import feature_extractor
 
     config = WhisperConfig(vocab_size=51864, num_mel_bins=80, d_model=384, encoder_layers=4, decoder_layers=4,
                            encoder_attention_heads=6, decoder_attention_heads=6, encoder_ffn_dim=1536,

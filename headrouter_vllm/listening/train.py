@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from headrouter_vllm.listening import suite
+from headrouter_vllm.listening import features, suite
+from headrouter_vllm.listening.model import build_untrained, processor_features, save_trained
 
 NEG = torch.finfo(torch.float32).min
 USER_PREFIX = "<|im_start|>user\nAudio 1: <|audio_bos|>"
@@ -103,9 +104,6 @@ def encoder_cache(split: str, count: int, work: Path, wheel=None) -> list[tuple[
         return torch.load(path)
     from tqdm import tqdm
 
-    from headrouter_vllm.listening import features
-    from headrouter_vllm.listening.model import build_untrained, processor_features
-
     clips = suite.generate(split, count, progress=True)
     model, _, _ = build_untrained(0, wheel)
     encoder = model.model.audio_tower.eval()
@@ -152,8 +150,6 @@ def teacher_forced_accuracy(model, layout, items, pad_id, batch: int = 16) -> di
 def train(seed: int, out: Path, work: Path, steps: int, batch: int, lr: float, minutes: float,
           train_clips: int, eval_clips: int, wheel=None, threads: int = 2) -> dict:
     from tqdm import tqdm
-
-    from headrouter_vllm.listening.model import build_untrained, save_trained
 
     torch.set_num_threads(threads)
     train_items = [(a, f.float()) for a, f in encoder_cache("train", train_clips, work, wheel)]

@@ -18,42 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-AUDIO_SPECIALS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
-
-
-def _save_processor(out: Path, tok, mel_bins: int = 128) -> None:
-    from transformers import GenerationConfig, Qwen2AudioProcessor
-
-    fe = feature_extractor(mel_bins)
-    Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=tok.chat_template).save_pretrained(out)
-    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
-
-
-def feature_extractor(mel_bins: int = 128, chunk_length: int = 30):
-    from transformers import WhisperFeatureExtractor
-
-    return WhisperFeatureExtractor(feature_size=mel_bins, sampling_rate=16000, hop_length=160,
-                                   chunk_length=chunk_length, n_fft=400)
-
-
-def qwen2_audio_config(tok, audio: dict, text: dict, dtype: str):
-    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2Config
-
-    text_cfg = Qwen2Config(tie_word_embeddings=True, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, **text)
-    audio = {"num_mel_bins": 128, "max_source_positions": 1500, **audio}
-    cfg = Qwen2AudioConfig(audio_config=Qwen2AudioEncoderConfig(**audio),
-                           text_config=text_cfg, audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
-    cfg.dtype = dtype
-    cfg.architectures = ["Qwen2AudioForConditionalGeneration"]
-    return cfg
+from headrouter_vllm.listening.model import build_listening_model
+from headrouter_vllm.models import omni
+from headrouter_vllm.models.checkpoint import AUDIO_SPECIALS, qwen2_audio_config, save_checkpoint, save_processor
+from headrouter_vllm.models.tokenizer import build_tokenizer
 
 
 def build_tiny_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2AudioForConditionalGeneration
-
-    from headrouter_vllm.models.tokenizer import build_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,29 +49,8 @@ def build_tiny_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def save_checkpoint(model, cfg, tok, out: Path) -> None:
-    """Write the checkpoint in the original Qwen2-Audio key layout that vLLM loads (transformers 5.x would
-    write language_model.model.model.*), with lm_head tied as vLLM ties it (transformers' Qwen2Audio does not
-    tie: the explicit lm_head makes both see the same weights)."""
-    from safetensors.torch import save_file
-
-    state = {}
-    for name, p in model.state_dict().items():
-        key = name.replace("model.language_model.", "language_model.model.").replace(
-            "model.audio_tower.", "audio_tower.").replace("model.multi_modal_projector.", "multi_modal_projector.")
-        key = key.replace("lm_head.", "language_model.lm_head.") if key.startswith("lm_head.") else key
-        state[key] = p.detach().contiguous().clone()
-    state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"].clone()
-    cfg.save_pretrained(out)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(out)
-    _save_processor(out, tok, mel_bins=cfg.audio_config.num_mel_bins)
-
-
 def build_qwen2_audio_7b_shape(out: str | Path) -> Path:
     """Qwen2-Audio-7B's config (32 q / 32 kv heads, d 128, 32 layers) without weights: use load_format=dummy."""
-    from headrouter_vllm.models.tokenizer import build_tokenizer
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(AUDIO_SPECIALS)
@@ -111,7 +63,7 @@ def build_qwen2_audio_7b_shape(out: str | Path) -> Path:
     cfg.text_config.tie_word_embeddings = False
     cfg.save_pretrained(out)
     tok.save_pretrained(out)
-    _save_processor(out, tok)
+    save_processor(out, tok)
     (out / "HEADROUTER_DUMMY_WEIGHTS").write_text(json.dumps({"load_format": "dummy"}) + "\n")
     return out
 
@@ -120,8 +72,6 @@ def build_qwen2_audio_7b_width(out: str | Path, num_layers: int = 2) -> Path:
     """Qwen2-Audio-7B's width (hidden 4096, 32 q / 32 kv heads, d 128, MLP 11008; audio encoder d 1280) with
     ``num_layers`` LM and encoder layers and the local tokenizer's vocabulary, without weights: a CPU-sized
     stand-in with the real model's per-token KV and attention shapes, for ``load_format=dummy`` benchmarks."""
-    from headrouter_vllm.models.tokenizer import build_tokenizer
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(AUDIO_SPECIALS)
@@ -133,27 +83,13 @@ def build_qwen2_audio_7b_width(out: str | Path, num_layers: int = 2) -> Path:
         dtype="float32")
     cfg.save_pretrained(out)
     tok.save_pretrained(out)
-    _save_processor(out, tok)
+    save_processor(out, tok)
     (out / "HEADROUTER_DUMMY_WEIGHTS").write_text(json.dumps({"load_format": "dummy"}) + "\n")
     return out
 
 
 def build_listening_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
-    from headrouter_vllm.listening.model import build_listening_model
-
     return build_listening_model(out, seed=seed)
-
-
-def _omni(name: str):
-    def build(out):
-        from headrouter_vllm.models import omni
-
-        return {"tiny": omni.build_tiny_qwen2_5_omni,
-                "7b-shape": lambda o: omni.build_qwen2_5_omni_shape(o, "7b"),
-                "3b-shape": lambda o: omni.build_qwen2_5_omni_shape(o, "3b"),
-                "7b-width-2l": lambda o: omni.build_qwen2_5_omni_width(o, "7b")}[name](out)
-
-    return build
 
 
 BUILDERS = {
@@ -163,10 +99,10 @@ BUILDERS = {
     "qwen2-audio-7b-shape": build_qwen2_audio_7b_shape,
     "qwen2-audio-7b-width-2l": build_qwen2_audio_7b_width,
     "qwen2-audio-7b-width-8l": lambda out: build_qwen2_audio_7b_width(out, num_layers=8),
-    "tiny-qwen2.5-omni": _omni("tiny"),
-    "qwen2.5-omni-7b-shape": _omni("7b-shape"),
-    "qwen2.5-omni-3b-shape": _omni("3b-shape"),
-    "qwen2.5-omni-7b-width-2l": _omni("7b-width-2l"),
+    "tiny-qwen2.5-omni": omni.build_tiny_qwen2_5_omni,
+    "qwen2.5-omni-7b-shape": lambda out: omni.build_qwen2_5_omni_shape(out, "7b"),
+    "qwen2.5-omni-3b-shape": lambda out: omni.build_qwen2_5_omni_shape(out, "3b"),
+    "qwen2.5-omni-7b-width-2l": lambda out: omni.build_qwen2_5_omni_width(out, "7b"),
 }
 
 

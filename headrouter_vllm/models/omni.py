@@ -19,6 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from headrouter_vllm.models.checkpoint import feature_extractor
+from headrouter_vllm.models.tokenizer import QWEN2_5_OMNI_CHAT_TEMPLATE, build_tokenizer
+
 # the special tokens the Omni processor reads as tokenizer attributes
 NAMED_SPECIALS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
                   "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
@@ -36,8 +39,6 @@ REAL_MROPE = [16, 24, 24]
 
 
 def omni_tokenizer():
-    from headrouter_vllm.models.tokenizer import QWEN2_5_OMNI_CHAT_TEMPLATE, build_tokenizer
-
     return build_tokenizer(chat_template=QWEN2_5_OMNI_CHAT_TEMPLATE, named_specials=NAMED_SPECIALS)
 
 
@@ -70,8 +71,6 @@ def save_omni(out: Path, thinker_cfg, tok, state: dict | None = None, dummy: boo
     from safetensors.torch import save_file
     from transformers import GenerationConfig, Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniConfig
-
-    from headrouter_vllm.models.build import feature_extractor
 
     out.mkdir(parents=True, exist_ok=True)
     # the talker (speech output) is off; transformers warns that its default token ids lie outside this vocabulary
