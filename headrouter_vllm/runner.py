@@ -131,7 +131,7 @@ class HeadRouterRunnerMixin:
             num_kv_heads=self.hr_route_rows.kept.shape[1], kv_heads=self.hr_kv_heads, tp_size=self.hr_tp_size,
             gather_heads=self._all_heads, upper_layers=frozenset(upper), poison=environment().poison_value)
         if self.hr_config.semantics == "prefill":
-            from headrouter_vllm.prefill import PrefillShortener
+            from headrouter_vllm.patch.prefill_hooks import PrefillShortener
 
             decoder = self.get_model().get_submodule(self.hr_adapter.decoder_model)
             self.hr_context.prefill = PrefillShortener(self, decoder, self.hr_probe_layer, upper)
