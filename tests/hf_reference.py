@@ -1,13 +1,14 @@
-"""An HF-transformers reference of HeadRouter on Qwen2-Audio (eager attention, fp32), independent of the
-engine's attention code: full prefill; the probe from ``output_attentions[probe_layer]`` (the rows after the
-audio, mean over rows, at the audio columns; the last row for FastV; value vectors from ``v_proj`` for the
-similarity policy); the kept set from the same routing policy the engine calls; the other audio KV deleted
-from every layer; greedy decode with the original positions. ``in_prompt``: the prefill is re-run with the
-rows after the audio masked from the dropped audio in layers above the probe layer. ``per_head``: each KV head
-keeps its own set; the audio KV stays in the cache and every decode step masks, per head, the audio that head
-dropped. ``first_token``: the prompt runs dense and gives the first token; the first decode step runs once with
-attentions (its row at the probe layer is the probe, also FastV's row), then again from the prompt's cache with
-the dropped audio masked in the layers above the probe layer, and the dropped audio is deleted after it."""
+"""An HF-transformers reference of HeadRouter on Qwen2-Audio (eager attention, fp32), independent of the engine's
+attention code: full prefill; the probe from ``output_attentions[probe_layer]`` (the rows after the audio, mean over
+rows, at the audio columns; the last row for FastV; value vectors from ``v_proj`` for the similarity policy); the
+kept set from the plain policies of ``tests/plain_policies.py`` (written from the policies' definitions, not from
+the engine's routing code, so that equal kept sets test the selection too); the other audio KV deleted from every
+layer; greedy decode with the original positions. ``in_prompt``: the prefill is re-run with the rows after the audio
+masked from the dropped audio in layers above the probe layer. ``per_head``: each KV head keeps its own set; the
+audio KV stays in the cache and every decode step masks, per head, the audio that head dropped. ``first_token``: the
+prompt runs dense and gives the first token; the first decode step runs once with attentions (its row at the probe
+layer is the probe, also FastV's row), then again from the prompt's cache with the dropped audio masked in the
+layers above the probe layer, and the dropped audio is deleted after it."""
 
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
     if waves and retention < 1.0:
         from headrouter_vllm.models import adapter_for_model_dir
         from headrouter_vllm.plan import focus_tokens
-        from headrouter_vllm.routing.policies import RouteSettings, SpanProbe, select
+        from headrouter_vllm.routing.policies.base import RouteSettings, SpanProbe
+        from tests.plain_policies import plain_selection
 
         values = []
         hook = decoder_layers(model)[probe_layer].self_attn.v_proj.register_forward_hook(
@@ -150,7 +152,7 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
             settings = RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap,
                                      focus=focus_tokens(focus, tokens_per_second))
-            selection = select(probe, keep, settings, profiles)
+            selection = plain_selection(probe, keep, settings, profiles)
             kept.append(start + selection.kept)
             per_head.append([start + head for head in selection.per_head] if mode == "per_head" else None)
             keeps.append(keep)
