@@ -65,8 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-warmup-pass", dest="warmup_pass", action="store_false",
                         help="skip the unmeasured vanilla pass over the workload that runs first (without it, the "
-                             "first engine meets every new tensor shape first and pays for it: up to 20%% of its time "
-                             "on the tiny model)")
+                             "first engine meets every new tensor shape first and pays for it)")
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<run name>/")
     parser.add_argument("--name", default=None, help="run name (default: a timestamp)")
     parser.add_argument("--export-workload", default=None,
