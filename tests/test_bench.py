@@ -30,6 +30,11 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
         parts = run["input_s"] + run["prefill_s"] + run["decode_s"] + run["other_s"]
         assert abs(parts - run["duration_s"]) < 1e-6 and run["decode_step_ms"] > 0
     assert summary["workload"]["warmup_pass"] is True
+    # the Amdahl bound: vanilla's non-decode time does not shrink, its decode time shrinks by the whole ceiling
+    fixed = (vanilla["duration_s"] - vanilla["decode_s"]) / vanilla["duration_s"]
+    assert vanilla["amdahl_gain"] == 1.0
+    assert abs(pruned["amdahl_gain"] - 1 / (fixed + (1 - fixed) / pruned["ideal_gain"])) < 1e-9
+    assert 1.0 < pruned["amdahl_gain"] < pruned["ideal_gain"]
     # traceable to the code that ran: this checkout's commit (the tests run from a git checkout)
     assert len(summary["source"]["git_commit"]) == 40 and isinstance(summary["source"]["git_dirty"], bool)
     # growth-aware admission with headroom for every answer (at most 6 tokens): the HeadRouter run never preempts

@@ -110,10 +110,14 @@ def _profile(run: RunResult) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Gains over vanilla: measured, and the ceiling (vanilla KV per request / pruned KV per request)."""
+    """Gains over vanilla: measured, the ceiling (vanilla KV per request / pruned KV per request), and the Amdahl
+    bound: the best request-throughput gain a decode-side saving can give, if vanilla's decode time shrank by the
+    whole ceiling and its input processing, prefill and the rest did not shrink at all."""
     base = next(r for r in rows if r["retention"] is None)
+    fixed = (base["duration_s"] - base["decode_s"]) / base["duration_s"] if base["duration_s"] else None
     for row in rows:
         row["ideal_gain"] = base["kv_tokens_per_request"] / row["kv_tokens_per_request"]
+        row["amdahl_gain"] = 1.0 / (fixed + (1.0 - fixed) / row["ideal_gain"]) if fixed is not None else None
         row["held_gain"] = row["max_running"] / base["max_running"]
         row["decoding_gain"] = row["decoding_mean"] / base["decoding_mean"] if base["decoding_mean"] else None
         row["throughput_gain"] = row["request_throughput"] / base["request_throughput"]
@@ -129,7 +133,8 @@ COLUMNS = [("label", "run", "{}"), ("request_throughput", "req/s", "{:.2f}"), ("
            ("decoding_mean", "decoding mean", "{:.1f}"), ("preemptions", "preempt", "{}"),
            ("ideal_gain", "ideal x", "{:.2f}"), ("held_gain", "held x", "{:.2f}"),
            ("decoding_gain", "decoding x", "{:.2f}"), ("decoding_vs_ideal", "of ideal", "{:.0%}"),
-           ("throughput_gain", "req/s x", "{:.2f}"), ("throughput_vs_ideal", "of ideal", "{:.0%}")]
+           ("throughput_gain", "req/s x", "{:.2f}"), ("throughput_vs_ideal", "of ideal", "{:.0%}"),
+           ("amdahl_gain", "Amdahl x", "{:.2f}")]
 
 
 PROFILE_COLUMNS = [("label", "run", "{}"), ("duration_s", "wall s", "{:.1f}"), ("input_s", "input s", "{:.1f}"),
