@@ -111,16 +111,12 @@ class RouteOptions(BaseModel):
     @field_validator("probe_point", mode="before")
     @classmethod
     def _probe_point(cls, value: Any) -> Any:
-        if value is not None and value not in PROBE_POINTS:
-            raise ValueError(f"unknown probe point {value!r}; choose one of {', '.join(PROBE_POINTS)}")
-        return value
+        return _one_of(value, PROBE_POINTS, "probe point")
 
     @field_validator("policy", mode="before")
     @classmethod
     def _policy(cls, value: Any) -> Any:
-        if value is not None and value not in POLICIES:
-            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICIES)}")
-        return value
+        return _one_of(value, POLICIES, "policy")
 
     @field_validator("task", mode="before")
     @classmethod
@@ -142,6 +138,12 @@ class RouteOptions(BaseModel):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"must be in (0, 1], got {value!r}")
         return float(value)
+
+
+def _one_of(value: Any, names: tuple[str, ...], what: str) -> Any:
+    if value is not None and value not in names:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(names)}")
+    return value
 
 
 def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "", one_key: bool = False) -> RouteOptions:
