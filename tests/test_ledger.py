@@ -49,6 +49,10 @@ PINNED = {
 }
 
 
+# AttentionImpl.forward's parameters, the same in every backend attention_forward.py wraps
+IMPL_FORWARD = ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+                "output_block_scale"]
+
 # vLLM symbol HeadRouter patches, hooks or rebinds (the ledger's first table) -> its parameters in vLLM 0.32.0, as
 # ``inspect.signature`` reads them (a classmethod has no ``cls``; a class: its constructor's, without ``self``)
 PATCHED = {
@@ -61,18 +65,10 @@ PATCHED = {
     "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.allocate_new_blocks": [
         "self", "request_id", "num_tokens", "num_tokens_main_model", "num_encoder_tokens"],
     # attention_forward.py wraps the impl of whichever backend serves the decoder layers
-    "vllm.v1.attention.backend.AttentionImpl.forward": [
-        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
-        "output_block_scale"],
-    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward": [
-        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
-        "output_block_scale"],
-    "vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward": [
-        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
-        "output_block_scale"],
-    "vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward": [
-        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
-        "output_block_scale"],
+    "vllm.v1.attention.backend.AttentionImpl.forward": IMPL_FORWARD,
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward": IMPL_FORWARD,
+    "vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward": IMPL_FORWARD,
+    "vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward": IMPL_FORWARD,
     "vllm.v1.engine.output_processor.OutputProcessor.process_outputs": [
         "self", "engine_core_outputs", "engine_core_timestamp", "iteration_stats", "weight_version"],
     "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls": ["selected_backend", "attn_selector_config", "num_heads"],

@@ -46,15 +46,16 @@ class RoutingContext:
 def routing_context(config: HeadRouterConfig) -> RoutingContext:
     """The context of ``config`` in this process; its profile file's tasks become valid request tasks here (again
     on every call: cheap, and right after anything reset the table)."""
-    context = _built_context(config)
+    context = built_context(config)
     if context.profiles is not None:
         register_operator_tasks(context.profiles.task_names())
     return context
 
 
 @functools.lru_cache(maxsize=16)
-def _built_context(config: HeadRouterConfig) -> RoutingContext:
-    """Built once per process and config: the file is read once."""
+def built_context(config: HeadRouterConfig) -> RoutingContext:
+    """Built once per process and config (the file is read once), leaving the process's task table alone after
+    that: for pure callers such as ``make_plan``, which run per request once startup has built the context."""
     profiles = load_profiles(config.profiles)
     point = None
     if profiles is not None:
