@@ -25,7 +25,7 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     routing_context(HeadRouterConfig.from_dict(section))  # fail here (the profile file too), before a 30 s start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
            "--additional-config", json.dumps({"headrouter": section}),
-           "--scheduler-cls", SCHEDULER_CLS, "--middleware", MIDDLEWARE, "--no-enable-prefix-caching"]
+           "--scheduler-cls", SCHEDULER_CLS, "--middleware", MIDDLEWARE]
     if not _gpu_build():
         cmd += ["--worker-cls", CPU_WORKER_CLS]
     return cmd + vllm_args

@@ -15,7 +15,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
-from headrouter_vllm.config import ConfigError, HeadRouterConfig
+from headrouter_vllm.config import HeadRouterConfig
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans
 from headrouter_vllm.options import parse_route_options
@@ -55,9 +55,6 @@ class HeadRouterScheduler(Scheduler):
                            "project's CI yet (their logic is tested on CPU with the Triton kernels interpreted; "
                            "see docs/gpu.md). Check outputs against vanilla vLLM (scripts/gpu_engine_check.py) "
                            "before relying on them.")
-        if self.cache_config.enable_prefix_caching:
-            raise ConfigError("HeadRouter rewrites the KV blocks of routed requests: prefix caching must be off "
-                              "(--no-enable-prefix-caching)")
         adapter_for(self.vllm_config.model_config.hf_config)  # unsupported model -> clear error at startup
         self.hr_plans: dict[str, RoutePlan] = {}
         # request id -> KV slots removed; set at schedule time of the step that finishes the prompt
@@ -70,7 +67,10 @@ class HeadRouterScheduler(Scheduler):
         self._hr_usage: dict[str, dict] = {}
         self._hr_finished_usage: dict[str, tuple[int, dict]] = {}  # request id -> (client index, report)
         self._hr_routed: set[str] = set()  # requests whose compaction step was scheduled (kept across preemption)
-        wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed)
+        # routed request id -> prompt tokens its prefix-cache hits and cached blocks may cover: the whole blocks
+        # before its first audio token (compaction rewrites the rest; see _get_local_prefix_cache_hit)
+        self._hr_cacheable: dict[str, int] = {}
+        wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed, self._hr_cacheable)
         logger.info("HeadRouter on: %s", self.hr_config)
 
     # ---- admission ------------------------------------------------------------------------------
@@ -79,6 +79,9 @@ class HeadRouterScheduler(Scheduler):
         super().add_request(request)
         if plan is not None:
             self.hr_plans[request.request_id] = plan
+            # the KV manager's block size: the unit of its hits (truncate_computed_blocks) and of cached blocks
+            block_size = self.kv_cache_manager.coordinator.single_type_managers[0].block_size
+            self._hr_cacheable[request.request_id] = plan.spans[0].start // block_size * block_size
         audio = sum(n for _, n in audio_spans(request.mm_features))
         self._hr_usage[request.request_id] = {
             "audio_tokens": audio, "kept_audio_tokens": audio if plan is None else plan.kept_tokens,
@@ -96,6 +99,21 @@ class HeadRouterScheduler(Scheduler):
         if plan is not None and plan.semantics_note is not None:
             logger.warning("headrouter request_id=%s: %s", request.request_id, plan.semantics_note)
         return plan
+
+    def _get_local_prefix_cache_hit(self, request: Request):
+        """vLLM's prefix-cache hit, cut for a routed request at its first audio block.
+
+        A routed request computes its audio itself (the probe reads it, and compaction rewrites those blocks in
+        place: a block shared with another request must never be rewritten), so it reuses only the whole blocks
+        before its first audio token. A follow-up turn over the same clip is therefore prefilled and routed again,
+        for its own question: exact, at the cost of that turn's audio prefill (docs/serving.md). Requests that are
+        not routed hit exactly as in vanilla."""
+        blocks, num_local, shared_prefix_boundary, hit_diverged = super()._get_local_prefix_cache_hit(request)
+        cap = self._hr_cacheable.get(request.request_id)
+        if cap is None or num_local <= cap:
+            return blocks, num_local, shared_prefix_boundary, hit_diverged
+        blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, cap)
+        return blocks, cap, min(shared_prefix_boundary, cap), hit_diverged
 
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
         """Where a routed request's prefill chunk may end.
@@ -235,6 +253,7 @@ class HeadRouterScheduler(Scheduler):
         self._hr_routed.discard(request.request_id)
         self._forget(request.request_id)
         self.hr_plans.pop(request.request_id, None)
+        self._hr_cacheable.pop(request.request_id, None)
         usage = self._hr_usage.pop(request.request_id, None)
         if usage is not None:
             if usage["task"] is not None and not routed:  # aborted before its probe step: nothing was pruned

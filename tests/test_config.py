@@ -88,14 +88,14 @@ def test_engine_without_headrouter_is_untouched():
     assert config.cache_config.enable_prefix_caching is True
 
 
-def test_headrouter_section_selects_scheduler_worker_and_disables_prefix_caching():
+def test_headrouter_section_selects_scheduler_worker_and_keeps_prefix_caching():
     from headrouter_vllm.patch.platform_config import CPU_WORKER_CLS, SCHEDULER_CLS, configure_engine
 
     config = fake_vllm_config({"headrouter": {"retention": 0.5}})
     assert configure_engine(config).retention == 0.5
     assert config.scheduler_config.scheduler_cls == SCHEDULER_CLS
     assert config.parallel_config.worker_cls == CPU_WORKER_CLS
-    assert config.cache_config.enable_prefix_caching is False
+    assert config.cache_config.enable_prefix_caching is True  # as the user set it: the scheduler keeps it safe
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -274,7 +274,7 @@ def test_serve_command(capsys):
     config = json.loads(cmd[cmd.index("--additional-config") + 1])
     assert config == {"headrouter": {"retention": 0.5}}  # only what the command line sets
     assert cmd[cmd.index("--middleware") + 1] == "headrouter_vllm.api.middleware.HeadRouterMiddleware"
-    assert "--no-enable-prefix-caching" in cmd and cmd[-2:] == ["--port", "8001"]
+    assert "--no-enable-prefix-caching" not in cmd and cmd[-2:] == ["--port", "8001"]  # vLLM's default: on
 
 
 def test_serve_passes_mode_and_attention(capsys):

@@ -23,6 +23,7 @@ PINNED = {
                      "hash_block_size", "mm_registry", "include_finished_set", "log_stats"],
         "add_request": ["self", "request"],
         "_reserve_prefill_lookahead": ["self", "request", "num_computed_tokens", "num_new_tokens"],
+        "_get_local_prefix_cache_hit": ["self", "request"],
         "_update_after_schedule": ["self", "scheduler_output"],
         "update_from_output": ["self", "scheduler_output", "model_runner_output"],
         "_preempt_request": ["self", "request", "timestamp", "drop_stale_output"],
@@ -64,6 +65,7 @@ PATCHED = {
         "num_local_computed_tokens", "num_tokens_main_model", "apply_admission_cap", "prefill_end"],
     "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.allocate_new_blocks": [
         "self", "request_id", "num_tokens", "num_tokens_main_model", "num_encoder_tokens"],
+    "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.cache_blocks": ["self", "request", "num_computed_tokens"],
     # attention_forward.py wraps the impl of whichever backend serves the decoder layers
     "vllm.v1.attention.backend.AttentionImpl.forward": IMPL_FORWARD,
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward": IMPL_FORWARD,

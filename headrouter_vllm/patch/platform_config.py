@@ -5,8 +5,8 @@ vLLM 0.32 calls ``current_platform.check_and_update_config(vllm_config)`` at the
 ``VllmConfig.__post_init__``, in the process that builds the engine config (API server or ``LLM``). After
 the platform's own pass (which resolves ``worker_cls="auto"``) we validate the HeadRouter section (a bad
 key or value stops startup with a clear message), select our scheduler and worker unless the user chose
-them, and turn prefix caching off: routed requests rewrite their KV blocks, and vLLM's switch is
-engine-wide. Without the ``headrouter`` key nothing changes.
+them. Prefix caching stays as the user set it (vLLM's default: on): the scheduler keeps a routed request's
+rewritten blocks out of the cache. Without the ``headrouter`` key nothing changes.
 """
 
 from __future__ import annotations
@@ -94,9 +94,6 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
         # our scheduler frees a routed request's tail blocks after its prompt step's output: synchronous
         sched.async_scheduling = False
         logger.warning("HeadRouter turns vLLM's async scheduling off")
-    if vllm_config.cache_config.enable_prefix_caching:
-        vllm_config.cache_config.enable_prefix_caching = False
-        logger.warning("HeadRouter rewrites routed requests' KV blocks: prefix caching is turned off")
     from headrouter_vllm.metrics import metrics
 
     metrics()  # registered now, so /metrics shows them at 0 from startup
