@@ -28,6 +28,13 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
            "--scheduler-cls", SCHEDULER_CLS, "--middleware", MIDDLEWARE]
     if not _gpu_build():
         cmd += ["--worker-cls", CPU_WORKER_CLS]
+    if not any(a.split("=")[0] in ("--mm-processor-cache-gb", "--mm_processor_cache_gb") for a in vllm_args):
+        # vLLM 0.32's API server keeps a shadow of the engine's multimodal cache and sends an item seen before
+        # without its data; when the two drift apart (seen after a restart under load) the engine cannot rebuild
+        # the item and the request fails with a 500 that asks the client to retry. Without that cache every request
+        # carries its audio: no drift, at the cost of processing a repeated clip again (its encoder output is still
+        # cached in the engine). Pass --mm-processor-cache-gb N to get vLLM's behaviour back.
+        cmd += ["--mm-processor-cache-gb", "0"]
     return cmd + vllm_args
 
 
