@@ -67,10 +67,7 @@ class HeadRouterScheduler(Scheduler):
         self._hr_usage: dict[str, dict] = {}
         self._hr_finished_usage: dict[str, tuple[int, dict]] = {}  # request id -> (client index, report)
         self._hr_routed: set[str] = set()  # requests whose compaction step was scheduled (kept across preemption)
-        # routed request id -> prompt tokens its prefix-cache hits and cached blocks may cover: the whole blocks
-        # before its first audio token (compaction rewrites the rest; see _get_local_prefix_cache_hit)
-        self._hr_cacheable: dict[str, int] = {}
-        wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed, self._hr_cacheable)
+        wrap_block_accounting(self.kv_cache_manager.coordinator, self.hr_removed, self._hr_cacheable_tokens)
         logger.info("HeadRouter on: %s", self.hr_config)
 
     # ---- admission ------------------------------------------------------------------------------
@@ -79,9 +76,6 @@ class HeadRouterScheduler(Scheduler):
         super().add_request(request)
         if plan is not None:
             self.hr_plans[request.request_id] = plan
-            # the KV manager's block size: the unit of its hits (truncate_computed_blocks) and of cached blocks
-            block_size = self.kv_cache_manager.coordinator.single_type_managers[0].block_size
-            self._hr_cacheable[request.request_id] = plan.spans[0].start // block_size * block_size
         audio = sum(n for _, n in audio_spans(request.mm_features))
         self._hr_usage[request.request_id] = {
             "audio_tokens": audio, "kept_audio_tokens": audio if plan is None else plan.kept_tokens,
@@ -100,6 +94,16 @@ class HeadRouterScheduler(Scheduler):
             logger.warning("headrouter request_id=%s: %s", request.request_id, plan.semantics_note)
         return plan
 
+    def _hr_cacheable_tokens(self, request_id: str) -> int | None:
+        """The prompt tokens a routed request's prefix-cache hits and cached blocks may cover: the whole blocks
+        before its first audio token (compaction rewrites the rest); None for a request that is not routed."""
+        plan = self.hr_plans.get(request_id)
+        if plan is None:
+            return None
+        # the KV manager's block size: the unit of its hits (truncate_computed_blocks) and of cached blocks
+        block_size = self.kv_cache_manager.coordinator.single_type_managers[0].block_size
+        return plan.spans[0].start // block_size * block_size
+
     def _get_local_prefix_cache_hit(self, request: Request):
         """vLLM's prefix-cache hit, cut for a routed request at its first audio block.
 
@@ -109,7 +113,7 @@ class HeadRouterScheduler(Scheduler):
         for its own question: exact, at the cost of that turn's audio prefill (docs/serving.md). Requests that are
         not routed hit exactly as in vanilla."""
         blocks, num_local, shared_prefix_boundary, hit_diverged = super()._get_local_prefix_cache_hit(request)
-        cap = self._hr_cacheable.get(request.request_id)
+        cap = self._hr_cacheable_tokens(request.request_id)
         if cap is None or num_local <= cap:
             return blocks, num_local, shared_prefix_boundary, hit_diverged
         blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, cap)
@@ -253,7 +257,6 @@ class HeadRouterScheduler(Scheduler):
         self._hr_routed.discard(request.request_id)
         self._forget(request.request_id)
         self.hr_plans.pop(request.request_id, None)
-        self._hr_cacheable.pop(request.request_id, None)
         usage = self._hr_usage.pop(request.request_id, None)
         if usage is not None:
             if usage["task"] is not None and not routed:  # aborted before its probe step: nothing was pruned

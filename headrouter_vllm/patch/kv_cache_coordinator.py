@@ -10,16 +10,17 @@ slots shorter than its logical length we subtract that from every token count th
 ``KVCacheCoordinator.cache_blocks`` is where every full block is hashed into the prefix cache (from
 ``KVCacheManager.allocate_slots`` and ``cache_blocks``). A routed request's blocks from its first audio token on are
 rewritten by compaction (and its logical token count no longer maps onto its physical blocks), so for those
-requests we cap the count at ``cacheable[request_id]`` tokens: only the whole blocks before the first audio token
+requests we cap the count at ``cacheable_tokens(request_id)``: only the whole blocks before the first audio token
 (a system prompt, earlier turns' text) are ever cached; the same bytes vanilla would compute there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 
-def wrap_block_accounting(coordinator, removed: Mapping[str, int], cacheable: Mapping[str, int]) -> None:
+def wrap_block_accounting(coordinator, removed: Mapping[str, int],
+                          cacheable_tokens: Callable[[str], int | None]) -> None:
     get_orig = coordinator.get_num_blocks_to_allocate
     alloc_orig = coordinator.allocate_new_blocks
     cache_orig = coordinator.cache_blocks
@@ -41,7 +42,7 @@ def wrap_block_accounting(coordinator, removed: Mapping[str, int], cacheable: Ma
         return alloc_orig(request_id, num_tokens - d, num_tokens_main_model - d, *args, **kwargs)
 
     def cache_blocks(request, num_computed_tokens, *args, **kwargs):
-        cap = cacheable.get(request.request_id)
+        cap = cacheable_tokens(request.request_id)
         if cap is not None:
             num_computed_tokens = min(num_computed_tokens, cap)
         return cache_orig(request, num_computed_tokens, *args, **kwargs)

@@ -73,6 +73,14 @@ def client_error(exc: BaseException, url: str, media_io, timeout: float | None) 
                                         parameter=parameter)
 
 
+def _reraise(exc: Exception, url: str, media_io, timeout: float | None):
+    """Raise the client error for ``exc`` (from it), or ``exc`` itself when it is not the URL's fault."""
+    mapped = client_error(exc, url, media_io, timeout)
+    if mapped is None:
+        raise exc
+    raise mapped from exc
+
+
 def apply():
     from vllm.multimodal.media.connector import MediaConnector
 
@@ -84,18 +92,14 @@ def apply():
         try:
             return sync_original(self, url, media_io, fetch_timeout=fetch_timeout)
         except Exception as e:
-            if (mapped := client_error(e, url, media_io, fetch_timeout)) is None:
-                raise
-            raise mapped from e
+            _reraise(e, url, media_io, fetch_timeout)
 
     @functools.wraps(async_original)
     async def load_from_url_async(self, url, media_io, *, fetch_timeout=None):
         try:
             return await async_original(self, url, media_io, fetch_timeout=fetch_timeout)
         except Exception as e:
-            if (mapped := client_error(e, url, media_io, fetch_timeout)) is None:
-                raise
-            raise mapped from e
+            _reraise(e, url, media_io, fetch_timeout)
 
     MediaConnector.load_from_url = load_from_url
     MediaConnector.load_from_url_async = load_from_url_async
