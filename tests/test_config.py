@@ -244,7 +244,10 @@ def test_register_is_idempotent_and_reversible():
     from headrouter_vllm import patch
     from headrouter_vllm.plugin import register
 
-    register()  # vLLM's plugin loader has usually run it already
+    # An in-process HeadRouterMiddleware (an earlier test) has applied the API server's patches too; start from none
+    # so this checks what register() alone applies.
+    patch.revert_all()
+    register()
     patched = (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args)
     register()
     assert (CpuPlatform.__dict__["check_and_update_config"], SamplingParams._verify_extra_args) == patched
