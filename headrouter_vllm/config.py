@@ -17,12 +17,12 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from headrouter_vllm.names import ATTENTION, CONFIG_KEY, MODES, PROBE_POINTS, SEMANTICS
+from headrouter_vllm.names import ATTENTION, CONFIG_KEY, ENCODER_WINDOW_KEY, MODES, PROBE_POINTS, SEMANTICS
 from headrouter_vllm.routing.policies import POLICIES, policy
 from headrouter_vllm.routing.tasks import check_task
 
-__all__ = ["ATTENTION", "CONFIG_KEY", "MODES", "PROBE_POINTS", "SEMANTICS", "ConfigError", "Environment",
-           "HeadRouterConfig", "check_retention", "environment"]
+__all__ = ["ATTENTION", "CONFIG_KEY", "ENCODER_WINDOW_KEY", "MODES", "PROBE_POINTS", "SEMANTICS", "ConfigError",
+           "Environment", "HeadRouterConfig", "check_retention", "encoder_window", "environment"]
 
 
 class ConfigError(ValueError):
@@ -80,6 +80,10 @@ class HeadRouterConfig:
             admitted only if the KV pool holds its whole prompt and the blocks every running request, and it, need
             to grow this many tokens more (or to their end; routed requests at their length after compaction).
             Fewer preemptions, at some concurrency; it applies to every request of the engine, routed or not.
+        encoder_window: Qwen2-Audio: run the audio tower on the longest real clip of each encoder batch plus a
+            margin of 8 mel frames, not on the 30 s the processor pads every clip to (the same outputs: the tower
+            masks the padding). Qwen2.5-Omni's encoder already runs on the real frames only. A vanilla engine turns
+            it on with ``additional_config={"headrouter_encoder_window": true}``.
     """
 
     retention: float = 0.7
@@ -95,6 +99,7 @@ class HeadRouterConfig:
     record_probes: bool = dataclasses.field(default=False, metadata={"cli": False})  # calibration, in-process
     attention: Literal["auto", "platform", "triton", "torch"] = "auto"
     admission_headroom: int = 0
+    encoder_window: bool = True
 
     def __post_init__(self) -> None:
         check_retention(self.retention, "retention")
@@ -130,6 +135,8 @@ class HeadRouterConfig:
                 or self.admission_headroom < 0):
             raise ConfigError(f"headrouter.admission_headroom must be a non-negative integer (tokens), got "
                               f"{self.admission_headroom!r}")
+        if not isinstance(self.encoder_window, bool):
+            raise ConfigError(f"headrouter.encoder_window must be true or false, got {self.encoder_window!r}")
         if self.mode == "per_head" and self.semantics != "after_prompt":
             raise ConfigError("headrouter.mode 'per_head' supports semantics 'after_prompt' only")
         if self.mode == "per_head" and self.attention == "platform":
@@ -194,6 +201,24 @@ class HeadRouterConfig:
                               f"e.g. --additional-config '{{\"{CONFIG_KEY}\": {{\"retention\": 0.7}}}}' "
                               f"(headrouter-vllm serve adds it); without HeadRouter, drop --scheduler-cls/--worker-cls")
         return config
+
+
+def encoder_window(vllm_config: Any) -> bool:
+    """Whether an engine runs Qwen2-Audio's audio tower on the real audio only (``HeadRouterConfig.encoder_window``):
+    the ``headrouter`` section's setting (default on), else ``additional_config.headrouter_encoder_window`` (a
+    vanilla engine; default off). Naming it in both places is an error: one engine, one setting."""
+    extra = getattr(vllm_config, "additional_config", None)
+    extra = extra if isinstance(extra, dict) else {}
+    config = HeadRouterConfig.from_vllm_config(vllm_config)
+    if ENCODER_WINDOW_KEY not in extra:
+        return config.encoder_window if config is not None else False
+    value = extra[ENCODER_WINDOW_KEY]
+    if not isinstance(value, bool):
+        raise ConfigError(f"additional_config.{ENCODER_WINDOW_KEY} must be true or false, got {value!r}")
+    if config is not None:
+        raise ConfigError(f"additional_config.{ENCODER_WINDOW_KEY} is for engines without a {CONFIG_KEY!r} section; "
+                          f"this one has one: set {CONFIG_KEY}.encoder_window there instead")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

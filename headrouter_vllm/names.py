@@ -8,6 +8,8 @@ the one list of them.
 from __future__ import annotations
 
 CONFIG_KEY = "headrouter"  # the section of vLLM's additional_config that turns HeadRouter on
+# additional_config key of an engine without that section: Qwen2-Audio's encoder on the real audio only
+ENCODER_WINDOW_KEY = "headrouter_encoder_window"
 
 # engine modes: one kept set for every head (the paper's), or each KV head its own
 MODES = ("shared", "per_head")

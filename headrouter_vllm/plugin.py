@@ -5,8 +5,9 @@ its config. It installs its hooks (see ``patch/``): the engine is configured for
 ``additional_config`` has a ``headrouter`` section, request options are checked only where a request
 names ``headrouter_*`` keys, and the front end counts the reports HeadRouter engines return (Prometheus
 metrics); a vanilla engine in the same process is untouched, except for one fix of vLLM's own sizing that both
-need alike (``patch/omni_audio_budget.py``: Qwen2.5-Omni's encoder cache fits its longest audio). Safe to call any
-number of times.
+need alike (``patch/omni_audio_budget.py``: Qwen2.5-Omni's encoder cache fits its longest audio), and Qwen2-Audio's
+encoder runs on the real audio only where the engine asks for it (``patch/qwen2_audio_encoder.py``: on by default in
+HeadRouter engines, ``additional_config.headrouter_encoder_window`` in vanilla ones). Safe to call any number of times.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def register() -> None:
         omni_audio_budget,
         output_processor,
         platform_config,
+        qwen2_audio_encoder,
         sampling_params,
     )
 
@@ -35,3 +37,4 @@ def register() -> None:
     patch.apply_once("sampling_params", sampling_params.apply)
     patch.apply_once("output_processor", output_processor.apply)
     patch.apply_once("omni_audio_budget", omni_audio_budget.apply)
+    patch.apply_once("qwen2_audio_encoder", qwen2_audio_encoder.apply)

@@ -46,18 +46,21 @@ def test_bench_runs_vanilla_and_headrouter_side_by_side(tiny_model, tmp_path):
 
 def test_bench_order_runs_repeated_engines_apart(tiny_model, tmp_path):
     """``--order``: exactly these engines in this order, repeats measured and labelled apart, ratios against the
-    first vanilla."""
+    first vanilla (as shipped: not ``vanilla-window``, vanilla with Qwen2-Audio's encoder on the real audio only)."""
     from headrouter_vllm.cli import main
 
     args = ["bench", "--model", tiny_model, "--num-requests", "3", "--clip-seconds", "5", "--output-tokens", "3",
-            "--order", "vanilla,1.0,vanilla", "--kv-blocks", "64", "--out", str(tmp_path), "--name", "o",
+            "--order", "vanilla-window,vanilla,1.0,vanilla", "--kv-blocks", "64", "--out", str(tmp_path), "--name", "o",
             "--no-warmup-pass"]
     assert main(args) == 0
     (run_dir,) = [p for p in tmp_path.glob("*/o")]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [r["label"] for r in summary["runs"]] == ["vanilla", "headrouter r=1", "vanilla #2"]
-    assert [r["retention"] for r in summary["runs"]] == [None, 1.0, None]
-    assert summary["runs"][0]["throughput_gain"] == 1.0 and summary["workload"]["order"] == [None, 1.0, None]
+    assert [r["label"] for r in summary["runs"]] == ["vanilla encoder window", "vanilla", "headrouter r=1",
+                                                     "vanilla #2"]
+    assert [r["retention"] for r in summary["runs"]] == [None, None, 1.0, None]
+    assert [r["encoder_window"] for r in summary["runs"]] == [True, False, True, False]
+    assert summary["runs"][1]["throughput_gain"] == 1.0
+    assert summary["workload"]["order"] == ["vanilla-window", None, 1.0, None]
 
 
 def test_bench_order_refuses_what_it_cannot_run():
@@ -68,7 +71,9 @@ def test_bench_order_refuses_what_it_cannot_run():
     from headrouter_vllm.benchmarks.serving.main import engine_order
 
     assert engine_order("vanilla, 0.5,vanilla") == [None, 0.5, None]
-    for bad, message in (("1.0,0.5", "needs a 'vanilla' run"), ("vanilla,1.5", "not in"), ("vanilla,abc", "neither")):
+    assert engine_order("vanilla-window,vanilla") == ["vanilla-window", None]
+    for bad, message in (("1.0,0.5", "needs a 'vanilla' run"), ("vanilla,1.5", "not in"), ("vanilla,abc", "neither"),
+                          ("vanilla-window,1.0", "needs a 'vanilla' run")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             engine_order(bad)
 

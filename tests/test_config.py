@@ -48,6 +48,7 @@ def test_defaults():
     ({"admission_headroom": -1}, "admission_headroom must be a non-negative integer"),
     ({"admission_headroom": 1.5}, "admission_headroom must be a non-negative integer"),
     ({"admission_headroom": True}, "admission_headroom must be a non-negative integer"),
+    ({"encoder_window": "yes"}, "encoder_window must be true or false"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_settings_are_clear_errors(values, message):
     """At startup: the config's values when it is built, the profile file when the process builds its routing
@@ -234,7 +235,8 @@ def test_gpu_per_head_engine_gets_our_backend_without_full_graphs(monkeypatch, m
             {"headrouter": {"mode": "per_head"}}, worker_cls=platform_config.VLLM_GPU_WORKER_CLS, block_size=256))
 
 
-PATCHES = ["attention_backend", "omni_audio_budget", "output_processor", "platform_config", "sampling_params"]
+PATCHES = ["attention_backend", "omni_audio_budget", "output_processor", "platform_config", "qwen2_audio_encoder",
+           "sampling_params"]
 
 
 def test_register_is_idempotent_and_reversible():

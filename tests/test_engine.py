@@ -94,6 +94,10 @@ ENGINES = {
     # makes a shortened request's later steps read them
     "after_prompt_device_buffers": dict(headrouter={}, device_buffers=True, enable_chunked_prefill=True,
                                         max_num_batched_tokens=64, poison=1e4),
+    # a vanilla engine with Qwen2-Audio's encoder on the real audio only (patch/qwen2_audio_encoder.py)
+    # (the mixed batch only: its encoder batches mix clip lengths, and one engine run less of CI time)
+    "vanilla_encoder_window": dict(headrouter=None, additional_config={"headrouter_encoder_window": True},
+                                   phases=("batch",)),
 }
 
 
@@ -148,7 +152,11 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
         os.environ.pop("HEADROUTER_POISON_FREED_KV", None)
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     scheduler = inprocess.scheduler(llm)
-    result = {"free_at_start": inprocess.num_free_blocks(llm), "single": {}, "batch": {}}
+    result = {"free_at_start": inprocess.num_free_blocks(llm), "single": {}, "batch": {}, "encoder_widths": []}
+    conv = None if tensor_parallel else getattr(getattr(inprocess.model_runner(llm).get_model(), "audio_tower", None),
+                                                "conv1", None)  # Qwen2-Audio's tower: the mel width it runs on
+    hook = None if conv is None else conv.register_forward_hook(
+        lambda module, args, out: result["encoder_widths"].append(args[0].shape[-1]))
 
     def inputs(prompt, wave):
         return {"prompt": prompt, "multi_modal_data": {"audio": (wave, 16000)}} if wave is not None else prompt
@@ -175,6 +183,8 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
             logprobs = [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)]
             result[phase][name] = dict(tokens=list(completion.token_ids), prompt_ids=list(out.prompt_token_ids),
                                        logprobs=logprobs, record=records.get(rid), log=logs.get(rid))
+    if hook is not None:
+        hook.remove()
     result["free_at_end"] = inprocess.num_free_blocks(llm)
     result["rank_kept"] = [{log.req_id: log.kept for log in ranks} for ranks in rank_logs]
     if not tensor_parallel:  # the runner lives in this process
@@ -184,6 +194,7 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
         shortener = getattr(runner, "hr_prefill", None)
         result["prefill_rows_dropped"] = None if shortener is None else shortener.rows_dropped
         result["aliased_buffers"] = sum(b.gpu is b.cpu for b in runner_buffers(runner))
+        result["encoder_window"] = getattr(runner.get_model(), "headrouter_encoder_window", None)
         del runner
     del scheduler, llm
     gc.collect()
@@ -198,7 +209,8 @@ def run_engine(model: str, cases, headrouter: dict | None, poison: float | None 
 QWEN2_AUDIO_ONLY_MODES = {"after_prompt_poisoned", "after_prompt_compiled", "in_prompt", "prefill_chunked_poisoned",
                           "first_token", "tensor_parallel", "after_prompt_device_buffers"}
 QWEN2_AUDIO_ONLY_CASES = {f"long_r0.5_{policy}" for policy in ("fastv", "random", "uniform", "oracle")}
-QWEN2_AUDIO_ONLY_TESTS = {"test_tensor_parallel_routes_equal_hf_reference",
+QWEN2_AUDIO_ONLY_TESTS = {"test_tensor_parallel_routes_equal_hf_reference", "test_encoder_window_engine_equals_vanilla",
+                          "test_headrouter_engines_run_the_encoder_window",
                           "test_first_token_engine_runs_unrouted_requests_as_vanilla",
                           "test_growth_aware_admission_avoids_the_preemptions",
                           "test_device_buffers_engine_keeps_host_and_device_apart"}
@@ -290,6 +302,30 @@ def test_routed_requests_equal_hf_reference(engine, hf, mode, name, phase):
     assert got["prompt_ids"] == ref["prompt_ids"]
     assert got["log"] is not None and got["log"].kept == ref["kept"]
     assert got["tokens"] == ref["tokens"]
+
+
+def test_encoder_window_engine_equals_vanilla(engine):
+    """``headrouter_encoder_window`` in a vanilla engine: Qwen2-Audio's tower ran on the longest clip of each
+    encoder batch plus the margin (vanilla: on all 3,000 mel frames), and every case, in one mixed batch, decodes
+    vanilla's greedy tokens with its log-probabilities within fp32 noise."""
+    on, vanilla = engine("vanilla_encoder_window"), engine("vanilla")
+    assert on["encoder_window"] is True and vanilla["encoder_window"] is False
+    assert vanilla["encoder_widths"] and set(vanilla["encoder_widths"]) == {3000}
+    assert on["encoder_widths"] and max(on["encoder_widths"]) < 3000
+    assert on["batch"] and not on["single"]
+    for phase in ("batch",):
+        assert on[phase].keys() == vanilla[phase].keys()
+        for name, got in on[phase].items():
+            assert got["prompt_ids"] == vanilla[phase][name]["prompt_ids"], (phase, name)
+            assert got["tokens"] == vanilla[phase][name]["tokens"], (phase, name)
+            assert max(abs(a - b) for a, b in zip(got["logprobs"], vanilla[phase][name]["logprobs"],
+                                                   strict=True)) < 1e-4, (phase, name)
+
+
+def test_headrouter_engines_run_the_encoder_window(engine):
+    """On by default in HeadRouter engines (their unrouted requests equal vanilla's: test_unrouted_requests_...)."""
+    ours = engine("after_prompt")
+    assert ours["encoder_window"] is True and ours["encoder_widths"] and max(ours["encoder_widths"]) < 3000
 
 
 def test_device_buffers_engine_keeps_host_and_device_apart(engine):

@@ -76,6 +76,10 @@ PATCHED = {
     "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls": ["selected_backend", "attn_selector_config", "num_heads"],
     "vllm.model_executor.models.qwen2_5_omni_thinker.Qwen2_5OmniThinkerProcessingInfo.get_mm_max_tokens_per_item": [
         "self", "seq_len", "mm_counts"],
+    "vllm.model_executor.models.qwen2_audio.Qwen2AudioForConditionalGeneration._process_audio_input": [
+        "self", "audio_input"],
+    "vllm.model_executor.models.qwen2_audio.Qwen2AudioForConditionalGeneration.__init__": [
+        "self", "vllm_config", "prefix"],
     # prefill_hooks.py: the pre-hooks unpack the decoder layers' (positions, hidden_states, residual) (Qwen2-Audio's
     # and Qwen2.5-Omni's language model is vLLM's Qwen2); ``prefill`` runs on CPU_ATTN only, whose builders it wraps
     "vllm.model_executor.models.qwen2.Qwen2DecoderLayer.forward": ["self", "positions", "hidden_states", "residual"],

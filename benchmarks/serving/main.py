@@ -10,19 +10,23 @@ import tempfile
 import time
 from pathlib import Path
 
+VANILLA_WINDOW = "vanilla-window"  # --order: vanilla with Qwen2-Audio's encoder on the real audio only
 
-def engine_order(text: str) -> list[float | None]:
-    """``--order``: comma-separated ``vanilla`` or retentions in (0, 1]; ``None`` stands for vanilla. The first
+
+def engine_order(text: str) -> list[float | str | None]:
+    """``--order``: comma-separated ``vanilla``, ``vanilla-window`` (vanilla with
+    ``additional_config.headrouter_encoder_window``) or retentions in (0, 1]; ``None`` stands for vanilla. The first
     vanilla is the base of every ratio, so the list must hold one."""
     order = []
     for item in (part.strip() for part in text.split(",")):
-        if item == "vanilla":
-            order.append(None)
+        if item in ("vanilla", VANILLA_WINDOW):
+            order.append(None if item == "vanilla" else item)
             continue
         try:
             retention = float(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is neither 'vanilla' nor a retention") from None
+            raise argparse.ArgumentTypeError(f"{item!r} is neither 'vanilla', {VANILLA_WINDOW!r} nor a retention") \
+                from None
         if not 0.0 < retention <= 1.0:
             raise argparse.ArgumentTypeError(f"retention {item} is not in (0, 1]")
         order.append(retention)
@@ -62,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admission-headroom", type=int, default=0, metavar="TOKENS",
                         help="HeadRouter runs: growth-aware admission (headrouter.admission_headroom; default 0, "
                              "vLLM's rule, as in the vanilla run, which always keeps vLLM's rule)")
+    parser.add_argument("--encoder-window", choices=["on", "off"], default=None,
+                        help="HeadRouter runs: Qwen2-Audio's encoder on the real audio only "
+                             "(headrouter.encoder_window; default: the engine's, on); vanilla runs keep vLLM's "
+                             "30 s encoder, except "
+                             f"'{VANILLA_WINDOW}' in --order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-warmup-pass", dest="warmup_pass", action="store_false",
                         help="skip the unmeasured vanilla pass over the workload that runs first (without it, the "
@@ -113,19 +122,22 @@ def main(args: argparse.Namespace) -> list[dict]:
         if int(longest * 25) + 64 + max(args.output_tokens) > args.max_model_len:
             raise ValueError(f"--clip-seconds {longest:g} is {int(longest * 25)} audio tokens: raise --max-model-len "
                              f"(now {args.max_model_len}) above that plus the question and answer")
-        if args.order is not None:
-            configs = [(r, None if r is None else args.semantics[0]) for r in args.order]
+        hr_window = None if args.encoder_window is None else args.encoder_window == "on"
+        if args.order is not None:  # (retention, semantics, encoder window)
+            configs = [(None, None, True) if r == VANILLA_WINDOW else (r, None, None) if r is None
+                       else (r, args.semantics[0], hr_window) for r in args.order]
         else:
-            configs = [(None, None), *((r, semantics) for semantics in args.semantics for r in args.retentions)]
+            configs = [(None, None, None),
+                       *((r, semantics, hr_window) for semantics in args.semantics for r in args.retentions)]
         runs = []
         with tqdm(total=(len(configs) + args.warmup_pass) * len(workload), desc="bench", unit="req") as progress:
             if args.warmup_pass:
                 progress.set_postfix_str("warm-up pass (not measured)")
                 run_engine(model, workload, None, engine_kwargs, args.policy, progress)
-            for retention, semantics in configs:
+            for retention, semantics, window in configs:
                 progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g} {semantics}")
                 runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress,
-                                       semantics or "after_prompt", args.admission_headroom))
+                                       semantics or "after_prompt", args.admission_headroom, window))
     seen: dict[str, int] = {}
     for run in runs:  # repeated engines (--order) keep apart in the tables: "vanilla", "vanilla #2", ...
         seen[run.label] = seen.get(run.label, 0) + 1
@@ -146,7 +158,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                                                        "request_rate", "kv_blocks", "block_size", "seed",
                                                        "policy", "load_format", "dtype", "semantics",
                                                        "max_num_batched_tokens", "warmup_pass", "order",
-                                                       "admission_headroom")},
+                                                       "admission_headroom", "encoder_window")},
             "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)
     print(report.table(rows))

@@ -95,11 +95,15 @@ class RunResult:
     semantics: str | None = None  # HeadRouter runs: the engine's semantics
     compact_ms: list[float] = dataclasses.field(default_factory=list)
     profile: StepProfile = dataclasses.field(default_factory=StepProfile)
+    encoder_window: bool = False  # Qwen2-Audio's encoder ran on the real audio only (Omni's always does)
 
 
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
                policy: str | None = None, progress=None, semantics: str = "after_prompt",
-               admission_headroom: int = 0) -> RunResult:
+               admission_headroom: int = 0, encoder_window: bool | None = None) -> RunResult:
+    """``encoder_window``: Qwen2-Audio's encoder on the real audio only (vanilla: ``True`` turns it on with
+    ``additional_config.headrouter_encoder_window``; HeadRouter: ``headrouter.encoder_window``, ``None``: its
+    default)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
@@ -112,6 +116,10 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     if retention is not None:
         extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy, "semantics": semantics,
                                                      "admission_headroom": admission_headroom}}
+        if encoder_window is not None:
+            extra["additional_config"]["headrouter"]["encoder_window"] = encoder_window
+    elif encoder_window:
+        extra["additional_config"] = {"headrouter_encoder_window": True}
     llm = LLM(model=model, seed=0, enable_prefix_caching=False, limit_mm_per_prompt=adapter.mm_limits(),
               **engine_kwargs, **extra)
     engine = llm.llm_engine
@@ -137,6 +145,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     label = "vanilla" if retention is None else f"headrouter r={retention:g}"
     if retention is not None and semantics != "after_prompt":
         label += f" {semantics}"
+    if encoder_window is not None and (retention is None or not encoder_window):
+        label += " encoder window" if encoder_window else " no encoder window"  # apart from the engine's default
 
     def params(r: BenchRequest):
         args = None if retention is None else route_args(task=r.task, retention=retention)
@@ -192,7 +202,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     duration = time.perf_counter() - start
     run = RunResult(label, retention, [results[k] for k in sorted(results, key=lambda k: results[k].index)],
                     duration, max_running, preemptions[0], pool_blocks, block_manager.block_size,
-                    semantics=None if retention is None else semantics, profile=profile)
+                    semantics=None if retention is None else semantics, profile=profile,
+                    encoder_window=encoder_window is True or (retention is not None and encoder_window is None))
     if retention is not None:
         records = {rec.request_id.split("-")[0]: rec for rec in scheduler.hr_records}
         for key, res in results.items():

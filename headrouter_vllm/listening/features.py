@@ -1,43 +1,25 @@
 """The frozen audio tower's outputs per clip (after the average pool and LayerNorm, before the projector), for
 training: the encoder is frozen, so its outputs are computed once per clip.
 
-``Qwen2AudioEncoder`` only accepts 30 s (3,000 mel frames) and masks the padding. :func:`encode` runs the same
-computation on a window of the real frames plus a margin (the convolutions see the same boundary frames; the
-pad region of a Whisper log-mel is not zero), with the same key-padding mask, and keeps the real tokens:
-``F = (M - 1) // 2 + 1`` conv positions and ``(F - 2) // 2 + 1`` pooled tokens for ``M`` real frames. The tests
-hold it equal to the full model on padded input.
+``Qwen2AudioEncoder`` only accepts 30 s (3,000 mel frames) and masks the padding. :func:`encode` runs it on the
+real frames plus a margin (:mod:`headrouter_vllm.models.audio_window`, which vLLM engines use too) and keeps the
+real tokens. The tests hold it equal to the full model on padded input.
 """
 
 from __future__ import annotations
 
 import torch
 
-MARGIN_FRAMES = 8
+from headrouter_vllm.models.audio_window import MARGIN_FRAMES, audio_token_count, encode_window
 
-
-def audio_token_count(mel_frames: int) -> int:
-    return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
+__all__ = ["MARGIN_FRAMES", "audio_token_count", "encode", "encode_reference"]
 
 
 @torch.no_grad()
 def encode(encoder, features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
     """[tokens, d_model] for one clip; ``features`` [1, mel, 3000], ``feature_mask`` [1, 3000]."""
-    from transformers.masking_utils import create_bidirectional_mask
-
-    frames = int(feature_mask.sum())
-    conv_positions = (frames - 1) // 2 + 1
-    window = min(features.shape[-1], frames + MARGIN_FRAMES + (frames + MARGIN_FRAMES) % 2)
-    x = features[:, :, :window].to(encoder.conv1.weight.dtype)
-    h = torch.nn.functional.gelu(encoder.conv1(x))
-    h = torch.nn.functional.gelu(encoder.conv2(h)).permute(0, 2, 1)
-    h = h + encoder.embed_positions.weight[: h.shape[1]]
-    keep = (torch.arange(h.shape[1]) < conv_positions).long()[None]
-    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=h, attention_mask=keep)
-    for layer in encoder.layers:
-        h = layer(h, mask)
-        h = h[0] if isinstance(h, tuple) else h
-    h = encoder.avg_pooler(h.permute(0, 2, 1)).permute(0, 2, 1)
-    return encoder.layer_norm(h)[0, : audio_token_count(frames)]
+    frames = feature_mask.sum(-1)
+    return encode_window(encoder, features, frames)[0, : audio_token_count(int(frames[0]))]
 
 
 @torch.no_grad()

@@ -6,12 +6,13 @@ vLLM 0.32 calls ``current_platform.check_and_update_config(vllm_config)`` at the
 the platform's own pass (which resolves ``worker_cls="auto"``) we validate the HeadRouter section (a bad
 key or value stops startup with a clear message), select our scheduler and worker unless the user chose
 them. Prefix caching stays as the user set it (vLLM's default: on): the scheduler keeps a routed request's
-rewritten blocks out of the cache. Without the ``headrouter`` key nothing changes.
+rewritten blocks out of the cache. Without the ``headrouter`` key nothing changes, except that a bad
+``headrouter_encoder_window`` (a vanilla engine's switch, see ``qwen2_audio_encoder.py``) stops startup too.
 """
 
 from __future__ import annotations
 
-from headrouter_vllm.config import ConfigError, HeadRouterConfig
+from headrouter_vllm.config import ConfigError, HeadRouterConfig, encoder_window
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.routing.context import routing_context
 
@@ -31,6 +32,7 @@ def _on_cuda() -> bool:
 
 
 def configure_engine(vllm_config) -> HeadRouterConfig | None:
+    encoder_window(vllm_config)  # checked here, in the front end, for vanilla engines too
     config = HeadRouterConfig.from_vllm_config(vllm_config)
     if config is None:
         return None
