@@ -17,14 +17,23 @@ import time
 DEMO_CLIP = ("test", 12)  # split and index of the suite clip the demo asks about
 
 
-def audio_prompt(question: str, family: str = "qwen2-audio", clips: int = 1) -> str:
-    """A chat prompt with the default system message and ``clips`` audio parts before the question, in the chat
-    format of the model family (for models built with that family's template)."""
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def audio_prompt(question: str, family: str = "qwen2-audio", clips: int = 1, system: str = DEFAULT_SYSTEM,
+                 turns: list[tuple[str, str]] = ()) -> str:
+    """A chat prompt with the system message and ``clips`` audio parts before the question, in the chat format of
+    the model family (for models built with that family's template). ``turns``: earlier (question, answer) pairs
+    of the conversation; the audio then comes with the first of them, as a chat client resends it."""
     from headrouter_vllm.models import adapter_by_family
 
     audio = "".join(adapter_by_family(family).audio_placeholder.format(n=n + 1) for n in range(clips))
-    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-            f"{audio}{question}<|im_end|>\n<|im_start|>assistant\n")
+    text = f"<|im_start|>system\n{system}<|im_end|>\n"
+    for n, (asked, answer) in enumerate([*turns, (question, None)]):
+        text += f"<|im_start|>user\n{audio if n == 0 else ''}{asked}<|im_end|>\n<|im_start|>assistant\n"
+        if answer is not None:
+            text += f"{answer}<|im_end|>\n"
+    return text
 
 
 def run_demo(model: str | None, retentions: list[float], max_tokens: int, semantics: str,

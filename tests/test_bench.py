@@ -119,3 +119,68 @@ def test_step_profile_counts_only_steps_that_ran():
     assert (profile.prefill_steps, profile.decode_steps, profile.decode_rows) == (1, 2, 6)
     assert profile.decoding_max == 3 and abs(profile.decoding_mean - (3 * 0.5 + 1 * 0.5) / 2.0) < 1e-12
     assert StepProfile().decoding_mean == 0.0
+
+
+def _runs(tmp_path, name):
+    (run_dir,) = [p for p in tmp_path.glob(f"*/{name}")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = list(csv.DictReader((run_dir / "requests.csv").read_text().splitlines()))
+    return summary, {run["label"]: [r for r in rows if r["run"] == run["label"]] for run in summary["runs"]}
+
+
+def test_bench_multi_turn_against_vanilla_with_prefix_caching(tiny_model, tmp_path):
+    """``--workload multi-turn``: each turn resends the conversation when the previous one finishes. Vanilla (prefix
+    caching on, as deployed) serves a follow-up's clip and earlier turns from its cache; a routed HeadRouter request
+    hits only the blocks before its audio, recomputes the clip and routes again; an unrouted one caches as vanilla."""
+    from headrouter_vllm.cli import main
+
+    args = ["bench", "--model", tiny_model, "--workload", "multi-turn", "--turns", "3", "--num-requests", "2",
+            "--clip-seconds", "5", "--output-tokens", "4", "--order", "vanilla,0.5,1.0", "--kv-blocks", "64",
+            "--max-model-len", "512", "--out", str(tmp_path), "--name", "mt", "--no-warmup-pass"]
+    assert main(args) == 0
+    summary, requests = _runs(tmp_path, "mt")
+    assert summary["workload"]["workload"] == "multi-turn" and summary["workload"]["prefix_caching"] == "on"
+    vanilla, routed, unrouted = summary["runs"]
+    assert all(run["prefix_caching"] and run["requests"] == 6 for run in summary["runs"])
+    assert vanilla["ttft_followup_p50_ms"] > 0 and routed["ttft_followup_p50_ms"] > 0
+    audio = 125  # a 5 s clip
+    for label, rows in requests.items():
+        assert [int(r["turn"]) for r in rows] == [0, 1, 2] * 2
+        for first, *later in (rows[:3], rows[3:]):
+            prompts = [int(first["prompt_tokens"]), *(int(r["prompt_tokens"]) for r in later)]
+            assert prompts == sorted(prompts) and len(set(prompts)) == 3  # the conversation grows each turn
+            assert int(first["cached_tokens"]) < audio  # nothing before the clip fills a block but the system text
+            for r in later:
+                cached = int(r["cached_tokens"])
+                if label == "headrouter r=0.5":  # the clip starts in the first block (of 32): no hit at all
+                    assert cached == 0 and int(r["kept_tokens"]) < audio, r
+                else:  # the clip and the earlier turns, up to the last whole block of the previous prompt
+                    assert cached > audio and cached % 32 == 0, (label, r)
+    assert routed["cached_share"] < vanilla["cached_share"] - 0.2
+    assert abs(unrouted["cached_share"] - vanilla["cached_share"]) < 0.05  # the same answers up to float noise
+
+
+def test_bench_shared_prompt_hits_the_system_prompt_in_every_engine(tiny_model, tmp_path, capsys):
+    import pytest
+
+    from headrouter_vllm.cli import main
+
+    common = ["bench", "--model", tiny_model, "--num-requests", "3", "--clip-seconds", "4", "--output-tokens", "3",
+              "--kv-blocks", "96", "--out", str(tmp_path), "--no-warmup-pass"]
+    assert main([*common, "--workload", "shared-prompt", "--order", "vanilla,0.5", "--name", "sp"]) == 0
+    assert main([*common, "--workload", "shared-prompt", "--order", "vanilla,0.5", "--name", "off",
+                 "--prefix-caching", "off"]) == 0
+    summary, requests = _runs(tmp_path, "sp")
+    for label, rows in requests.items():  # requests after the first find the ~330-token system prompt cached
+        assert [int(r["cached_tokens"]) >= 320 for r in rows] == [False, True, True], label
+    assert all(run["cached_share"] > 0.3 for run in summary["runs"])
+    summary, requests = _runs(tmp_path, "off")
+    assert all(run["cached_share"] == 0 and not run["prefix_caching"] for run in summary["runs"])
+    for extra, message in ((["--turns", "2"], "--turns is for --workload multi-turn"),
+                           (["--workload", "multi-turn", "--turns", "1"], "at least 2 turns"),
+                           (["--workload", "multi-turn", "--export-workload", str(tmp_path / "w")], "single"),
+                           (["--workload", "multi-turn", "--turns", "9", "--clip-seconds", "30"],
+                            "raise --max-model-len")):
+        with pytest.raises(SystemExit) as stop:
+            main([*common, "--order", "vanilla", "--name", "bad", *extra])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, extra

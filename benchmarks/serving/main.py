@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from headrouter_vllm.benchmarks.serving.workload import WORKLOADS
+
 VANILLA_WINDOW = "vanilla-window"  # --order: vanilla with Qwen2-Audio's encoder on the real audio only
 
 
@@ -35,13 +37,35 @@ def engine_order(text: str) -> list[float | str | None]:
     return order
 
 
+def _text_tokens(model: str, workload, max_output: int) -> int:
+    """The most text tokens a request of the workload holds (its system prompt, questions and earlier answers, the
+    chat format around them), from the model's tokenizer; answers counted at ``max_output`` tokens each."""
+    from transformers import AutoTokenizer
+
+    from headrouter_vllm.benchmarks.serving.workload import chat_prompt
+    from headrouter_vllm.models import adapter_for_model_dir
+
+    tokenizer, family = AutoTokenizer.from_pretrained(model), adapter_for_model_dir(model).family
+    questions = {r.index: r.question for r in workload}
+    answers = dict.fromkeys(questions, "")
+    return max(len(tokenizer(chat_prompt(r, family, questions, answers)).input_ids) + max_output * (1 + len(r.history))
+               for r in workload) + 16  # the audio placeholder's few tokens, counted in the audio's share
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-qwen2-audio",
                         help="a model directory, or the name of a local builder (`headrouter-vllm make-model`), "
                              "built into a temporary folder: tiny-qwen2-audio (default), tiny-qwen2.5-omni, ...")
     parser.add_argument("--load-format", default="auto", help="'dummy' for weightless real-shape configs")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--workload", choices=WORKLOADS, default="single",
+                        help="single: one question per clip; shared-prompt: the same under one long system prompt "
+                             "every request shares; multi-turn: --turns questions per clip, each turn resending the "
+                             "conversation (clip, questions, answers) when the previous one finishes")
+    parser.add_argument("--turns", type=int, default=None,
+                        help="multi-turn: requests per conversation (at least 2; default 3)")
+    parser.add_argument("--num-requests", type=int, default=48,
+                        help="requests (multi-turn: conversations, each of --turns requests)")
     parser.add_argument("--clip-seconds", type=float, nargs="+", default=[30.0])
     parser.add_argument("--output-tokens", type=int, nargs="+", default=[16],
                         help="answer lengths (every request generates exactly this many; several: a mix)")
@@ -71,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(headrouter.encoder_window; default: the engine's, on); vanilla runs keep vLLM's "
                              "30 s encoder, except "
                              f"'{VANILLA_WINDOW}' in --order")
+    parser.add_argument("--prefix-caching", choices=["on", "off"], default="on",
+                        help="vLLM's prefix caching in every engine of the run (default on: vLLM's default, vanilla "
+                             "as deployed; HeadRouter engines cache what precedes a routed request's audio)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-warmup-pass", dest="warmup_pass", action="store_false",
                         help="skip the unmeasured vanilla pass over the workload that runs first (without it, the "
@@ -92,10 +119,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     from headrouter_vllm.benchmarks.serving.run import run_engine
     from headrouter_vllm.benchmarks.serving.workload import export_for_vllm_bench, make_workload
 
-    if args.kv_blocks * args.block_size < args.max_model_len:
+    if (args.kv_blocks - 1) * args.block_size < args.max_model_len:  # vLLM keeps one block back (its null block)
         raise ValueError(f"--kv-blocks {args.kv_blocks} x --block-size {args.block_size} cannot hold one request of "
-                         f"--max-model-len {args.max_model_len}")
-    workload = make_workload(args.num_requests, args.clip_seconds, args.output_tokens, args.seed, args.request_rate)
+                         f"--max-model-len {args.max_model_len} (vLLM keeps one block back)")
+    if args.turns is not None and args.workload != "multi-turn":
+        raise ValueError(f"--turns is for --workload multi-turn, not {args.workload}")
+    args.turns = args.turns if args.turns is not None else 3 if args.workload == "multi-turn" else None
+    workload = make_workload(args.num_requests, args.clip_seconds, args.output_tokens, args.seed, args.request_rate,
+                             args.workload, args.turns or 3)
     if args.export_workload:
         print("workload for vllm bench serve:", export_for_vllm_bench(workload, args.export_workload))
     engine_kwargs = dict(dtype=args.dtype, block_size=args.block_size, num_gpu_blocks_override=args.kv_blocks,
@@ -119,9 +150,11 @@ def main(args: argparse.Namespace) -> list[dict]:
         if adapter.max_audio_seconds is not None and longest > adapter.max_audio_seconds:
             raise ValueError(f"--clip-seconds {longest:g}: {adapter.family} takes at most "
                              f"{adapter.max_audio_seconds:g} s of audio")
-        if int(longest * 25) + 64 + max(args.output_tokens) > args.max_model_len:
+        text_tokens = _text_tokens(model, workload, max(args.output_tokens))
+        if int(longest * 25) + text_tokens > args.max_model_len:
             raise ValueError(f"--clip-seconds {longest:g} is {int(longest * 25)} audio tokens: raise --max-model-len "
-                             f"(now {args.max_model_len}) above that plus the question and answer")
+                             f"(now {args.max_model_len}) above that plus the text around it (up to {text_tokens} "
+                             f"tokens in this workload: system prompt, questions, answers)")
         hr_window = None if args.encoder_window is None else args.encoder_window == "on"
         if args.order is not None:  # (retention, semantics, encoder window)
             configs = [(None, None, True) if r == VANILLA_WINDOW else (r, None, None) if r is None
@@ -133,11 +166,13 @@ def main(args: argparse.Namespace) -> list[dict]:
         with tqdm(total=(len(configs) + args.warmup_pass) * len(workload), desc="bench", unit="req") as progress:
             if args.warmup_pass:
                 progress.set_postfix_str("warm-up pass (not measured)")
-                run_engine(model, workload, None, engine_kwargs, args.policy, progress)
+                run_engine(model, workload, None, engine_kwargs, args.policy, progress,
+                           prefix_caching=args.prefix_caching == "on")
             for retention, semantics, window in configs:
                 progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g} {semantics}")
                 runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress,
-                                       semantics or "after_prompt", args.admission_headroom, window))
+                                       semantics or "after_prompt", args.admission_headroom, window,
+                                       args.prefix_caching == "on"))
     seen: dict[str, int] = {}
     for run in runs:  # repeated engines (--order) keep apart in the tables: "vanilla", "vanilla #2", ...
         seen[run.label] = seen.get(run.label, 0) + 1
@@ -158,7 +193,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                                                        "request_rate", "kv_blocks", "block_size", "seed",
                                                        "policy", "load_format", "dtype", "semantics",
                                                        "max_num_batched_tokens", "warmup_pass", "order",
-                                                       "admission_headroom", "encoder_window")},
+                                                       "admission_headroom", "encoder_window", "workload",
+                                                       "turns", "prefix_caching")},
             "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)
     print(report.table(rows))

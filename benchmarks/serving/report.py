@@ -80,11 +80,15 @@ def summarise(run: RunResult, audio_tokens: dict[int, int]) -> dict:
         kv_tokens.append(r.prompt_tokens - audio + kept + r.output_tokens)
     return {
         "label": run.label, "retention": run.retention, "semantics": run.semantics, "requests": n,
-        "encoder_window": run.encoder_window,
+        "encoder_window": run.encoder_window, "prefix_caching": run.prefix_caching,
         "duration_s": run.duration,
         "request_throughput": n / run.duration,
         "output_throughput": sum(r.output_tokens for r in reqs) / run.duration,
         "ttft_p50_ms": pct([r.ttft * 1e3 for r in reqs], 50), "ttft_p99_ms": pct([r.ttft * 1e3 for r in reqs], 99),
+        # later turns of a conversation: what a chat user waits for after each follow-up question
+        "ttft_followup_p50_ms": pct([r.ttft * 1e3 for r in reqs if r.turn], 50) if any(r.turn for r in reqs) else None,
+        "prompt_tokens_mean": float(np.mean([r.prompt_tokens for r in reqs])),
+        "cached_share": sum(r.cached_tokens for r in reqs) / max(1, sum(r.prompt_tokens for r in reqs)),
         "tpot_p50_ms": pct([r.tpot * 1e3 for r in reqs], 50), "tpot_p99_ms": pct([r.tpot * 1e3 for r in reqs], 99),
         "latency_p50_s": pct([r.latency for r in reqs], 50), "latency_p99_s": pct([r.latency for r in reqs], 99),
         "kv_blocks_per_request": float(np.mean([r.peak_blocks for r in reqs])),
@@ -128,7 +132,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 COLUMNS = [("label", "run", "{}"), ("request_throughput", "req/s", "{:.2f}"), ("output_throughput", "tok/s", "{:.1f}"),
-           ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"), ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
+           ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"), ("ttft_followup_p50_ms", "TTFT turn>1 ms", "{:.0f}"),
+           ("cached_share", "cached", "{:.0%}"), ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
            ("latency_p99_s", "e2e p99 s", "{:.2f}"), ("kv_blocks_per_request", "KV blk/req", "{:.1f}"),
            ("max_running", "held", "{}"), ("decoding_max", "decoding max", "{}"),
            ("decoding_mean", "decoding mean", "{:.1f}"), ("preemptions", "preempt", "{}"),
@@ -164,11 +169,12 @@ def write(out_dir: Path, rows: list[dict], runs: list[RunResult], meta: dict) ->
     with open(out_dir / "requests.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "index", "prompt_tokens", "output_tokens", "ttft_s", "tpot_s", "latency_s",
-                         "peak_kv_blocks", "audio_tokens", "kept_tokens"])
+                         "peak_kv_blocks", "audio_tokens", "kept_tokens", "turn", "cached_tokens"])
         for run in runs:
             for r in run.requests:
                 writer.writerow([run.label, r.index, r.prompt_tokens, r.output_tokens, f"{r.ttft:.6f}",
-                                 f"{r.tpot:.6f}", f"{r.latency:.6f}", r.peak_blocks, r.audio_tokens, r.kept_tokens])
+                                 f"{r.tpot:.6f}", f"{r.latency:.6f}", r.peak_blocks, r.audio_tokens, r.kept_tokens,
+                                 r.turn, r.cached_tokens])
     plot(out_dir, rows, runs)
 
 

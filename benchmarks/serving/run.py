@@ -2,11 +2,14 @@
 
 The engine is stepped by hand (``LLMEngine.add_request`` / ``step``) so every request's arrival, first token and
 finish are timed here, and the scheduler is read after every step: requests running at once, KV blocks held,
-preemptions. Vanilla and HeadRouter engines run the same requests one after the other in one process.
+preemptions. Vanilla and HeadRouter engines run the same requests one after the other in one process, with vLLM's
+prefix caching as deployed (on, its default) unless told otherwise. A later turn of a conversation is added when its
+previous turn finishes, with the answer that engine gave.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gc
 import os
@@ -14,7 +17,7 @@ import time
 
 import numpy as np
 
-from headrouter_vllm.benchmarks.serving.workload import SAMPLE_RATE, BenchRequest
+from headrouter_vllm.benchmarks.serving.workload import SAMPLE_RATE, BenchRequest, chat_prompt
 from headrouter_vllm.demo import audio_prompt
 
 
@@ -29,6 +32,8 @@ class RequestResult:
     peak_blocks: int
     audio_tokens: int | None = None
     kept_tokens: int | None = None
+    turn: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def ttft(self) -> float:
@@ -96,14 +101,16 @@ class RunResult:
     compact_ms: list[float] = dataclasses.field(default_factory=list)
     profile: StepProfile = dataclasses.field(default_factory=StepProfile)
     encoder_window: bool = False  # Qwen2-Audio's encoder ran on the real audio only (Omni's always does)
+    prefix_caching: bool = True
 
 
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
                policy: str | None = None, progress=None, semantics: str = "after_prompt",
-               admission_headroom: int = 0, encoder_window: bool | None = None) -> RunResult:
+               admission_headroom: int = 0, encoder_window: bool | None = None,
+               prefix_caching: bool = True) -> RunResult:
     """``encoder_window``: Qwen2-Audio's encoder on the real audio only (vanilla: ``True`` turns it on with
     ``additional_config.headrouter_encoder_window``; HeadRouter: ``headrouter.encoder_window``, ``None``: its
-    default)."""
+    default). ``prefix_caching``: vLLM's switch, for either engine (on: vLLM's default, as deployed)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
@@ -120,7 +127,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
             extra["additional_config"]["headrouter"]["encoder_window"] = encoder_window
     elif encoder_window:
         extra["additional_config"] = {"headrouter_encoder_window": True}
-    llm = LLM(model=model, seed=0, enable_prefix_caching=False, limit_mm_per_prompt=adapter.mm_limits(),
+    llm = LLM(model=model, seed=0, enable_prefix_caching=prefix_caching, limit_mm_per_prompt=adapter.mm_limits(),
               **engine_kwargs, **extra)
     engine = llm.llm_engine
     scheduler = inprocess.scheduler(llm)
@@ -158,7 +165,10 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     while engine.has_unfinished_requests():
         engine.step()
 
-    pending = sorted(workload, key=lambda r: r.arrival_s)
+    pending = sorted((r for r in workload if not r.history), key=lambda r: r.arrival_s)
+    next_turn = {r.history[-1]: r for r in workload if r.history}  # a later turn waits for the one before it
+    questions = {r.index: r.question for r in workload}
+    answers: dict[int, str] = {}
     results: dict[str, RequestResult] = {}
     max_running = 0
     profile = StepProfile()
@@ -169,10 +179,10 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
             r = pending.pop(0)
             rid = f"req{r.index}"
             t_add = time.perf_counter()
-            engine.add_request(rid, {"prompt": audio_prompt(r.question, adapter.family),
+            engine.add_request(rid, {"prompt": chat_prompt(r, adapter.family, questions, answers),
                                      "multi_modal_data": {"audio": (r.wave, SAMPLE_RATE)}}, params(r))
             profile.input_s += time.perf_counter() - t_add
-            results[rid] = RequestResult(r.index, 0, 0, start + max(r.arrival_s, now), 0.0, 0.0, 0)
+            results[rid] = RequestResult(r.index, 0, 0, start + max(r.arrival_s, now), 0.0, 0.0, 0, turn=r.turn)
         if not engine.has_unfinished_requests():
             time.sleep(min(0.01, max(0.0, pending[0].arrival_s - now)))
             continue
@@ -197,13 +207,20 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
                 res.first_token = t
             if out.finished:
                 res.finish, res.output_tokens, res.prompt_tokens = t, n, len(out.prompt_token_ids)
+                res.cached_tokens = out.num_cached_tokens or 0
+                answers[res.index] = out.outputs[0].text
+                follow = next_turn.pop(res.index, None)
+                if follow is not None:  # the client sends the next question as soon as it has the answer
+                    follow = dataclasses.replace(follow, arrival_s=t - start)
+                    bisect.insort(pending, follow, key=lambda r: r.arrival_s)
                 if progress is not None:
                     progress.update(1)
     duration = time.perf_counter() - start
     run = RunResult(label, retention, [results[k] for k in sorted(results, key=lambda k: results[k].index)],
                     duration, max_running, preemptions[0], pool_blocks, block_manager.block_size,
                     semantics=None if retention is None else semantics, profile=profile,
-                    encoder_window=encoder_window is True or (retention is not None and encoder_window is None))
+                    encoder_window=encoder_window is True or (retention is not None and encoder_window is None),
+                    prefix_caching=prefix_caching)
     if retention is not None:
         records = {rec.request_id.split("-")[0]: rec for rec in scheduler.hr_records}
         for key, res in results.items():

@@ -14,7 +14,8 @@ Stages, each in its own process (a crash or a CUDA error in one leaves the other
 * ``preflight``: the import closure (vLLM's GPU worker and runner, TRITON_ATTN, the Qwen2-Audio and Omni thinker
   modules, HeadRouter's plugin, GPU worker and runner, kernels, bench); the platform vLLM detects; every engine the
   run starts resolved to its config on the CUDA platform and checked (backend, graph mode, worker, scheduler,
-  custom ops, IR op priority, V1 runner, async scheduling and prefix caching off); HeadRouter's startup refusals on
+  custom ops, IR op priority, V1 runner, async scheduling off, prefix caching off in the engine checks and on in the
+  bench, vanilla as deployed); HeadRouter's startup refusals on
   CUDA; the runner's hooks against vLLM's GPUModelRunner; the sampler's path. On CPU also a decoder forward on CPU
   tensors under the CUDA platform with the smoke settings (no compiled vLLM op may run), and a control with
   vLLM's default custom ops that must fail on one.
@@ -390,7 +391,8 @@ def check_config(checks: Checks, name: str, config) -> dict:
     backend, graphs, worker = EXPECTED[name]
     problems = [f"{key} {d[key]!r}, expected {want!r}" for key, want in
                 (("backend", backend), ("cudagraph_mode", graphs), ("worker_cls", worker), ("compile_mode", "NONE"),
-                 ("custom_ops", ["none"]), ("v2_model_runner", False), ("prefix_caching", False)) if d[key] != want]
+                 ("custom_ops", ["none"]), ("v2_model_runner", False),
+                 ("prefix_caching", name.startswith("bench:"))) if d[key] != want]
     problems += [f"IR op {op} tries {p} first" for op, p in d["ir_op_priority"].items() if p[:1] != ["native"]]
     if "TORCH_SDPA" not in d["mm_encoder_attn_backend"]:
         problems.append(f"mm encoder attention {d['mm_encoder_attn_backend']}")
