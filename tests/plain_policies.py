@@ -61,7 +61,7 @@ def plain_selection(probe: SpanProbe, keep: int, settings: RouteSettings, profil
         raise ValueError(f"unknown policy {settings.policy!r}")
     if settings.mode not in ("shared", "per_head"):
         raise ValueError(f"unknown mode {settings.mode!r}")
-    if settings.mode == "per_head" and settings.policy not in ("headrouter", "oracle"):
+    if settings.mode == "per_head" and settings.policy not in ("headrouter", "oracle", "coverage"):
         raise ValueError(f"policy {settings.policy!r} has no per-head scores")
     return POLICIES[settings.policy](probe, keep, settings, profiles)
 
@@ -226,11 +226,12 @@ def budgets(kv_weights: list[float], total: int, lo: int, hi: int) -> list[int]:
 
 
 def per_head_top_k(probe: SpanProbe, keep: int, settings: RouteSettings, scores: torch.Tensor,
-                   weights: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """KV head g keeps its own top ``budget_g`` tokens of the weighted sum of its query heads (a group the router
-    gave no weight: their plain mean); budgets from the groups' weights, ``keep * G`` in all, each between
-    ``b_min = min(keep, floor(b_min_fraction * N))`` and ``b_max`` (``settings.b_max``, else
-    ``ceil(b_max_fraction * N)``; at most N, at least keep)."""
+                   weights: torch.Tensor, pick=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """KV head g keeps its own top ``budget_g`` tokens (or ``pick(score, budget_g)``'s positions) of the weighted
+    sum of its query heads (a group the router gave no weight: their plain mean); budgets from the groups'
+    weights, ``keep * G`` in all, each between ``b_min = min(keep, floor(b_min_fraction * N))`` and ``b_max``
+    (``settings.b_max``, else ``ceil(b_max_fraction * N)``; at most N, at least keep)."""
+    pick = pick or best
     heads, n = scores.shape
     kv = probe.num_kv_heads
     groups = [range(g * heads // kv, (g + 1) * heads // kv) for g in range(kv)]
@@ -243,7 +244,7 @@ def per_head_top_k(probe: SpanProbe, keep: int, settings: RouteSettings, scores:
             score = sum(scores[q] for q in rows) / len(rows)
         else:
             score = sum(float(weights[q]) * scores[q] for q in rows)
-        kept.append(ascending(best(score, b)))
+        kept.append(ascending(pick(score, b) if b else []))
     return ascending(set(itertools.chain.from_iterable(h.tolist() for h in kept))), kept
 
 
@@ -277,16 +278,26 @@ def coverage_settings(profiles: ProfileSet | None, alpha: dict[str, float] | Non
 
 
 def coverage(probe, keep, settings, profiles) -> Plain:
-    """The routed score spread over ``segments`` equal windows: a window's budget is ``keep * (floor * its share
-    of the length + (1 - floor) * its share of the non-negative score mass)``, floored, capped at its length, the
-    rest one token at a time to the largest shortfall first (ties: the first window); evenly spaced inside.
-    ``floor`` 1: uniform."""
+    """The routed score spread over ``segments`` equal windows (:func:`spread`); ``per_head`` mode: each KV head
+    spreads its own budget (the per-head budgets of ``headrouter``) by its own query heads' weighted score."""
     scores, weights, alpha = routed(probe, settings, profiles)
-    n = scores.shape[1]
-    score = sum(float(w) * row for w, row in zip(weights, scores, strict=True)).clamp_min(0).tolist()
     segments, floor = coverage_settings(profiles, alpha)
+    if settings.mode == "per_head":
+        union, per_head = per_head_top_k(probe, keep, settings, scores, weights,
+                                         pick=lambda score, b: spread(score, b, segments, floor))
+        return Plain(union, per_head, alpha)
+    score = sum(float(w) * row for w, row in zip(weights, scores, strict=True))
+    return Plain(ascending(spread(score, keep, segments, floor)), alpha=alpha)
+
+
+def spread(score: torch.Tensor, keep: int, segments: int, floor: float) -> list[int]:
+    """``segments`` equal windows: a window's budget is ``keep * (floor * its share of the length + (1 - floor) *
+    its share of the non-negative score mass)``, floored, capped at its length, the rest one token at a time to the
+    largest shortfall first (ties: the first window); evenly spaced inside. ``floor`` 1: uniform."""
+    n = score.numel()
+    score = score.clamp_min(0).tolist()
     if floor >= 1.0:
-        return Plain(ascending(evenly(n, keep)), alpha=alpha)
+        return evenly(n, keep)
     segments = min(segments, keep)
     edges = [round(Fraction(i * n, segments)) for i in range(segments + 1)]  # half to even
     lengths = [b - a for a, b in itertools.pairwise(edges)]
@@ -297,8 +308,7 @@ def coverage(probe, keep, settings, profiles) -> Plain:
     while sum(budget) < keep:
         room = [i for i in range(segments) if budget[i] < lengths[i]]
         budget[max(room, key=lambda i: (want[i] - budget[i], -i))] += 1
-    kept = [edges[i] + j for i in range(segments) if budget[i] for j in evenly(lengths[i], budget[i])]
-    return Plain(ascending(kept), alpha=alpha)
+    return [edges[i] + j for i in range(segments) if budget[i] for j in evenly(lengths[i], budget[i])]
 
 
 def fastv(probe, keep, settings, profiles) -> Plain:

@@ -31,6 +31,8 @@ PROMPTS = {clip: audio_prompt(question) for clip, question in QUESTIONS.items()}
 NAMES = ["short_r1.0", "text_only", "short_r0.7", "long_r0.5", "short_r0.3", "long_r0.5_similarity"]
 UNROUTED = ["short_r1.0", "text_only"]
 ROUTED = [n for n in NAMES if n not in UNROUTED]
+# per_head engines also run coverage per KV head (each head spreads its own budget by its own routed mass)
+PER_HEAD_NAMES = [*ROUTED, "long_r0.5_coverage"]
 FP16_NAMES = ["short_r1.0", "long_r0.5", "short_r0.3"]
 STOCK_NAMES = ["short_r1.0", "short_r0.3"]
 STOCK = {"attention_backend": "TRITON_ATTN"}  # vLLM's own Triton backend, shared mode (headrouter.attention auto)
@@ -48,20 +50,20 @@ ENGINES = {  # (engine settings, cases, phases)
     # per_head: each KV head keeps its own audio, with head profiles that give the KV heads different budgets
     # (stale head slots NaN-poisoned); the similarity baseline in the same batch stays shared
     "triton_per_head": (dict(headrouter={**TRITON, "mode": "per_head", "profiles": "<per-head profiles>"},
-                             poison=math.nan), ROUTED, ["batch"]),
+                             poison=math.nan), PER_HEAD_NAMES, ["batch"]),
     # the kernels' torch references in HeadRouter's backend: shared mode, and HeadRouter's CPU path for per_head
     "torch": (dict(headrouter={"attention": "torch"}), NAMES, ["batch"]),
     "torch_per_head": (dict(headrouter={"mode": "per_head", "profiles": "<per-head profiles>"},
-                            poison=math.nan), ROUTED, PHASES),  # attention auto: the references on CPU
+                            poison=math.nan), PER_HEAD_NAMES, PHASES),  # attention auto: the references on CPU
     "torch_per_head_chunked": (dict(headrouter={"attention": "torch", "mode": "per_head",
                                                 "profiles": "<per-head profiles>"},
                                     enable_chunked_prefill=True, max_num_batched_tokens=64, poison=math.nan),
-                               ROUTED, ["batch"]),
+                               PER_HEAD_NAMES, ["batch"]),
     # tensor parallel (2 CPU ranks, one KV head each): the ranks gather the probe's heads, select per KV head from
     # all of them, and each compacts its own head; similarity (shared) gathers the values
     "tp2_torch_per_head": (dict(headrouter={"attention": "torch", "mode": "per_head",
                                             "profiles": "<per-head profiles>"},
-                                poison=math.nan, tensor_parallel_size=2), ROUTED, ["batch"]),
+                                poison=math.nan, tensor_parallel_size=2), PER_HEAD_NAMES, ["batch"]),
     # the first_token probe point: probe kernel on the first decode row, kept-only attention above it, compaction
     "cpu_first_token": (dict(headrouter={"probe_point": "first_token"}), ROUTED, ["single"]),
     "torch_first_token": (dict(headrouter={"attention": "torch", "probe_point": "first_token"}), ROUTED, ["batch"]),
@@ -191,13 +193,13 @@ def hf_per_head(tiny_model, speech):
         if name not in cache:
             c = cases[name]
             cache[name] = reference(tiny_model, c.prompt, c.wave, c.retention, NEW_TOKENS, mode="per_head",
-                                    profiles=skewed_profiles(tiny_model))
+                                    profiles=skewed_profiles(tiny_model), policy=c.policy, task=c.task or "auto")
         return cache[name]
 
     return get
 
 
-PER_HEAD = [n for n in ROUTED if "similarity" not in n]
+PER_HEAD = [n for n in PER_HEAD_NAMES if "similarity" not in n]
 
 
 @pytest.mark.parametrize(("mode", "phase"), [("triton_per_head", "batch"), ("torch_per_head", "single"),
@@ -227,7 +229,7 @@ def test_tensor_parallel_similarity_gathers_values(engine):
 
 def test_per_head_differs_from_shared_and_leaves_baselines_shared(engine):
     per_head, shared = engine("triton_per_head")["batch"], engine("cpu")["single"]
-    assert any(per_head[n]["log"].kept != shared[n]["log"].kept for n in PER_HEAD)
+    assert any(per_head[n]["log"].kept != shared[n]["log"].kept for n in PER_HEAD if n in shared)
     baseline = per_head["long_r0.5_similarity"]
     assert baseline["log"].kept_per_head is None
     assert baseline["tokens"] == shared["long_r0.5_similarity"]["tokens"]

@@ -475,7 +475,7 @@ def test_the_registry_is_the_one_list_of_policies_and_their_capabilities():
     from headrouter_vllm.routing.policies import PER_HEAD_POLICIES, REGISTRY, policy
 
     assert tuple(REGISTRY) == POLICIES and all(REGISTRY[name].name == name for name in POLICIES)
-    assert PER_HEAD_POLICIES == tuple(n for n in POLICIES if policy(n).per_head) == ("headrouter", "oracle")
+    assert PER_HEAD_POLICIES == tuple(n for n in POLICIES if policy(n).per_head) == ("headrouter", "oracle", "coverage")
     assert [n for n in POLICIES if policy(n).needs_values] == ["similarity"]
     assert [n for n in POLICIES if policy(n).needs_focus] == ["region"]
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
@@ -495,3 +495,16 @@ def test_the_registry_is_the_one_list_of_policies_and_their_capabilities():
                 if names & set(POLICIES) and "policy" in ast.unparse(node):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("n,keep", [(7, 3), (50, 17), (257, 77)])
+def test_per_head_coverage_is_shared_coverage_where_the_kv_heads_agree(n, keep):
+    """Per-head coverage generalises the shared policy: KV heads whose query heads see the same attention, with
+    equal weights (no profiles: equal budgets), each keep exactly the shared selection."""
+    g = torch.Generator().manual_seed(n)
+    one_group = torch.rand(2, n, generator=g) ** 3  # two query heads per KV head
+    probe = SpanProbe(one_group.repeat(3, 1), torch.rand(6, n, generator=g), num_kv_heads=3)
+    shared = select(probe, keep, RouteSettings("coverage"), None)
+    per_head = select(probe, keep, RouteSettings("coverage", "per_head"), None)
+    assert [h.tolist() for h in per_head.per_head] == [shared.kept.tolist()] * 3
+    assert per_head.kept.tolist() == shared.kept.tolist()

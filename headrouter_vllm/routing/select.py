@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -106,10 +107,16 @@ def uniform_indices(n: int, keep: int) -> torch.Tensor:
     return ((torch.arange(keep, dtype=torch.float64) + 0.5) * n / keep).floor().long().clamp_max(n - 1)
 
 
+def top_k_indices(score: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` highest-scoring indices, ascending."""
+    return torch.topk(score, keep).indices.sort().values
+
+
 def select_per_head(head_scores: torch.Tensor, budgets: torch.Tensor, head_weights: torch.Tensor | None = None,
-                    ) -> list[torch.Tensor]:
-    """``per_head`` selection: KV head g keeps its own top ``budgets[g]`` tokens, scored by the weighted sum of
-    the query heads that share it (GQA). Returns one ascending index tensor per KV head."""
+                    pick: Callable[[torch.Tensor, int], torch.Tensor] = top_k_indices) -> list[torch.Tensor]:
+    """``per_head`` selection: KV head g keeps ``pick(score_g, budgets[g])`` (its own top-K, or a coverage spread),
+    ``score_g`` the weighted sum of the query heads that share it (GQA). Returns one ascending index tensor per KV
+    head."""
     num_heads, n = head_scores.shape
     num_kv = budgets.numel()
     group = num_heads // num_kv
@@ -122,5 +129,5 @@ def select_per_head(head_scores: torch.Tensor, budgets: torch.Tensor, head_weigh
         if float(weights[rows].sum()) == 0.0:  # a head the router switched off still ranks by attention
             score = head_scores[rows].float().mean(dim=0)
         b = int(budgets[g])
-        kept.append(torch.topk(score, b).indices.sort().values if b else torch.empty(0, dtype=torch.long))
+        kept.append(pick(score, b) if b else torch.empty(0, dtype=torch.long))
     return kept

@@ -53,22 +53,39 @@ def select_top_k(probe: SpanProbe, keep: int, settings: RouteSettings, profiles:
     if settings.mode == "shared":
         kept, margin = select_shared(scores, keep, weights)
         return Selection(kept, head_weights=weights, alpha=alpha, margin=margin)
-    n, num_kv = scores.shape[-1], probe.num_kv_heads
+    per_head = select_per_head(scores, _kv_budgets(scores, weights, keep, settings, probe.num_kv_heads), weights)
+    return _per_head_selection(per_head, weights, alpha)
+
+
+def _kv_budgets(scores: torch.Tensor, weights: torch.Tensor | None, keep: int, settings: RouteSettings,
+                num_kv: int) -> torch.Tensor:
+    """``per_head`` budgets ``[G]``: ``keep * G`` slots in all, shared by the KV heads' routed weights, each between
+    ``b_min`` and ``b_max`` (the settings' fractions of N, or the engine plan's cap)."""
+    n = scores.shape[-1]
     kv_weights = (weights if weights is not None else _equal_weights(scores)).view(num_kv, -1).sum(dim=1)
     b_min = min(keep, int(settings.b_min_fraction * n))
     b_max = settings.b_max if settings.b_max is not None else min(n, math.ceil(settings.b_max_fraction * n))
-    budgets = per_head_budgets(kv_weights, keep * num_kv, b_min, max(keep, min(n, b_max)))
-    per_head = select_per_head(scores, budgets, weights)
+    return per_head_budgets(kv_weights, keep * num_kv, b_min, max(keep, min(n, b_max)))
+
+
+def _per_head_selection(per_head: list[torch.Tensor], weights, alpha) -> Selection:
     union = torch.unique(torch.cat(per_head)) if per_head else torch.empty(0, dtype=torch.long)
     return Selection(union, per_head=per_head, head_weights=weights, alpha=alpha)
 
 
 def select_spread(probe: SpanProbe, keep: int, settings: RouteSettings, profiles: ProfileSet | None) -> Selection:
     """``coverage``: window budgets from the routed score mass (with a floor), evenly spaced inside each window;
-    settings per task group from the profile file, mixed by the routing weights."""
+    settings per task group from the profile file, mixed by the routing weights. ``per_head`` mode: each KV head
+    spreads its own budget (as ``headrouter``'s per-head budgets) by its own query heads' routed mass; where every
+    KV head has the same score and budget, each keeps the shared selection."""
     scores, weights, alpha = routed_scores(probe, settings, profiles)
     w = weights if weights is not None else _equal_weights(scores)
     params = Coverage.mix(profiles.coverage, alpha or {}) if profiles is not None and profiles.coverage else Coverage()
+    if settings.mode == "per_head":
+        budgets = _kv_budgets(scores, weights, keep, settings, probe.num_kv_heads)
+        per_head = select_per_head(scores, budgets, weights, pick=functools.partial(
+            select_coverage, segments=params.segments, floor=params.floor))
+        return _per_head_selection(per_head, weights, alpha)
     kept = select_coverage((w.float()[:, None] * scores.float()).sum(dim=0), keep, params.segments, params.floor)
     return Selection(kept, head_weights=weights, alpha=alpha)
 
@@ -76,4 +93,4 @@ def select_spread(probe: SpanProbe, keep: int, settings: RouteSettings, profiles
 HEADROUTER = Policy("headrouter", select_top_k, "routed top-K of the debiased probe attention", per_head=True)
 ORACLE = Policy("oracle", functools.partial(select_top_k, oracle=True),
                 "top-K with the true task group's profile (no input routing)", per_head=True, needs_true_task=True)
-COVERAGE = Policy("coverage", select_spread, "the routed score spread over windows of the clip")
+COVERAGE = Policy("coverage", select_spread, "the routed score spread over windows of the clip", per_head=True)
