@@ -94,6 +94,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from headrouter_vllm.calibrate import calibrate
     from headrouter_vllm.listening import suite
 
+    source = source_state()  # the code that runs: read now, before anyone edits the tree during a long run
     chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies)
     clips = suite.generate(args.split, args.clips, progress=True)
     engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
@@ -136,7 +137,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = [row for name in args.models
             for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name)]
     command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
-    meta = {"command": command, "machine": info, "source": source_state(), "split": args.split, "clips": len(clips),
+    meta = {"command": command, "machine": info, "source": source, "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
             "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {})}
     report.write(out, rows, answers, meta)

@@ -119,6 +119,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from headrouter_vllm.benchmarks.serving.run import run_engine
     from headrouter_vllm.benchmarks.serving.workload import export_for_vllm_bench, make_workload
 
+    source = report.source_state()  # the code that runs: read now, before anyone edits the tree during the run
     if (args.kv_blocks - 1) * args.block_size < args.max_model_len:  # vLLM keeps one block back (its null block)
         raise ValueError(f"--kv-blocks {args.kv_blocks} x --block-size {args.block_size} cannot hold one request of "
                          f"--max-model-len {args.max_model_len} (vLLM keeps one block back)")
@@ -187,7 +188,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     report.add_ratios(rows)
     info = report.machine()
     out_dir = Path(args.out) / report.machine_slug(info) / (args.name or time.strftime("%Y%m%d-%H%M%S"))
-    meta = {"machine": info, "source": report.source_state(),
+    meta = {"machine": info, "source": source,
             "command": shlex.join(["headrouter-vllm", *getattr(args, "argv", sys.argv[1:])]),
             "workload": {k: getattr(args, k) for k in ("num_requests", "clip_seconds", "output_tokens",
                                                        "request_rate", "kv_blocks", "block_size", "seed",
