@@ -225,3 +225,36 @@ def test_long_uploads_do_not_stall_a_concurrent_stream(monkeypatch):
     assert check_seconds > 0.02 and len(body) > middleware.INLINE_BODY_BYTES
     assert on_loop_gap > check_seconds * 0.8  # the test can see a stall
     assert off_loop_gap < max(0.025, on_loop_gap / 3), (off_loop_gap, on_loop_gap, check_seconds)
+
+
+def prefix_cache_hits(server) -> float:
+    metrics = httpx.get(server["base"] + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_a_resent_conversation_hits_the_cache_unless_routed(server, speech):
+    """Prefix caching on the real server: a second turn that resends the clip and the first answer is served from
+    the cache, clip included, when unrouted; routed, it hits nothing (the clip starts in the first block) and is
+    routed again for its own question."""
+    wave = speech["long"]
+    first_turn = audio_message(wave)
+    for routed in (False, True):
+        extra_body = {"ignore_eos": True, **({"vllm_xargs": {"headrouter_retention": 0.5}} if routed else {})}
+
+        def ask(messages, extra_body=extra_body):
+            return server["client"].chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0,
+                                                            max_tokens=NEW_TOKENS, extra_body=extra_body)
+
+        first = ask(first_turn)
+        before = prefix_cache_hits(server)
+        second = ask([*first_turn, {"role": "assistant", "content": first.choices[0].message.content},
+                      {"role": "user", "content": "And who is speaking?"}])
+        hits = prefix_cache_hits(server) - before
+        report = second.usage.model_extra["headrouter"]
+        audio = report["audio_tokens"]
+        if routed:
+            assert hits == 0 and report["kept_audio_tokens"] < audio and report["retention"] == 0.5
+        else:
+            assert hits >= audio and report["kept_audio_tokens"] == audio and report["task"] is None
+        assert second.usage.prompt_tokens > first.usage.prompt_tokens
