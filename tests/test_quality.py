@@ -20,10 +20,35 @@ def test_method_grid_and_labels():
                       "headrouter[named]/in_prompt"}
     assert Method("uniform", 0.5, "in_prompt").label == "uniform/in_prompt"
     per_head = methods([0.5], ["uniform"], [], ["headrouter:named"])
-    assert [(m.label, m.engine) for m in per_head[1:]] == [("uniform", ("after_prompt", "shared")),
-                                                           ("headrouter[named]/per_head", ("after_prompt", "per_head"))]
+    assert [(m.label, m.engine) for m in per_head[1:]] == [
+        ("uniform", ("after_prompt", "shared", "seen")),
+        ("headrouter[named]/per_head", ("after_prompt", "per_head", "seen"))]
     with pytest.raises(ValueError, match="baselines stay shared"):
         methods([0.5], [], [], ["uniform"])
+    # held-out tasks: the methods that run with the profile file calibrated without them, on an engine of their own
+    held = methods([0.3], ["coverage:named"], [], [], ["coverage:auto", "coverage:group"])
+    assert [(m.label, m.engine[2]) for m in held[1:]] == [
+        ("coverage[named]", "seen"), ("coverage[auto]/holdout", "holdout"), ("coverage[group]/holdout", "holdout")]
+    with pytest.raises(ValueError, match="the task after ':' is one of named, group, auto"):
+        methods([0.3], ["coverage:asr"], [])
+
+
+def test_router_group_and_held_out_tasks_in_the_summary():
+    from headrouter_vllm.benchmarks.quality.run import heaviest_group
+
+    assert heaviest_group([{"semantic": 0.2, "acoustic": 0.7, "mixed": 0.1}]) == "acoustic"
+    assert heaviest_group(None) is None and heaviest_group([None]) is None
+    answers = [Answer("c1", "digits", "coverage[auto]", 0.3, "", True, 100, 30, routed_group="semantic"),
+               Answer("c1", "beeps", "coverage[auto]", 0.3, "", False, 100, 30, routed_group="semantic"),
+               Answer("c2", "beeps", "coverage[auto]", 0.3, "", True, 100, 30, routed_group="acoustic"),
+               Answer("c2", "event", "coverage[auto]", 0.3, "", True, 100, 30, routed_group="mixed")]
+    (row,) = report.summarise(answers, "m", holdout=("beeps",))
+    assert row["routed_to_group"] == 50.0  # digits -> semantic and beeps -> acoustic of four
+    assert row["holdout"] == 50.0 and row["beeps_n"] == 2
+    table = report.markdown([row])
+    assert "held-out tasks" in table and "50.0%" in table
+    (plain,) = report.summarise(answers, "m")
+    assert "holdout" not in plain and "held-out" not in report.markdown([plain])
 
 
 def test_wilson_interval():

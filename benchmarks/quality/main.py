@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation: for tuning a policy's settings (its first --calibration-clips clips also "
                              "calibrate the profiles); report on test")
     parser.add_argument("--calibration-clips", type=int, default=40, help="validation clips for the profiles")
-    parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    parser.add_argument("--retentions", type=float, nargs="+", default=[0.7, 0.5, 0.3, 0.2, 0.1])
     parser.add_argument("--tune-coverage", action="store_true",
                         help="before the run, tune the coverage policy's settings per task group on --tune-clips "
                              "further validation clips (disjoint from calibration and test) and serve them")
@@ -54,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policy[:named|auto] under in_prompt semantics (none: skip)")
     parser.add_argument("--per-head-policies", nargs="*", default=[],
                         help="policy[:named|auto] in per_head mode (HeadRouter's backend, torch references on CPU)")
+    parser.add_argument("--holdout-tasks", nargs="+", default=[], metavar="TASK",
+                        help="suite tasks no calibration or tuning question comes from: a second profile file is "
+                             "calibrated (and tuned) without them, and --holdout-policies run with it; the report "
+                             "gives these tasks' questions apart ('holdout' columns)")
+    parser.add_argument("--holdout-policies", nargs="+", default=["coverage:auto", "coverage:group"],
+                        help="policy[:group|auto] run with the held-out profile file (group: the question's task "
+                             "group, semantic or acoustic, what a user of a task no profile knows can name)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<name>/")
     parser.add_argument("--name", default=None, help="run name (default: quality-<timestamp>)")
@@ -67,13 +75,15 @@ def _model_dir(name: str, tmp: Path) -> str:
     return str(make_model(name, tmp / name))
 
 
-def calibration_manifest(clips: list, folder: Path) -> Path:
-    """Validation clips as wav files and a calibrate manifest: one line per (clip, question), task = suite task."""
+def calibration_manifest(clips: list, folder: Path, skip_tasks: tuple[str, ...] = ()) -> Path:
+    """Validation clips as wav files and a calibrate manifest: one line per (clip, question), task = suite task;
+    none of ``skip_tasks``' questions."""
     from headrouter_vllm.listening import suite
 
     suite.save_waves(clips, folder / "clips")
     lines = [json.dumps({"audio": f"clips/{c.id}.wav", "task": task, "group": suite.TASK_GROUPS[task],
-                         "question": suite.QUESTIONS[task]}) for c in clips for task in c.answers]
+                         "question": suite.QUESTIONS[task]}) for c in clips for task in c.answers
+             if task not in skip_tasks]
     path = folder / "manifest.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -95,7 +105,15 @@ def main(args: argparse.Namespace) -> list[dict]:
     from headrouter_vllm.listening import suite
 
     source = source_state()  # the code that runs: read now, before anyone edits the tree during a long run
-    chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies)
+    holdout = tuple(dict.fromkeys(args.holdout_tasks))
+    unknown = [t for t in holdout if t not in suite.TASK_GROUPS]
+    if unknown:
+        raise ValueError(f"--holdout-tasks {unknown}: the suite's tasks are {', '.join(suite.TASK_GROUPS)}")
+    for group in sorted(set(suite.TASK_GROUPS.values())):
+        if all(t in holdout for t, g in suite.TASK_GROUPS.items() if g == group):
+            raise ValueError(f"--holdout-tasks holds out every {group} task: that group would have no profile")
+    chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies,
+                     args.holdout_policies if holdout else ())
     clips = suite.generate(args.split, args.clips, progress=True)
     engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
                          limit_mm_per_prompt={"audio": 1}, max_num_seqs=args.max_num_seqs,
@@ -111,35 +129,45 @@ def main(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="headrouter-quality-") as tmp:
         tmp = Path(tmp)
         manifest = calibration_manifest(calibration, tmp / "calibration")
+        holdout_manifest = calibration_manifest(calibration, tmp / "calibration-holdout", holdout) if holdout else None
         engines = sorted({m.engine for m in chosen})
         progress = tqdm(total=len(clips) * len(engines) * len(args.models), desc="clips x engines", unit="clip")
         for name in args.models:
             model = _model_dir(name, tmp)
             label = Path(name).name
-            profiles = tmp / f"{label}-profiles.json"
-            calibrate(model, manifest, profiles)
-            if args.tune_coverage:
-                measured = None if args.tuning_from is None else measured_grid(
-                    args.tuning_from, label, len(tuning), args.retentions, grid, args.tune_probe_points)
-                points = len(args.tune_probe_points) * len(grid) - len(measured or {})
-                with tqdm(total=points, desc=f"tuning coverage ({label})", unit="point") as bar:
-                    tuned[label] = tune_coverage(model, tuning, profiles, args.retentions, grid, engine_kwargs,
-                                                 tmp, tuple(args.tune_probe_points), progress=bar, measured=measured)
-                print(f"{label}: tuned on {len(tuning)} validation clips: probe point "
-                      f"{tuned[label]['probe_point']}, coverage {tuned[label]['chosen']}")
-            for semantics, mode in engines:
-                mine = [m for m in chosen if m.engine == (semantics, mode)]
-                for a in run_methods(model, clips, mine, semantics, str(profiles), engine_kwargs, progress=progress,
-                                     mode=mode):
+            files = {"seen": (tmp / f"{label}-profiles.json", manifest, ())}
+            if holdout:
+                files["holdout"] = (tmp / f"{label}-profiles-holdout.json", holdout_manifest, holdout)
+            for variant, (profiles, variant_manifest, skip) in files.items():
+                calibrate(model, variant_manifest, profiles)
+                if args.tune_coverage:
+                    key = label if variant == "seen" else f"{label} (without {', '.join(holdout)})"
+                    measured = None if args.tuning_from is None or skip else measured_grid(
+                        args.tuning_from, label, len(tuning), args.retentions, grid, args.tune_probe_points)
+                    points = len(args.tune_probe_points) * len(grid) - len(measured or {})
+                    with tqdm(total=points, desc=f"tuning coverage ({key})", unit="point") as bar:
+                        tuned[key] = tune_coverage(model, tuning, profiles, args.retentions, grid, engine_kwargs,
+                                                   tmp, tuple(args.tune_probe_points), progress=bar, measured=measured,
+                                                   skip_tasks=skip)
+                    print(f"{key}: tuned on {len(tuning)} validation clips: probe point "
+                          f"{tuned[key]['probe_point']}, coverage {tuned[key]['chosen']}")
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copy(profiles, out / profiles.name)  # the profile file the methods ran with: servable
+            for semantics, mode, variant in engines:
+                mine = [m for m in chosen if m.engine == (semantics, mode, variant)]
+                for a in run_methods(model, clips, mine, semantics, str(files[variant][0]), engine_kwargs,
+                                     progress=progress, mode=mode):
                     a.model = label
                     answers.append(a)
         progress.close()
     rows = [row for name in args.models
-            for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name)]
+            for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name,
+                                        holdout)]
     command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
     meta = {"command": command, "machine": info, "source": source, "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
-            "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {})}
+            "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {}),
+            **({"holdout_tasks": list(holdout)} if holdout else {})}
     report.write(out, rows, answers, meta)
     print(report.markdown(rows))
     print(report.versus_uniform(rows))

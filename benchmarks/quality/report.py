@@ -45,7 +45,7 @@ GROUPS = {"semantic": [t for t, g in TASK_GROUPS.items() if g == "semantic"],
 
 
 def paired_difference(answers: list, method: str, retention: float, base: str = "uniform",
-                      resamples: int = 2000) -> dict[str, tuple]:
+                      resamples: int = 2000, groups: dict[str, list[str]] | None = None) -> dict[str, tuple]:
     """Accuracy of ``method`` minus ``base`` at ``retention`` on the same questions, per group (the unweighted mean
     of its tasks' mean differences), with a 95% interval from a paired bootstrap over clips (a clip's questions
     are resampled together: they share the audio, so their answers are not independent). Seeded; empty when
@@ -63,7 +63,7 @@ def paired_difference(answers: list, method: str, retention: float, base: str = 
         diff[row[clip], col[task]] = int(mine[(clip, task)]) - int(theirs[(clip, task)])
     samples = np.random.default_rng(0).integers(0, len(clips), size=(resamples, len(clips)))
     out = {}
-    for group, members in GROUPS.items():
+    for group, members in (groups or GROUPS).items():
         cols = [col[t] for t in members if not np.isnan(diff[:, col[t]]).all()]
         if not cols:
             continue
@@ -78,13 +78,19 @@ def paired_difference(answers: list, method: str, retention: float, base: str = 
     return out
 
 
-def summarise(answers: list, model: str) -> list[dict]:
-    """One row per (method, retention): accuracy per task and group with intervals, audio kept."""
+def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[dict]:
+    """One row per (method, retention): accuracy per task and group with intervals, audio kept, and how often the
+    router weighted the question's own task group most (``routed_to_group``, over routed answers with profiles).
+    ``holdout``: tasks no calibration or tuning question came from, also a group of their own (``holdout``)."""
+    groups = {**GROUPS, **({"holdout": list(holdout)} if holdout else {})}
     cells: dict[tuple[str, float], dict[str, list[int]]] = collections.defaultdict(
         lambda: collections.defaultdict(lambda: [0, 0]))
     kept: dict[tuple[str, float], list[float]] = collections.defaultdict(list)
+    routed: dict[tuple[str, float], list[bool]] = collections.defaultdict(list)
     for a in answers:
         key = (a.method, a.retention)
+        if a.routed_group:
+            routed[key].append(a.routed_group == TASK_GROUPS[a.task])
         cells[key][a.task][0] += a.correct
         cells[key][a.task][1] += 1
         if a.audio_tokens and a.kept_tokens is not None:
@@ -97,7 +103,9 @@ def summarise(answers: list, model: str) -> list[dict]:
             acc, lo, hi = wilson(*per_task.get(task, (0, 0)))
             row.update({task: round(acc, 1), f"{task}_lo": round(lo, 1), f"{task}_hi": round(hi, 1),
                         f"{task}_n": per_task.get(task, (0, 0))[1]})
-        for group, tasks in GROUPS.items():
+        hits = routed[(method, retention)]
+        row["routed_to_group"] = round(100 * sum(hits) / len(hits), 1) if hits else None
+        for group, tasks in groups.items():
             acc, lo, hi = group_mean(per_task, tasks)
             row.update({group: round(acc, 2), f"{group}_lo": round(lo, 2), f"{group}_hi": round(hi, 2)})
         if not method.startswith("uniform") and retention < 1.0:
@@ -107,7 +115,7 @@ def summarise(answers: list, model: str) -> list[dict]:
             if not any(a.method == base for a in answers):
                 base = "uniform"
             row["baseline"] = base
-            for group, (d, lo, hi) in paired_difference(answers, method, retention, base).items():
+            for group, (d, lo, hi) in paired_difference(answers, method, retention, base, groups=groups).items():
                 row.update({f"{group}_vs_uniform": round(d, 2), f"{group}_vs_uniform_lo": round(lo, 2),
                             f"{group}_vs_uniform_hi": round(hi, 2)})
         rows.append(row)
@@ -116,13 +124,18 @@ def summarise(answers: list, model: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["model", "method", "r", "kept", *TASK_GROUPS, "semantic", "acoustic", "mean [95% CI]"]
+    holdout = any("holdout" in r for r in rows)
+    head = ["model", "method", "r", "kept", *TASK_GROUPS, "semantic", "acoustic", "mean [95% CI]",
+            *(["held-out tasks [95% CI]"] if holdout else []), "routed to its group"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["method"], f"{r['retention']:.1f}", f"{r['kept_fraction']:.2f}"]
         cells += [f"{r[t]:.1f}" for t in TASK_GROUPS]
         cells += [f"{r['semantic']:.1f}", f"{r['acoustic']:.1f}",
                   f"{r['mean']:.1f} [{r['mean_lo']:.1f}, {r['mean_hi']:.1f}]"]
+        if holdout:
+            cells.append(f"{r['holdout']:.1f} [{r['holdout_lo']:.1f}, {r['holdout_hi']:.1f}]")
+        cells.append("-" if r.get("routed_to_group") is None else f"{r['routed_to_group']:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -130,13 +143,14 @@ def markdown(rows: list[dict]) -> str:
 def versus_uniform(rows: list[dict]) -> str:
     """Markdown: each pruned method minus uniform on the same questions, per group, paired 95% intervals (bootstrap
     over clips); a cell is marked below / above when the whole interval is (no correction for the many cells)."""
-    head = ["model", "method", "minus", "r", "semantic", "acoustic", "mean"]
+    groups = ["semantic", "acoustic", "mean", *(["holdout"] if any("holdout_vs_uniform" in r for r in rows) else [])]
+    head = ["model", "method", "minus", "r", *groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "mean_vs_uniform" not in r:
             continue
         cells = [r["model"], r["method"], r.get("baseline", "uniform"), f"{r['retention']:.1f}"]
-        for group in ("semantic", "acoustic", "mean"):
+        for group in groups:
             d, lo, hi = (r.get(f"{group}_vs_uniform{k}", math.nan) for k in ("", "_lo", "_hi"))
             mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
             cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
@@ -222,8 +236,10 @@ def rerender(out: Path) -> None:
     with open(out / "answers.csv", newline="") as f:
         answers = [Answer(r["clip"], r["task"], r["method"], float(r["retention"]), r["text"], r["correct"] == "True",
                           int(r["audio_tokens"]) if r["audio_tokens"] else None,
-                          int(r["kept_tokens"]) if r["kept_tokens"] else None, r["model"])
+                          int(r["kept_tokens"]) if r["kept_tokens"] else None, r["model"],
+                          r.get("routed_group") or None)
                    for r in csv.DictReader(f)]
     models = list(dict.fromkeys(a.model for a in answers))
-    rows = [row for m in models for row in summarise([a for a in answers if a.model == m], m)]
+    holdout = tuple(meta.get("holdout_tasks", ()))
+    rows = [row for m in models for row in summarise([a for a in answers if a.model == m], m, holdout)]
     write(out, rows, answers, meta)

@@ -11,12 +11,15 @@ from headrouter_vllm.routing.policies import PER_HEAD_POLICIES
 from headrouter_vllm.routing.policies import policy as policy_named
 
 MAX_TOKENS = 12  # the longest answer ("digits 1 2 3 4 5" + <|im_end|>) is 7 tokens
+TASK_SPECS = ("named", "group", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One pruning configuration. ``task``: ``"named"`` sends the question's suite task (its profile routes it),
-    ``"auto"`` lets the input alone route, ``None`` sends no task."""
+    ``"group"`` its task group (``semantic`` / ``acoustic``: what a user of a task no profile knows can say),
+    ``"auto"`` lets the input alone route, ``None`` sends no task. ``profiles``: ``"holdout"`` runs with the profile
+    file calibrated and tuned without the held-out tasks' questions (``--holdout-tasks``)."""
 
     policy: str
     retention: float
@@ -24,6 +27,7 @@ class Method:
     task: str | None = None
     mode: str = "shared"  # per_head: an engine with mode per_head on HeadRouter's backend (torch references)
     probe_point: str | None = None  # None: the engine's (its profile file's choice, else prompt)
+    profiles: str = "seen"
 
     @property
     def label(self) -> str:
@@ -32,30 +36,34 @@ class Method:
         name = self.policy + (f"[{self.task}]" if self.task else "")
         name += "" if self.probe_point is None else f"@{self.probe_point}"
         name += "" if self.semantics == "after_prompt" else f"/{self.semantics}"
-        return name + ("" if self.mode == "shared" else f"/{self.mode}")
+        name += "" if self.mode == "shared" else f"/{self.mode}"
+        return name + ("" if self.profiles == "seen" else f"/{self.profiles}")
 
     @property
-    def engine(self) -> tuple[str, str]:
-        """Methods with the same (semantics, mode) share one engine."""
-        return self.semantics, self.mode
+    def engine(self) -> tuple[str, str, str]:
+        """Methods with the same (semantics, mode, profile file) share one engine."""
+        return self.semantics, self.mode, self.profiles
 
 
 def methods(retentions: list[float], policies: list[str], in_prompt_policies: list[str],
-            per_head_policies: list[str] = ()) -> list[Method]:
+            per_head_policies: list[str] = (), holdout_policies: list[str] = ()) -> list[Method]:
     for name in per_head_policies:
         if name.partition(":")[0] not in PER_HEAD_POLICIES:
             raise ValueError(f"per_head mode applies to the policies {PER_HEAD_POLICIES} (the baselines stay "
                              f"shared), got {name!r}")
     out = [Method("uniform", 1.0)]
-    groups = (("after_prompt", "shared", policies), ("in_prompt", "shared", in_prompt_policies),
-              ("after_prompt", "per_head", per_head_policies))
+    groups = (("after_prompt", "shared", policies, "seen"), ("in_prompt", "shared", in_prompt_policies, "seen"),
+              ("after_prompt", "per_head", per_head_policies, "seen"),
+              ("after_prompt", "shared", holdout_policies, "holdout"))
     for r in retentions:
-        for semantics, mode, names in groups:
+        for semantics, mode, names, profiles in groups:
             for name in names:
                 spec, _, probe_point = name.partition("@")
                 policy, _, task = spec.partition(":")
+                if task not in ("", *TASK_SPECS):
+                    raise ValueError(f"{name!r}: the task after ':' is one of {', '.join(TASK_SPECS)}")
                 task = task or ("named" if policy_named(policy).needs_true_task else None)
-                out.append(Method(policy, r, semantics, task, mode, probe_point or None))
+                out.append(Method(policy, r, semantics, task, mode, probe_point or None, profiles))
     return out
 
 
@@ -78,16 +86,19 @@ class Answer:
     audio_tokens: int | None
     kept_tokens: int | None
     model: str = ""
+    routed_group: str | None = None  # the group the router weighted most (``None``: not routed, or no profiles)
 
 
 def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], semantics: str, profiles: str | None,
-                engine_kwargs: dict, clips_per_call: int = 8, progress=None, mode: str = "shared") -> list[Answer]:
-    """All of ``chosen`` (one semantics and mode) on every question of every clip, one engine. Each generate call holds
-    every method's questions on ``clips_per_call`` clips, so vLLM's encoder cache (keyed by the audio's hash)
-    encodes each clip once for all its questions and methods, and the engine still batches hundreds of
-    requests."""
+                engine_kwargs: dict, clips_per_call: int = 8, progress=None, mode: str = "shared",
+                skip_tasks: tuple[str, ...] = ()) -> list[Answer]:
+    """All of ``chosen`` (one semantics and mode) on every question of every clip but ``skip_tasks``', one engine.
+    Each generate call holds every method's questions on ``clips_per_call`` clips, so vLLM's encoder cache (keyed by
+    the audio's hash) encodes each clip once for all its questions and methods, and the engine still batches
+    hundreds of requests. Each routed answer records the group its router weighted most."""
     from vllm import LLM, SamplingParams
 
+    from headrouter_vllm import inprocess
     from headrouter_vllm.options import route_args
 
     section = {"retention": 1.0, "semantics": semantics}
@@ -96,16 +107,20 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
     if profiles:
         section["profiles"] = profiles
     llm = LLM(model=model, additional_config={"headrouter": section}, **engine_kwargs)
+    runner = inprocess.model_runner(llm)
     answers: list[Answer] = []
     try:
         for first in range(0, len(clips), clips_per_call):
             jobs, prompts, params = [], [], []
             for clip in clips[first:first + clips_per_call]:
                 for task in clip.answers:
+                    if task in skip_tasks:
+                        continue
                     for method in chosen:
                         extra = None
                         if method.retention < 1.0:
-                            named = {"named": task, "auto": "auto", None: None}[method.task]
+                            named = {"named": task, "group": suite.TASK_GROUPS[task], "auto": "auto",
+                                     None: None}[method.task]
                             extra = route_args(retention=method.retention, policy=method.policy, task=named,
                                                probe_point=method.probe_point,
                                                focus=oracle_focus(clip, task)
@@ -114,14 +129,24 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                         prompts.append({"prompt": prompt_text(suite.QUESTIONS[task]),
                                         "multi_modal_data": {"audio": (clip.wave, suite.SAMPLE_RATE)}})
                         params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra))
-            for (clip, task, method), out in zip(jobs, llm.generate(prompts, params, use_tqdm=False), strict=True):
+            runner.hr_log.clear()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            groups = {log.req_id.split("-")[0]: heaviest_group(log.alpha) for log in runner.hr_log}
+            for (clip, task, method), out in zip(jobs, outputs, strict=True):
                 usage = (out.kv_transfer_params or {}).get("headrouter") or {}
                 text = out.outputs[0].text.strip()
                 answers.append(Answer(clip.id, task, method.label, method.retention, text, text == clip.answer(task),
-                                      usage.get("audio_tokens"), usage.get("kept_audio_tokens")))
+                                      usage.get("audio_tokens"), usage.get("kept_audio_tokens"),
+                                      routed_group=groups.get(out.request_id.split("-")[0])))
             if progress is not None:
                 progress.update(len(clips[first:first + clips_per_call]))
     finally:
         del llm
         gc.collect()
     return answers
+
+
+def heaviest_group(alpha: list[dict[str, float] | None] | None) -> str | None:
+    """The group with the largest routing weight of a request's (first) clip; ``None`` without a routing mix."""
+    mix = alpha[0] if alpha else None
+    return max(mix, key=mix.get) if mix else None

@@ -69,9 +69,10 @@ def measured_grid(summary_json: str | Path, label: str, clips: int, retentions: 
 
 def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[float], grid: list[Coverage],
                   engine_kwargs: dict, work: Path, probe_points: tuple[str, ...] = ("prompt",),
-                  progress=None, measured: dict | None = None) -> dict:
+                  progress=None, measured: dict | None = None, skip_tasks: tuple[str, ...] = ()) -> dict:
     """Run the grid on ``clips``, write the chosen settings into ``profiles`` (in place); return the record.
-    ``measured``: the grid's accuracies from an earlier run on the same clips (:func:`measured_grid`), not rerun."""
+    ``measured``: the grid's accuracies from an earlier run on the same clips (:func:`measured_grid`), not rerun.
+    ``skip_tasks``: tasks whose questions the tuning never asks (held out)."""
     from headrouter_vllm.benchmarks.quality.run import Method, run_methods
     from headrouter_vllm.listening.suite import TASK_GROUPS
 
@@ -84,7 +85,8 @@ def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[floa
         variant = work / f"coverage-{probe_point}-s{point.segments}-f{point.floor}.json"
         dataclasses.replace(base, coverage={g: point for g in GROUPS}).save(variant)
         methods = [Method("coverage", r, task="named", probe_point=probe_point) for r in retentions]
-        answers = run_methods(model, clips, methods, "after_prompt", str(variant), engine_kwargs)
+        answers = run_methods(model, clips, methods, "after_prompt", str(variant), engine_kwargs,
+                              skip_tasks=skip_tasks)
         by_group: dict[str, list[bool]] = {"all": []}
         for a in answers:
             by_group.setdefault(TASK_GROUPS[a.task], []).append(a.correct)
@@ -97,6 +99,7 @@ def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[floa
     probe_point = points["mixed"] if len(set(points.values())) == 1 else points  # one for all, or per group
     dataclasses.replace(base, coverage=settings, probe_point=probe_point).save(profiles)
     return {"clips": len(clips), "retentions": retentions, "probe_point": probe_point,
+            **({"without_tasks": list(skip_tasks)} if skip_tasks else {}),
             "chosen": {g: dataclasses.asdict(c) for g, c in settings.items()},
             "grid": [{"probe_point": pp, **dataclasses.asdict(c), **{k: round(v, 2) for k, v in acc.items()}}
                      for (pp, c), acc in measured.items()]}
