@@ -9,7 +9,7 @@ import shlex
 import sys
 
 from headrouter_vllm.config import ConfigError, HeadRouterConfig, settings
-from headrouter_vllm.names import SEMANTICS
+from headrouter_vllm.names import MODEL_PROFILES_FILE, SEMANTICS
 from headrouter_vllm.routing.context import routing_context
 
 MIDDLEWARE = "headrouter_vllm.api.middleware.HeadRouterMiddleware"
@@ -22,6 +22,11 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
 
     # only what the command line sets: the rest keeps the config's defaults
     section = {s.name: getattr(args, s.name) for s in settings() if s.cli and getattr(args, s.name) is not None}
+    found = model_profiles(args.model)
+    if "profiles" not in section and found is not None and not args.ignore_model_profiles:
+        section["profiles"] = found
+        print(f"headrouter-vllm: serving with the profile file beside the model, {found} (--profiles FILE for "
+              "another, --ignore-model-profiles for none)", file=sys.stderr)
     routing_context(HeadRouterConfig.from_dict(section))  # fail here (the profile file too), before a 30 s start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
            "--additional-config", json.dumps({"headrouter": section}),
@@ -36,6 +41,13 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
         # cached in the engine). Pass --mm-processor-cache-gb N to get vLLM's behaviour back.
         cmd += ["--mm-processor-cache-gb", "0"]
     return cmd + vllm_args
+
+
+def model_profiles(model: str) -> str | None:
+    """The profile file beside a model's checkpoint (``make-model`` writes the tuned one of the listening models), if
+    there is one."""
+    path = os.path.join(model, MODEL_PROFILES_FILE)
+    return path if os.path.isfile(path) else None
 
 
 def _gpu_build() -> bool:
@@ -72,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "arguments after the options go to vLLM unchanged")
     serve.add_argument("model", help="model directory (see make-model)")
     add_engine_settings(serve)
+    serve.add_argument("--ignore-model-profiles", action="store_true",
+                       help=f"do not use the profile file beside the model ({MODEL_PROFILES_FILE}), if any")
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
 
     demo = sub.add_parser("demo", help="ask one clip every listening-suite question at several retentions "
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default=None,
                       help="model directory (default: build listening-qwen2-audio in a temp dir)")
     demo.add_argument("--policy", default=None, help="selection policy (default: the engine's, coverage)")
-    demo.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    demo.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3, 0.2, 0.1])
     demo.add_argument("--max-tokens", type=int, default=12)
     demo.add_argument("--semantics", choices=SEMANTICS, default="after_prompt")
 

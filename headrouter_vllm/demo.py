@@ -14,6 +14,8 @@ import os
 import tempfile
 import time
 
+from headrouter_vllm.names import REPORT_KEY
+
 DEMO_CLIP = ("test", 12)  # split and index of the suite clip the demo asks about
 
 
@@ -57,11 +59,15 @@ def run_demo(model: str | None, retentions: list[float], max_tokens: int, semant
         from vllm import LLM, SamplingParams
 
         from headrouter_vllm import inprocess
+        from headrouter_vllm.cli import model_profiles
         from headrouter_vllm.options import route_args
 
+        section = {"retention": 1.0, "semantics": semantics}
+        profiles = model_profiles(model)  # make-model writes the listening model's tuned one beside it
+        if profiles is not None:
+            section["profiles"] = profiles
         llm = LLM(model=model, dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
-                  limit_mm_per_prompt={"audio": 1},
-                  additional_config={"headrouter": {"retention": 1.0, "semantics": semantics}})
+                  limit_mm_per_prompt={"audio": 1}, additional_config={"headrouter": section})
         free_at_start = inprocess.num_free_blocks(llm)
         tasks = list(clip.answers)
         prompts = [{"prompt": prompt_text(suite.QUESTIONS[t]), "multi_modal_data": {"audio": (clip.wave, 16000)}}
@@ -73,13 +79,13 @@ def run_demo(model: str | None, retentions: list[float], max_tokens: int, semant
             t0 = time.perf_counter()
             outs = llm.generate(prompts, [params] * len(prompts), use_tqdm=False)
             elapsed = time.perf_counter() - t0
-            usage = [(o.kv_transfer_params or {}).get("headrouter") or {} for o in outs]
+            usage = [(o.kv_transfer_params or {}).get(REPORT_KEY) or {} for o in outs]
             rows.append(dict(retention=r, audio_tokens=usage[0].get("audio_tokens"),
                              kept=usage[0].get("kept_audio_tokens"), blocks_freed=usage[0].get("kv_blocks_freed", 0),
                              seconds=elapsed, answers={t: o.outputs[0].text.strip() for t, o in zip(tasks, outs,
                                                                                                     strict=True)}))
         assert inprocess.num_free_blocks(llm) == free_at_start, "KV blocks leaked"
-        return {"clip": clip, "rows": rows}
+        return {"clip": clip, "rows": rows, "profiles": None if profiles is None else os.path.basename(profiles)}
 
 
 def print_rows(result: dict) -> None:
@@ -88,7 +94,7 @@ def print_rows(result: dict) -> None:
           f"{clip.regions['beeps']} s, {clip.answers['event'].split()[0]} at {clip.regions['event'][0]:.1f} s, "
           f"{clip.answers['noise']} noise")
     tasks = list(clip.answers)
-    width = max(len(clip.answer(t)) for t in tasks) + 2
+    width = max(len(clip.answer(t)) for t in tasks) + 4  # room for the " x" of a wrong answer
     print(f"\n{'retention':>9}  {'audio kept':>10}  {'blocks freed':>12}  {'time':>6}  " +
           "".join(f"{t:<{width}}" for t in tasks))
     print(f"{'expected':>9}  {'':>10}  {'':>12}  {'':>6}  " + "".join(f"{clip.answer(t):<{width}}" for t in tasks))
@@ -96,5 +102,8 @@ def print_rows(result: dict) -> None:
         kept = "all" if row["retention"] >= 1.0 else f"{row['kept']}/{row['audio_tokens']}"
         marks = "".join(f"{(a if a == clip.answer(t) else a + ' x'):<{width}}" for t, a in row["answers"].items())
         print(f"{row['retention']:>9.2f}  {kept:>10}  {row['blocks_freed'] or 0:>12}  {row['seconds']:>5.2f}s  {marks}")
+    profiles = result.get("profiles")
     print("\nx: wrong answer. KV blocks are 32 tokens; freed blocks went back to vLLM's pool right after the prompt "
-          "step.\nThe accuracy of each policy over the whole test split: `headrouter-vllm quality`.")
+          f"step.\nHead profiles: {profiles or 'none'}"
+          + (" (the model's tuned file, beside its checkpoint)" if profiles else "")
+          + ". The accuracy of each policy over the whole test split: `headrouter-vllm quality`.")

@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from headrouter_vllm.log import get_logger
+from headrouter_vllm.names import REPORT_KEY
 
 logger = get_logger(__name__)
 
@@ -72,7 +73,7 @@ def report_of(output) -> Mapping[str, Any] | None:
     params = output.kv_transfer_params
     if params is None or output.finish_reason is None or not isinstance(params, dict):
         return None
-    report = params.get("headrouter")
+    report = params.get(REPORT_KEY)
     return report if isinstance(report, Mapping) else None
 
 

@@ -8,8 +8,12 @@ the one list of them.
 from __future__ import annotations
 
 CONFIG_KEY = "headrouter"  # the section of vLLM's additional_config that turns HeadRouter on
+# the per-request report's key: in kv_transfer_params (engine to front end) and in the response's usage (clients)
+REPORT_KEY = "headrouter"
 # additional_config key of an engine without that section: Qwen2-Audio's encoder on the real audio only
 ENCODER_WINDOW_KEY = "headrouter_encoder_window"
+# a profile file beside a model's checkpoint: ``serve`` and ``demo`` use it unless told otherwise
+MODEL_PROFILES_FILE = "headrouter_profiles.json"
 
 # engine modes: one kept set for every head (the paper's), or each KV head its own
 MODES = ("shared", "per_head")

@@ -18,6 +18,7 @@ from vllm.v1.request import Request, RequestStatus
 from headrouter_vllm.config import HeadRouterConfig
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.models import adapter_for, audio_spans
+from headrouter_vllm.names import REPORT_KEY
 from headrouter_vllm.options import parse_route_options
 from headrouter_vllm.patch.kv_cache_coordinator import wrap_block_accounting
 from headrouter_vllm.plan import RoutePlan, cdiv, chunk_budget, make_plan
@@ -205,7 +206,7 @@ class HeadRouterScheduler(Scheduler):
             for out in engine_outputs.outputs:
                 _, usage = self._hr_finished_usage.pop(out.request_id, (None, None))
                 if usage is not None and out.finish_reason is not None and out.kv_transfer_params is None:
-                    out.kv_transfer_params = {"headrouter": usage}
+                    out.kv_transfer_params = {REPORT_KEY: usage}
         # Requests aborted since the last step (a client gone, or a stop string: vLLM matches those in the front
         # end and aborts the request here) get no output from vLLM. Their report goes out on an output of its
         # own, so the front end's metrics count them; vLLM's output processor skips outputs of requests it no
@@ -217,7 +218,7 @@ class HeadRouterScheduler(Scheduler):
             if batch is None:
                 batch = outputs[client] = EngineCoreOutputs()
             batch.outputs.append(EngineCoreOutput(request_id=req_id, new_token_ids=[], finish_reason=FinishReason.ABORT,
-                                                  kv_transfer_params={"headrouter": {**usage, "aborted": True}}))
+                                                  kv_transfer_params={REPORT_KEY: {**usage, "aborted": True}}))
         self._hr_finished_usage.clear()
         return outputs
 

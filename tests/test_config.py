@@ -282,6 +282,33 @@ def test_serve_command(capsys):
     assert "--no-enable-prefix-caching" not in cmd and cmd[-2:] == ["--port", "8001"]  # vLLM's default: on
 
 
+def test_serve_uses_the_profile_file_beside_the_model(tmp_path, capsys):
+    """A model directory with ``headrouter_profiles.json`` (make-model writes the listening models' tuned one) is
+    served with it unless ``--profiles`` names another or ``--ignore-model-profiles`` is given; it says so."""
+    import torch
+
+    from headrouter_vllm.cli import main
+    from headrouter_vllm.names import GROUPS, MODEL_PROFILES_FILE
+    from headrouter_vllm.routing.profiles import ModelIdentity, Profile, ProfileSet
+
+    weights = torch.full((4,), 0.25)
+    ProfileSet(ModelIdentity("X", 4, 4, 2, 32), 2, 0.1, {g: Profile(weights, weights) for g in GROUPS}, None,
+               {}).save(tmp_path / MODEL_PROFILES_FILE)
+    other = tmp_path / "other.json"
+    other.write_bytes((tmp_path / MODEL_PROFILES_FILE).read_bytes())
+
+    def section(*extra):
+        assert main(["serve", str(tmp_path), "--print-command", *extra]) == 0
+        out = capsys.readouterr()
+        cmd = shlex.split(out.out)
+        return json.loads(cmd[cmd.index("--additional-config") + 1])["headrouter"], out.err
+
+    found, note = section()
+    assert found == {"profiles": str(tmp_path / MODEL_PROFILES_FILE)} and "profile file beside the model" in note
+    assert section("--profiles", str(other))[0] == {"profiles": str(other)}
+    assert section("--ignore-model-profiles") == ({}, "")
+
+
 def test_serve_passes_mode_and_attention(capsys):
     from headrouter_vllm.cli import main
 

@@ -33,6 +33,7 @@ from prometheus_client import Counter
 
 from headrouter_vllm import patch
 from headrouter_vllm.api import limits
+from headrouter_vllm.names import REPORT_KEY
 from headrouter_vllm.options import OPTION_KEYS, XARG_FOCUS, XARG_TASK, OptionError, parse_route_options
 from headrouter_vllm.patch import media_fetch_errors, stream_usage
 
@@ -175,11 +176,11 @@ def move_usage(body: Any) -> Any:
     if not isinstance(body, dict) or not isinstance(body.get("kv_transfer_params"), dict):
         return body
     params = dict(body["kv_transfer_params"])
-    report = params.pop("headrouter", None)
+    report = params.pop(REPORT_KEY, None)
     if report is None:
         return body
     usage = dict(body.get("usage") or {})
-    usage["headrouter"] = report
+    usage[REPORT_KEY] = report
     return {**body, "usage": usage, "kv_transfer_params": params or None}
 
 

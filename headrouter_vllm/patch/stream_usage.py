@@ -19,7 +19,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-REPORT_KEY = "headrouter"
+from headrouter_vllm.names import REPORT_KEY
 
 
 def _report_of(output: Any) -> dict | None:
