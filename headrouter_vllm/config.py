@@ -65,6 +65,8 @@ class HeadRouterConfig:
             rest are baselines (``oracle``, ``fastv``, ``random``, ``uniform``, ``similarity``).
         profiles: path of a calibrated head-profile file (``headrouter-vllm calibrate``); without one,
             ``headrouter`` debiases with the built-in position prior and weights every head equally.
+            ``headrouter-vllm serve`` and ``demo`` use the model directory's ``headrouter_profiles.json`` when
+            none is named (``make-model`` writes the listening models' tuned one there).
         seed: seed of the ``random`` policy.
         record_probes: keep each routed request's probe measurements in the runner (calibration).
         attention: which attention serves the decoder layers. ``platform``: vLLM's own backend for the machine
