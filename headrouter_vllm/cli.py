@@ -11,6 +11,7 @@ import sys
 from headrouter_vllm.config import ConfigError, HeadRouterConfig, settings
 from headrouter_vllm.names import MODEL_PROFILES_FILE, SEMANTICS
 from headrouter_vllm.routing.context import routing_context
+from headrouter_vllm.routing.profiles import model_profiles
 
 MIDDLEWARE = "headrouter_vllm.api.middleware.HeadRouterMiddleware"
 
@@ -41,13 +42,6 @@ def serve_command(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
         # cached in the engine). Pass --mm-processor-cache-gb N to get vLLM's behaviour back.
         cmd += ["--mm-processor-cache-gb", "0"]
     return cmd + vllm_args
-
-
-def model_profiles(model: str) -> str | None:
-    """The profile file beside a model's checkpoint (``make-model`` writes the tuned one of the listening models), if
-    there is one."""
-    path = os.path.join(model, MODEL_PROFILES_FILE)
-    return path if os.path.isfile(path) else None
 
 
 def _gpu_build() -> bool:

@@ -59,8 +59,8 @@ def run_demo(model: str | None, retentions: list[float], max_tokens: int, semant
         from vllm import LLM, SamplingParams
 
         from headrouter_vllm import inprocess
-        from headrouter_vllm.cli import model_profiles
         from headrouter_vllm.options import route_args
+        from headrouter_vllm.routing.profiles import model_profiles
 
         section = {"retention": 1.0, "semantics": semantics}
         profiles = model_profiles(model)  # make-model writes the listening model's tuned one beside it

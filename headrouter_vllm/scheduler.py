@@ -111,8 +111,8 @@ class HeadRouterScheduler(Scheduler):
         A routed request computes its audio itself (the probe reads it, and compaction rewrites those blocks in
         place: a block shared with another request must never be rewritten), so it reuses only the whole blocks
         before its first audio token. A follow-up turn over the same clip is therefore prefilled and routed again,
-        for its own question: exact, at the cost of that turn's audio prefill (docs/serving.md). Requests that are
-        not routed hit exactly as in vanilla."""
+        for its own question: exact, at the cost of that turn's audio prefill (README, "What is cached"). Requests
+        that are not routed hit exactly as in vanilla."""
         blocks, num_local, shared_prefix_boundary, hit_diverged = super()._get_local_prefix_cache_hit(request)
         cap = self._hr_cacheable_tokens(request.request_id)
         if cap is None or num_local <= cap:

@@ -46,6 +46,7 @@ def run(model: str, name: str, dtype: str, new_tokens: int, cpu: bool) -> dict:
     from headrouter_vllm import inprocess
     from headrouter_vllm.audio import speak
     from headrouter_vllm.demo import audio_prompt
+    from headrouter_vllm.names import REPORT_KEY
     from headrouter_vllm.options import route_args
 
     settings = dict(ENGINES[name])
@@ -70,7 +71,7 @@ def run(model: str, name: str, dtype: str, new_tokens: int, cpu: bool) -> dict:
         "cudagraph_mode": llm.llm_engine.vllm_config.compilation_config.cudagraph_mode.name,
         "attention_impls": sorted({type(layer.impl).__name__ for layer in context.values() if hasattr(layer, "impl")}),
         "requests": {f"{clip}_r{r}": {"tokens": list(out.outputs[0].token_ids),
-                                      "report": (out.kv_transfer_params or {}).get("headrouter")}
+                                      "report": (out.kv_transfer_params or {}).get(REPORT_KEY)}
                      for (clip, r), out in zip(cases, outputs, strict=True)},
         "pool_returned": inprocess.num_free_blocks(llm) == free_at_start,
     }

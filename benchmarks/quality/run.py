@@ -7,6 +7,7 @@ import gc
 
 from headrouter_vllm.listening import suite
 from headrouter_vllm.listening.train import prompt_text
+from headrouter_vllm.names import REPORT_KEY
 from headrouter_vllm.routing.policies import PER_HEAD_POLICIES
 from headrouter_vllm.routing.policies import policy as policy_named
 
@@ -133,7 +134,7 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
             outputs = llm.generate(prompts, params, use_tqdm=False)
             groups = {log.req_id.split("-")[0]: heaviest_group(log.alpha) for log in runner.hr_log}
             for (clip, task, method), out in zip(jobs, outputs, strict=True):
-                usage = (out.kv_transfer_params or {}).get("headrouter") or {}
+                usage = (out.kv_transfer_params or {}).get(REPORT_KEY) or {}
                 text = out.outputs[0].text.strip()
                 answers.append(Answer(clip.id, task, method.label, method.retention, text, text == clip.answer(task),
                                       usage.get("audio_tokens"), usage.get("kept_audio_tokens"),

@@ -125,7 +125,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                          f"--max-model-len {args.max_model_len} (vLLM keeps one block back)")
     if args.turns is not None and args.workload != "multi-turn":
         raise ValueError(f"--turns is for --workload multi-turn, not {args.workload}")
-    args.turns = args.turns if args.turns is not None else 3 if args.workload == "multi-turn" else None
+    if args.workload == "multi-turn" and args.turns is None:
+        args.turns = 3  # the default, recorded with the results
     workload = make_workload(args.num_requests, args.clip_seconds, args.output_tokens, args.seed, args.request_rate,
                              args.workload, args.turns or 3)
     if args.export_workload:

@@ -26,12 +26,19 @@ from typing import Any
 
 import torch
 
-from headrouter_vllm.names import GROUPS, PROBE_POINTS
+from headrouter_vllm.names import GROUPS, MODEL_PROFILES_FILE, PROBE_POINTS
 from headrouter_vllm.routing.router import Profile
 from headrouter_vllm.routing.select import Coverage
 
 FORMAT = "headrouter-profiles"
 VERSION = 1
+
+
+def model_profiles(model_dir: str | Path) -> str | None:
+    """The profile file beside a model's checkpoint (``MODEL_PROFILES_FILE``: ``make-model`` writes the listening
+    models' tuned one there), if there is one; ``serve`` and ``demo`` use it when none is named."""
+    path = Path(model_dir) / MODEL_PROFILES_FILE
+    return str(path) if path.is_file() else None
 
 
 class ProfileError(ValueError):
