@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from headrouter_vllm.names import ATTENTION, CONFIG_KEY, ENCODER_WINDOW_KEY, MODES, PROBE_POINTS, SEMANTICS
+from headrouter_vllm.names import ATTENTION, AUTO, CONFIG_KEY, ENCODER_WINDOW_KEY, MODES, PROBE_POINTS, SEMANTICS
 from headrouter_vllm.routing.policies import POLICIES, policy
 from headrouter_vllm.routing.tasks import check_task
 
@@ -35,7 +35,10 @@ class HeadRouterConfig:
 
     Attributes:
         retention: fraction of audio tokens kept for requests that name none, in (0, 1]. 1.0 keeps
-            everything (requests then run exactly as vanilla vLLM unless they ask for less).
+            everything (requests then run exactly as vanilla vLLM unless they ask for less). ``auto``: each request's
+            task (its group for tasks the file does not list; ``mixed`` for ``auto``) gets the retention of the
+            profile file's retention table, the smallest measured within a tolerance of full audio on validation
+            clips (``headrouter-vllm quality --tune-retention`` writes it).
         mode: ``shared`` (one kept set for every head, the paper's) or ``per_head`` (each KV head keeps its own
             top tokens, budgets proportional to its routed weight, mean ``retention * N``, at most
             ``per_head_cap`` times that; the baseline policies stay shared). ``per_head`` needs
@@ -88,7 +91,7 @@ class HeadRouterConfig:
             it on with ``additional_config={"headrouter_encoder_window": true}``.
     """
 
-    retention: float = 0.7
+    retention: float | Literal["auto"] = 0.7
     mode: Literal["shared", "per_head"] = "shared"
     per_head_cap: float = 1.5
     probe_layer: int | None = None
@@ -104,7 +107,7 @@ class HeadRouterConfig:
     encoder_window: bool = True
 
     def __post_init__(self) -> None:
-        check_retention(self.retention, "retention")
+        check_retention(self.retention, "retention", allow_auto=True)
         if self.mode not in MODES:
             raise ConfigError(f"headrouter.mode must be one of {MODES}, got {self.mode!r}")
         if (isinstance(self.per_head_cap, bool) or not isinstance(self.per_head_cap, (int, float))
@@ -223,12 +226,20 @@ def encoder_window(vllm_config: Any) -> bool:
     return value
 
 
+def number_or_word(text: str) -> float | str:
+    """A CLI value that is a number or a word (``--retention 0.5``, ``--retention auto``); the config checks it."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One engine setting, as the CLI and the docs show it (from the config's fields and their docs)."""
 
     name: str
-    type: type  # float, int, str or bool (of the value, ``None`` aside)
+    type: Any  # float, int, str or bool (of the value, ``None`` aside), or number_or_word
     choices: tuple[str, ...] | None
     default: Any
     doc: str  # the field's text in ``HeadRouterConfig``'s Attributes
@@ -248,9 +259,12 @@ def settings() -> list[Setting]:
     for field in dataclasses.fields(HeadRouterConfig):
         hint = hints[field.name]
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        kind = next(t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None))
+        kinds = [t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)]
+        kind = kinds[0]
         choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
         kind = str if choices else kind
+        if kind is float and len(kinds) > 1:  # a number or a word (retention: a fraction or "auto")
+            kind = number_or_word
         out.append(Setting(field.name, kind, choices, field.default, docs.get(field.name, ""),
                            field.metadata.get("cli", True)))
     return out
@@ -271,10 +285,13 @@ def _attribute_docs(doc: str) -> dict[str, str]:
     return {name: " ".join(parts) for name, parts in docs.items()}
 
 
-def check_retention(value: Any, name: str) -> float:
-    """A retention is a real number in (0, 1]; returns it as float or raises ConfigError naming ``name``."""
+def check_retention(value: Any, name: str, allow_auto: bool = False) -> float | str:
+    """A retention is a real number in (0, 1] (or ``auto``, where ``allow_auto``: the profile file's retention table
+    decides); returns it as float or raises ConfigError naming ``name``."""
+    if allow_auto and value == AUTO:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+        raise ConfigError(f"{name} must be a number in (0, 1]{' or auto' if allow_auto else ''}, got {value!r}")
     if not 0.0 < value <= 1.0:
         raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
     return float(value)

@@ -4,7 +4,8 @@ A request names its options in ``vllm_xargs`` (which vLLM turns into ``SamplingP
 in OpenAI ``metadata`` (string values), which the middleware moves into ``vllm_xargs``:
 
     headrouter_task       a task name (see routing.tasks) or auto / semantic / acoustic / mixed
-    headrouter_retention  fraction of audio tokens kept, in (0, 1]
+    headrouter_retention  fraction of audio tokens kept, in (0, 1], or auto (the profile file's retention table
+                          picks it for the request's task)
     headrouter_policy     how kept tokens are chosen: headrouter, or a baseline (oracle, fastv, random, uniform,
                           similarity, coverage), for side-by-side comparisons through the same engine
     headrouter_probe_point  where the probe reads attention: prompt (the rows after the audio) or first_token
@@ -22,8 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from headrouter_vllm.names import PROBE_POINTS
+from headrouter_vllm.names import AUTO, PROBE_POINTS
 from headrouter_vllm.routing.policies import POLICIES, REGISTRY, policy
+from headrouter_vllm.routing.retention import check_auto_retention
 from headrouter_vllm.routing.tasks import check_task
 
 XARG_TASK = "headrouter_task"
@@ -51,7 +53,7 @@ class RouteOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     task: str | None = None
-    retention: float | None = None
+    retention: float | str | None = None  # a fraction, or "auto"
     policy: str | None = None
     probe_point: str | None = None
     focus: tuple[tuple[float, float], ...] | None = None  # region: windows in seconds of each clip
@@ -128,13 +130,15 @@ class RouteOptions(BaseModel):
     def _retention(cls, value: Any) -> Any:
         if value is None:
             return None
+        if isinstance(value, str) and value.strip() == AUTO:
+            return check_auto_retention()
         if isinstance(value, str):  # OpenAI metadata values are strings
             try:
                 value = float(value.strip())
             except ValueError:
-                raise ValueError(f"must be a number in (0, 1], got {value!r}") from None
+                raise ValueError(f"must be a number in (0, 1] or 'auto', got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"must be a number in (0, 1], got {value!r}")
+            raise ValueError(f"must be a number in (0, 1] or 'auto', got {value!r}")
         if not 0.0 < value <= 1.0:
             raise ValueError(f"must be in (0, 1], got {value!r}")
         return float(value)
@@ -160,7 +164,7 @@ def parse_route_options(extra_args: Mapping[str, Any] | None, prefix: str = "", 
         raise OptionError(prefix + field, message) from None
 
 
-def route_args(task: str | None = None, retention: float | None = None, policy: str | None = None,
+def route_args(task: str | None = None, retention: float | str | None = None, policy: str | None = None,
                probe_point: str | None = None, focus=None) -> dict[str, Any]:
     """``extra_args`` for the offline API: ``SamplingParams(extra_args=route_args(task="asr", retention=0.5))``."""
     options = RouteOptions(task=task, retention=retention, policy=policy, probe_point=probe_point, focus=focus)

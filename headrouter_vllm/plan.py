@@ -13,6 +13,7 @@ import math
 import torch
 
 from headrouter_vllm.config import HeadRouterConfig
+from headrouter_vllm.names import AUTO
 from headrouter_vllm.options import RouteOptions
 from headrouter_vllm.routing.context import built_context
 from headrouter_vllm.routing.policies import policy as policy_named
@@ -114,6 +115,8 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     probe_point = options.probe_point
     if probe_point is None:
         probe_point = built_context(config).probe_point_for(task)
+    if retention == AUTO:
+        retention = built_context(config).retention_for(task)
     if not spans or retention >= 1.0:
         return None
     # per_head selects per KV head at the prompt probe only; other requests on a per_head engine run shared

@@ -130,3 +130,71 @@ def test_profile_for_another_model_stops_startup(tiny_model, profile_file, tmp_p
     with pytest.raises(Exception, match="calibrated for"):
         LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
             additional_config={"headrouter": {"profiles": str(other)}})
+
+
+def test_retention_auto_serves_the_tables_retention_per_task(tiny_model, profile_file, speech, tmp_path):
+    """An engine at retention ``auto`` serves each request its task's entry of the profile file's retention table
+    (else its group's; ``auto`` the mixed group's), says so in the usage report, and answers exactly as a request
+    that names that retention; a request's own ``auto`` resolves the same way, an entry of 1.0 runs unpruned."""
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm import inprocess
+    from headrouter_vllm.names import REPORT_KEY
+    from headrouter_vllm.options import route_args
+    from headrouter_vllm.routing.tasks import register_operator_tasks
+
+    data = json.loads(profile_file.read_text())
+    data["retention"] = {"groups": {"semantic": 0.3, "acoustic": 0.5, "mixed": 0.7}, "tasks": {"beep_count": 0.2,
+                                                                                           "sed": 1.0}}
+    path = tmp_path / "with-table.json"
+    path.write_text(json.dumps(data))
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"audio": 1},
+              additional_config={"headrouter": {"retention": "auto", "profiles": str(path)}})
+    prompt = {"prompt": audio_prompt(QUESTION), "multi_modal_data": {"audio": (speech["long"], 16000)}}
+    try:
+        runner = inprocess.model_runner(llm)
+        expected = {"asr": 0.3, "scene": 0.5, "beep_count": 0.2, "auto": 0.7, "semantic": 0.3, "sed": 1.0}
+        for task, retention in expected.items():
+            outs = llm.generate([prompt] * 3, [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                              extra_args=route_args(task=task, retention=r))
+                                               for r in (None, "auto", retention)], use_tqdm=False)
+            reports = [out.kv_transfer_params[REPORT_KEY] for out in outs]
+            assert [r["retention"] for r in reports] == [retention] * 3, task
+            assert len({tuple(out.outputs[0].token_ids) for out in outs}) == 1, task
+            kept = {r["kept_audio_tokens"] for r in reports}
+            assert kept == ({reports[0]["audio_tokens"]} if retention == 1.0 else
+                            {round(retention * reports[0]["audio_tokens"])}), task
+        assert runner.hr_log  # the pruned ones were routed
+    finally:
+        register_operator_tasks(())
+        del llm
+        gc.collect()
+
+
+def test_retention_auto_without_a_table_is_refused(tiny_model, profile_file):
+    """The engine's ``auto`` without a table stops startup; a request's ``auto`` on such an engine is a clear
+    request error, before it runs."""
+    from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from headrouter_vllm.options import route_args
+    from headrouter_vllm.routing.tasks import register_operator_tasks
+
+    with pytest.raises(Exception, match="retention 'auto'.*has none"):
+        LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
+            additional_config={"headrouter": {"retention": "auto", "profiles": str(profile_file)}})
+    with pytest.raises(Exception, match="no profile file is set"):
+        LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
+            additional_config={"headrouter": {"retention": "auto"}})
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
+              additional_config={"headrouter": {"retention": 0.5, "profiles": str(profile_file)}})
+    try:
+        with pytest.raises(VLLMValidationError, match="headrouter_retention: 'auto' picks .* retention table"):
+            SamplingParams(extra_args={"headrouter_retention": "auto"})
+        with pytest.raises(ValueError, match="retention table"):
+            route_args(retention="auto")
+    finally:
+        register_operator_tasks(())
+        del llm
+        gc.collect()

@@ -25,6 +25,9 @@ def test_defaults():
     ({"retention": 0}, "retention must be in (0, 1]"),
     ({"retention": 1.5}, "retention must be in (0, 1]"),
     ({"retention": "0.5"}, "retention must be a number"),
+    ({"retention": "Auto"}, "retention must be a number in (0, 1] or auto"),
+    ({"retention": "auto"}, "retention 'auto' takes each task's retention from the profile file's retention table, "
+                            "and no profile file is set"),
     ({"retention": True}, "retention must be a number"),
     ({"retention": float("nan")}, "retention must be a number"),
     ({"mode": "both"}, "mode must be one of"),
@@ -307,6 +310,33 @@ def test_serve_uses_the_profile_file_beside_the_model(tmp_path, capsys):
     assert found == {"profiles": str(tmp_path / MODEL_PROFILES_FILE)} and "profile file beside the model" in note
     assert section("--profiles", str(other))[0] == {"profiles": str(other)}
     assert section("--ignore-model-profiles") == ({}, "")
+
+
+def test_serve_retention_auto_needs_a_profile_file_with_a_retention_table(tmp_path, capsys):
+    """``--retention auto`` reaches the config as the word; without a table it stops before the server starts."""
+    import torch
+
+    from headrouter_vllm.cli import main
+    from headrouter_vllm.names import GROUPS
+    from headrouter_vllm.routing.profiles import ModelIdentity, Profile, ProfileSet
+    from headrouter_vllm.routing.retention import RetentionTable
+
+    weights = torch.full((4,), 0.25)
+    plain = ProfileSet(ModelIdentity("X", 4, 4, 2, 32), 2, 0.1, {g: Profile(weights, weights) for g in GROUPS}, None,
+                       {})
+    plain.save(tmp_path / "plain.json")
+    dataclasses.replace(plain, retention=RetentionTable({"semantic": 0.3, "acoustic": 0.5, "mixed": 0.5})).save(
+        tmp_path / "table.json")
+    assert main(["serve", "/models/m", "--retention", "auto", "--profiles", str(tmp_path / "table.json"),
+                 "--print-command"]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    assert json.loads(cmd[cmd.index("--additional-config") + 1])["headrouter"]["retention"] == "auto"
+    with pytest.raises(SystemExit):
+        main(["serve", "/models/m", "--retention", "auto", "--profiles", str(tmp_path / "plain.json")])
+    assert "plain.json has none (headrouter-vllm quality --tune-retention writes one)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "/models/m", "--retention", "most"])
+    assert "retention must be a number in (0, 1] or auto" in capsys.readouterr().err
 
 
 def test_serve_passes_mode_and_attention(capsys):

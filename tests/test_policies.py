@@ -508,3 +508,53 @@ def test_per_head_coverage_is_shared_coverage_where_the_kv_heads_agree(n, keep):
     per_head = select(probe, keep, RouteSettings("coverage", "per_head"), None)
     assert [h.tolist() for h in per_head.per_head] == [shared.kept.tolist()] * 3
     assert per_head.kept.tolist() == shared.kept.tolist()
+
+
+def test_retention_table_in_the_profile_file(tmp_path):
+    """The table round-trips; a task takes its own entry, else its group's (``auto``: mixed); malformed tables and
+    requests at ``auto`` on an engine without one are clear errors."""
+    from headrouter_vllm.options import OptionError, parse_route_options
+    from headrouter_vllm.routing.retention import RetentionTable
+    from headrouter_vllm.routing.tasks import register_operator_tasks
+
+    table = RetentionTable({"semantic": 0.3, "acoustic": 0.5, "mixed": 0.7}, {"karaoke": 0.2, "asr": 1.0}, 2.0)
+    path = tmp_path / "p.json"
+    dataclasses.replace(make_profiles(), retention=table).save(path)
+    assert ProfileSet.load(path).retention == table
+    config = HeadRouterConfig(retention="auto", profiles=str(path))
+    try:
+        context = routing_context(config)
+        expected = {"karaoke": 0.2, "asr": 1.0, "ser": 0.3, "semantic": 0.3, "sed": 0.5, "auto": 0.7, "mixed": 0.7}
+        assert {task: context.retention_for(task) for task in expected} == expected
+        assert parse_route_options({"headrouter_retention": " auto "}).retention == "auto"
+        spans, length = [(3, 40)], 60
+        assert make_plan(RouteOptions(task="sed"), config, spans, length).kept_tokens == 20
+        assert make_plan(RouteOptions(task="karaoke"), config, spans, length).retention == 0.2
+        assert make_plan(RouteOptions(task="asr"), config, spans, length) is None  # its entry keeps everything
+        # a number in the request wins over the engine's auto; a request's auto on a numeric engine uses the table
+        assert make_plan(RouteOptions(task="sed", retention=0.25), config, spans, length).kept_tokens == 10
+        numeric = HeadRouterConfig(retention=0.9, profiles=str(path))
+        assert make_plan(RouteOptions(task="sed", retention="auto"), numeric, spans, length).retention == 0.5
+        routing_context(HeadRouterConfig(profiles=None))  # an engine without a table: auto is refused
+        with pytest.raises(OptionError, match="headrouter_retention: 'auto' picks the retention"):
+            parse_route_options({"headrouter_retention": "auto"})
+    finally:
+        register_operator_tasks(())
+    data = make_profiles().to_json()
+    for bad, message in [({"groups": {"semantic": 0.3}}, "every group"),
+                         ({"groups": {"semantic": 0.3, "acoustic": 0, "mixed": 1}}, "retention.groups.acoustic"),
+                         ({"groups": dict.fromkeys(GROUPS, 0.5), "tasks": {"nope": 0.5}}, "does not define"),
+                         ({"groups": dict.fromkeys(GROUPS, 0.5), "tolerance": -1}, "tolerance"),
+                         ({"groups": dict.fromkeys(GROUPS, 0.5), "extra": 1}, "retention must be")]:
+        with pytest.raises(ProfileError, match=message):
+            ProfileSet.from_json({**data, "retention": bad})
+
+
+def test_retention_choice_walks_down_and_stops_at_the_first_miss():
+    from headrouter_vllm.routing.retention import smallest_within
+
+    assert smallest_within({0.7: 90.0, 0.5: 89.0, 0.3: 85.0, 0.1: 80.0}, 90.0, 2.0) == 0.5
+    assert smallest_within({0.7: 90.0, 0.5: 80.0, 0.3: 90.0}, 90.0, 2.0) == 0.7  # a pass below a miss is noise
+    assert smallest_within({0.7: 80.0, 0.5: 90.0}, 90.0, 2.0) == 1.0  # the largest misses: keep everything
+    assert smallest_within({0.5: float("nan"), 0.3: 90.0}, 90.0, 2.0) == 1.0
+    assert smallest_within({0.5: 88.0}, 90.0, 2.0) == 0.5  # exactly at the tolerance passes

@@ -99,3 +99,45 @@ def test_paired_difference_against_uniform(tmp_path):
     assert "Minus uniform" in first and "probe point first_token" in first
     report.rerender(out)
     assert (out / "summary.md").read_text() == first
+
+
+def test_retention_auto_methods_rows_and_tables(tmp_path):
+    """Methods at retention auto come last, once; their rows give the audio kept, the retention each task was served,
+    accuracy minus full audio and minus uniform at the same retentions (uniform[named] for named tasks); the folder
+    re-renders from its answers."""
+    grid = methods([0.5], ["coverage:named"], [], [], [], ["coverage:named", "uniform:named", "uniform"])
+    assert [(m.label, m.retention) for m in grid] == [("full", 1.0), ("coverage[named]", 0.5),
+                                                      ("coverage[named]", "auto"), ("uniform[named]", "auto"),
+                                                      ("uniform", "auto")]
+    assert all(m.routed for m in grid[1:]) and not grid[0].routed
+    answers = []
+    for i in range(30):
+        for task, served in (("digits", 0.3), ("beeps", 0.5)):
+            answers += [Answer(f"c{i}", task, "full", 1.0, "", True, 100, 100, "m"),
+                        Answer(f"c{i}", task, "coverage[named]", 0.5, "", i % 3 != 0, 100, 50, "m"),
+                        Answer(f"c{i}", task, "coverage[named]", "auto", "", i % 5 != 0, 100, int(served * 100), "m",
+                               served_retention=served),
+                        Answer(f"c{i}", task, "uniform[named]", "auto", "", i % 2 == 0, 100, int(served * 100), "m",
+                               served_retention=served)]
+    rows = report.summarise(answers, "m")
+    assert [(r["method"], r["retention"]) for r in rows] == [
+        ("full", 1.0), ("coverage[named]", 0.5), ("coverage[named]", "auto"), ("uniform[named]", "auto")]
+    auto = rows[2]
+    assert auto["kept_fraction"] == 0.4 and (auto["digits_retention"], auto["beeps_retention"]) == (0.3, 0.5)
+    assert auto["mean_vs_full"] == pytest.approx(-20.0) and auto["baseline"] == "uniform[named]"
+    assert auto["mean_vs_uniform"] == pytest.approx(30.0)
+    assert rows[1]["mean_vs_full"] == pytest.approx(-100 / 3, abs=0.01)
+    assert "| m | coverage[named] | auto | 0.40 |" in report.markdown(rows)
+    table = report.auto_retention(rows)
+    assert "| m | coverage[named] | auto | 0.40 | 80.0" in table and "digits 0.3, beeps 0.5" in table
+    assert "| m | coverage[named] | 0.5 | 0.50 |" in table
+    out = tmp_path / "run"
+    meta = {"command": "quality", "machine": {}, "retention_tuning": {"m": {
+        "clips": 30, "candidates": [0.5, 0.3], "tolerance": 2.0,
+        "chosen": {"groups": {"semantic": 0.3, "acoustic": 0.5, "mixed": 0.5}, "tasks": {"digits": 0.3}},
+        "accuracy": {"semantic": {"full": 90.0, "0.5": 90.0, "0.3": 89.0}}}}}
+    report.write(out, rows, answers, meta)
+    first = (out / "summary.md").read_text()
+    assert "Retention auto" in first and "| semantic | 90.0 | 90.0 | 89.0 |" in first
+    report.rerender(out)
+    assert (out / "summary.md").read_text() == first

@@ -48,6 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--tune-coverage: take the validation grid's accuracies from an earlier run's "
                              "summary.json (same models, tuning clips and retentions: checked) instead of measuring "
                              "them again; grid points it lacks are measured, and the choice is made anew"),
+    parser.add_argument("--tune-retention", action="store_true",
+                        help="after calibration (and --tune-coverage), choose the retention table of retention "
+                             "'auto' on the --tune-clips validation clips: per task group and task, the smallest "
+                             "--retention-candidates entry within --retention-tolerance points of full audio; then "
+                             "--auto-retention-policies run at retention auto on the test clips")
+    parser.add_argument("--retention-candidates", type=float, nargs="+", default=[0.7, 0.5, 0.3, 0.2, 0.1],
+                        help="--tune-retention: the retentions it chooses from")
+    parser.add_argument("--retention-tolerance", type=float, default=2.0,
+                        help="--tune-retention: accuracy points below full audio a chosen retention may lose")
+    parser.add_argument("--auto-retention-policies", nargs="+",
+                        default=["coverage:named", "coverage:auto", "uniform:named", "uniform"],
+                        help="--tune-retention: policy[:named|auto] run at retention auto (uniform at the same "
+                             "retentions is the paired baseline: uniform:named for named tasks)")
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
                         help="policy[:named|auto][@prompt|first_token] under after_prompt semantics (no @: the "
                              "engine's probe point, which a tuned profile file may set)")
@@ -99,7 +112,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     from headrouter_vllm.benchmarks.quality import report
     from headrouter_vllm.benchmarks.quality.run import methods, run_methods
-    from headrouter_vllm.benchmarks.quality.tune import measured_grid, parse_grid, tune_coverage
+    from headrouter_vllm.benchmarks.quality.tune import measured_grid, parse_grid, tune_coverage, tune_retention
     from headrouter_vllm.benchmarks.serving.report import machine, machine_slug, source_state
     from headrouter_vllm.calibrate import calibrate
     from headrouter_vllm.listening import suite
@@ -112,8 +125,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     for group in sorted(set(suite.TASK_GROUPS.values())):
         if all(t in holdout for t, g in suite.TASK_GROUPS.items() if g == group):
             raise ValueError(f"--holdout-tasks holds out every {group} task: that group would have no profile")
+    for r in args.retention_candidates:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"--retention-candidates: each must be in (0, 1), got {r}")
     chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies,
-                     args.holdout_policies if holdout else ())
+                     args.holdout_policies if holdout else (),
+                     args.auto_retention_policies if args.tune_retention else ())
     clips = suite.generate(args.split, args.clips, progress=True)
     engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
                          limit_mm_per_prompt={"audio": 1}, max_num_seqs=args.max_num_seqs,
@@ -121,11 +138,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     info = machine()
     out = Path(args.out) / machine_slug(info) / (args.name or time.strftime("quality-%Y%m%d-%H%M%S"))
     # Clip i of a split is the same clip whatever the count, so calibration and tuning clips are disjoint.
-    validation = suite.generate("validation", args.calibration_clips + (args.tune_clips if args.tune_coverage else 0))
+    tunes = args.tune_coverage or args.tune_retention
+    validation = suite.generate("validation", args.calibration_clips + (args.tune_clips if tunes else 0))
     calibration = [c for c in validation if int(c.id.removeprefix("validation")) < args.calibration_clips]
     tuning = [c for c in validation if int(c.id.removeprefix("validation")) >= args.calibration_clips]
     grid = parse_grid(args.coverage_floors, args.coverage_segments)
-    answers, tuned, t0 = [], {}, time.time()
+    answers, tuned, tuned_retention, t0 = [], {}, {}, time.time()
     with tempfile.TemporaryDirectory(prefix="headrouter-quality-") as tmp:
         tmp = Path(tmp)
         manifest = calibration_manifest(calibration, tmp / "calibration")
@@ -151,6 +169,13 @@ def main(args: argparse.Namespace) -> list[dict]:
                                                    skip_tasks=skip)
                     print(f"{key}: tuned on {len(tuning)} validation clips: probe point "
                           f"{tuned[key]['probe_point']}, coverage {tuned[key]['chosen']}")
+                if args.tune_retention and variant == "seen":
+                    with tqdm(total=len(tuning), desc=f"tuning retention ({label})", unit="clip") as bar:
+                        tuned_retention[label] = tune_retention(model, tuning, profiles, args.retention_candidates,
+                                                                args.retention_tolerance, engine_kwargs, tmp,
+                                                                progress=bar)
+                    print(f"{label}: retention table from {len(tuning)} validation clips: "
+                          f"{tuned_retention[label]['chosen']}")
                 out.mkdir(parents=True, exist_ok=True)
                 shutil.copy(profiles, out / profiles.name)  # the profile file the methods ran with: servable
             for semantics, mode, variant in engines:
@@ -167,6 +192,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     meta = {"command": command, "machine": info, "source": source, "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
             "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {}),
+            **({"retention_tuning": tuned_retention} if tuned_retention else {}),
             **({"holdout_tasks": list(holdout)} if holdout else {})}
     report.write(out, rows, answers, meta)
     print(report.markdown(rows))

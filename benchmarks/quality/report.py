@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from headrouter_vllm.listening.suite import TASK_GROUPS
+from headrouter_vllm.names import AUTO
 
 Z95 = 1.959964
 
@@ -44,14 +45,16 @@ GROUPS = {"semantic": [t for t, g in TASK_GROUPS.items() if g == "semantic"],
           "mean": list(TASK_GROUPS)}
 
 
-def paired_difference(answers: list, method: str, retention: float, base: str = "uniform",
-                      resamples: int = 2000, groups: dict[str, list[str]] | None = None) -> dict[str, tuple]:
+def paired_difference(answers: list, method: str, retention: float | str, base: str = "uniform",
+                      resamples: int = 2000, groups: dict[str, list[str]] | None = None,
+                      base_retention: float | str | None = None) -> dict[str, tuple]:
     """Accuracy of ``method`` minus ``base`` at ``retention`` on the same questions, per group (the unweighted mean
     of its tasks' mean differences), with a 95% interval from a paired bootstrap over clips (a clip's questions
     are resampled together: they share the audio, so their answers are not independent). Seeded; empty when
-    ``base`` did not run at ``retention``."""
+    ``base`` did not run at ``retention`` (or ``base_retention``, where given: ``full`` at 1.0)."""
+    base_retention = retention if base_retention is None else base_retention
     mine = {(a.clip, a.task): a.correct for a in answers if a.method == method and a.retention == retention}
-    theirs = {(a.clip, a.task): a.correct for a in answers if a.method == base and a.retention == retention}
+    theirs = {(a.clip, a.task): a.correct for a in answers if a.method == base and a.retention == base_retention}
     pairs = sorted(mine.keys() & theirs.keys())
     if not pairs:
         return {}
@@ -86,6 +89,8 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[
     cells: dict[tuple[str, float], dict[str, list[int]]] = collections.defaultdict(
         lambda: collections.defaultdict(lambda: [0, 0]))
     kept: dict[tuple[str, float], list[float]] = collections.defaultdict(list)
+    served: dict[tuple[str, float], dict[str, collections.Counter]] = collections.defaultdict(
+        lambda: collections.defaultdict(collections.Counter))
     routed: dict[tuple[str, float], list[bool]] = collections.defaultdict(list)
     for a in answers:
         key = (a.method, a.retention)
@@ -95,6 +100,8 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[
         cells[key][a.task][1] += 1
         if a.audio_tokens and a.kept_tokens is not None:
             kept[key].append(a.kept_tokens / a.audio_tokens)
+        if a.retention == AUTO and a.served_retention is not None:
+            served[key][a.task][a.served_retention] += 1
     rows = []
     for (method, retention), per_task in cells.items():
         row = {"model": model, "method": method, "retention": retention,
@@ -108,19 +115,37 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[
         for group, tasks in groups.items():
             acc, lo, hi = group_mean(per_task, tasks)
             row.update({group: round(acc, 2), f"{group}_lo": round(lo, 2), f"{group}_hi": round(hi, 2)})
-        if not method.startswith("uniform") and retention < 1.0:
-            # a method at an explicit probe point is compared with uniform at the same one, where it ran
+        for task, counts in served[(method, retention)].items():  # retention auto: what each task was served
+            row[f"{task}_retention"] = counts.most_common(1)[0][0]
+        if retention == AUTO or retention < 1.0:
+            for group, (d, lo, hi) in paired_difference(answers, method, retention, "full", groups=groups,
+                                                        base_retention=1.0).items():
+                row.update({f"{group}_vs_full": round(d, 2), f"{group}_vs_full_lo": round(lo, 2),
+                            f"{group}_vs_full_hi": round(hi, 2)})
+        if not method.startswith("uniform") and (retention == AUTO or retention < 1.0):
+            # a method at an explicit probe point is compared with uniform at the same one, where it ran; at
+            # retention auto, a named-task method with uniform named too (the same retentions, task by task)
             probe_point = method.partition("@")[2].partition("/")[0]
             base = f"uniform@{probe_point}" if probe_point else "uniform"
-            if not any(a.method == base for a in answers):
+            if retention == AUTO and "[named]" in method:
+                base = "uniform[named]"
+            if not any(a.method == base and a.retention == retention for a in answers):
                 base = "uniform"
             row["baseline"] = base
             for group, (d, lo, hi) in paired_difference(answers, method, retention, base, groups=groups).items():
                 row.update({f"{group}_vs_uniform": round(d, 2), f"{group}_vs_uniform_lo": round(lo, 2),
                             f"{group}_vs_uniform_hi": round(hi, 2)})
         rows.append(row)
-    rows.sort(key=lambda r: (r["model"], -r["retention"], r["method"]))
+    rows.sort(key=lambda r: (r["model"], r["retention"] == AUTO, -_number(r["retention"]), r["method"]))
     return rows
+
+
+def _number(retention: float | str) -> float:
+    return 0.0 if retention == AUTO else float(retention)
+
+
+def _r(retention: float | str) -> str:
+    return AUTO if retention == AUTO else f"{retention:.1f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -129,7 +154,7 @@ def markdown(rows: list[dict]) -> str:
             *(["held-out tasks [95% CI]"] if holdout else []), "routed to its group"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["method"], f"{r['retention']:.1f}", f"{r['kept_fraction']:.2f}"]
+        cells = [r["model"], r["method"], _r(r["retention"]), f"{r['kept_fraction']:.2f}"]
         cells += [f"{r[t]:.1f}" for t in TASK_GROUPS]
         cells += [f"{r['semantic']:.1f}", f"{r['acoustic']:.1f}",
                   f"{r['mean']:.1f} [{r['mean_lo']:.1f}, {r['mean_hi']:.1f}]"]
@@ -149,13 +174,52 @@ def versus_uniform(rows: list[dict]) -> str:
     for r in rows:
         if "mean_vs_uniform" not in r:
             continue
-        cells = [r["model"], r["method"], r.get("baseline", "uniform"), f"{r['retention']:.1f}"]
+        cells = [r["model"], r["method"], r.get("baseline", "uniform"), _r(r["retention"])]
         for group in groups:
             d, lo, hi = (r.get(f"{group}_vs_uniform{k}", math.nan) for k in ("", "_lo", "_hi"))
             mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
             cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def auto_retention(rows: list[dict]) -> str:
+    """Markdown: methods at retention ``auto`` (the profile file's table), their audio kept and accuracy, minus full
+    audio on the same questions, beside each fixed retention's row of the same method."""
+    auto = [r for r in rows if r["retention"] == AUTO]
+    if not auto:
+        return ""
+    head = ["model", "method", "r", "kept", "mean [95% CI]", "minus full [95% CI]", "retention per task"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in auto:
+        same = sorted((x for x in rows if x["model"] == r["model"] and x["method"] == r["method"]
+                       and x["retention"] != AUTO), key=lambda x: -x["retention"])
+        for x in [r, *same]:
+            d, lo, hi = (x.get(f"mean_vs_full{k}", math.nan) for k in ("", "_lo", "_hi"))
+            per_task = ", ".join(f"{t} {x[f'{t}_retention']}" for t in TASK_GROUPS if f"{t}_retention" in x)
+            lines.append(f"| {x['model']} | {x['method']} | {_r(x['retention'])} | {x['kept_fraction']:.2f} | "
+                         f"{x['mean']:.1f} [{x['mean_lo']:.1f}, {x['mean_hi']:.1f}] | "
+                         + ("-" if math.isnan(d) else f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]") + f" | {per_task or '-'} |")
+    return "\n".join(lines)
+
+
+def retention_tuning(meta: dict) -> str:
+    """Markdown: the retention table chosen on validation clips, per model, with the accuracies it chose from."""
+    if not meta.get("retention_tuning"):
+        return ""
+    parts = ["\n## Retention table (retention auto) chosen on validation clips\n"]
+    for model, record in meta["retention_tuning"].items():
+        chosen = record["chosen"]
+        parts += [f"**{model}** ({record['clips']} clips, candidates {record['candidates']}, tolerance "
+                  f"{record['tolerance']} points below full audio): groups {chosen['groups']}; tasks "
+                  f"{chosen.get('tasks', {})}\n"]
+        candidates = [str(c) for c in record["candidates"]]
+        parts += ["| questions | full | " + " | ".join(f"r = {c}" for c in candidates) + " |",
+                  "|---|---|" + "---|" * len(candidates)]
+        parts += [f"| {key} | {acc['full']:.1f} | " + " | ".join(f"{acc[c]:.1f}" for c in candidates) + " |"
+                  for key, acc in record["accuracy"].items()]
+        parts.append("")
+    return "\n".join(parts) + "\n"
 
 
 def tuning(meta: dict) -> str:
@@ -192,8 +256,12 @@ def write(out: Path, rows: list[dict], answers: list, meta: dict) -> None:
     versus = versus_uniform(rows)
     versus = (f"\n## Minus uniform on the same questions (paired 95% intervals, bootstrap over clips; each cell "
               f"is its own test, no correction for the number of cells)\n\n{versus}\n") if versus else ""
+    auto = auto_retention(rows)
+    auto = (f"\n## Retention auto (the profile file's table) beside each fixed retention (minus full audio: paired "
+            f"95% intervals, bootstrap over clips)\n\n{auto}\n") if auto else ""
     (out / "summary.md").write_text(f"# Listening-suite accuracy vs retention\n\nCommand: `{meta['command']}`\n\n"
-                                    f"Machine: {meta['machine']}\n\n{markdown(rows)}\n{versus}{tuning(meta)}")
+                                    f"Machine: {meta['machine']}\n\n{markdown(rows)}\n{versus}{auto}{tuning(meta)}"
+                                    f"{retention_tuning(meta)}")
     plot(out, rows)
 
 
@@ -211,7 +279,10 @@ def plot(out: Path, rows: list[dict]) -> None:
         for j, group in enumerate(("semantic", "acoustic", "mean")):
             ax = axes[i][j]
             for method in sorted({r["method"] for r in mine if r["method"] != "full"}):
-                pts = sorted([r for r in mine if r["method"] == method], key=lambda r: r["retention"])
+                pts = sorted([r for r in mine if r["method"] == method and r["retention"] != AUTO],
+                             key=lambda r: r["retention"])
+                if not pts:
+                    continue
                 if full is not None:
                     pts = pts + [full]
                 xs = [r["retention"] for r in pts]
@@ -219,6 +290,10 @@ def plot(out: Path, rows: list[dict]) -> None:
                 err = [[r[group] - r[f"{group}_lo"] for r in pts], [r[f"{group}_hi"] - r[group] for r in pts]]
                 style = "k-o" if method == "uniform" else "-o"
                 ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=2, label=method, alpha=0.85)
+            for r in (r for r in mine if r["retention"] == AUTO):  # at the audio it kept
+                ax.errorbar([r["kept_fraction"]], [r[group]], yerr=[[r[group] - r[f"{group}_lo"]],
+                            [r[f"{group}_hi"] - r[group]]], fmt="*", markersize=11, capsize=2,
+                            label=f"{r['method']} at retention auto")
             ax.set(title=f"{model}: {group}", xlabel="retention (audio tokens kept)", ylabel="accuracy (%)")
             ax.grid(alpha=0.3)
         axes[i][2].legend(fontsize=7, loc="lower right")
@@ -234,10 +309,12 @@ def rerender(out: Path) -> None:
     meta = json.loads((out / "summary.json").read_text())
     meta.pop("rows", None)
     with open(out / "answers.csv", newline="") as f:
-        answers = [Answer(r["clip"], r["task"], r["method"], float(r["retention"]), r["text"], r["correct"] == "True",
+        answers = [Answer(r["clip"], r["task"], r["method"], r["retention"] if r["retention"] == AUTO
+                          else float(r["retention"]), r["text"], r["correct"] == "True",
                           int(r["audio_tokens"]) if r["audio_tokens"] else None,
                           int(r["kept_tokens"]) if r["kept_tokens"] else None, r["model"],
-                          r.get("routed_group") or None)
+                          r.get("routed_group") or None,
+                          float(r["served_retention"]) if r.get("served_retention") else None)
                    for r in csv.DictReader(f)]
     models = list(dict.fromkeys(a.model for a in answers))
     holdout = tuple(meta.get("holdout_tasks", ()))

@@ -7,7 +7,7 @@ import gc
 
 from headrouter_vllm.listening import suite
 from headrouter_vllm.listening.train import prompt_text
-from headrouter_vllm.names import REPORT_KEY
+from headrouter_vllm.names import AUTO, REPORT_KEY
 from headrouter_vllm.routing.policies import PER_HEAD_POLICIES
 from headrouter_vllm.routing.policies import policy as policy_named
 
@@ -23,7 +23,7 @@ class Method:
     file calibrated and tuned without the held-out tasks' questions (``--holdout-tasks``)."""
 
     policy: str
-    retention: float
+    retention: float | str  # a fraction, or "auto": the profile file's retention table picks it per task
     semantics: str = "after_prompt"
     task: str | None = None
     mode: str = "shared"  # per_head: an engine with mode per_head on HeadRouter's backend (torch references)
@@ -31,8 +31,12 @@ class Method:
     profiles: str = "seen"
 
     @property
+    def routed(self) -> bool:
+        return self.retention == AUTO or self.retention < 1.0
+
+    @property
     def label(self) -> str:
-        if self.retention >= 1.0:
+        if not self.routed:
             return "full"
         name = self.policy + (f"[{self.task}]" if self.task else "")
         name += "" if self.probe_point is None else f"@{self.probe_point}"
@@ -47,7 +51,10 @@ class Method:
 
 
 def methods(retentions: list[float], policies: list[str], in_prompt_policies: list[str],
-            per_head_policies: list[str] = (), holdout_policies: list[str] = ()) -> list[Method]:
+            per_head_policies: list[str] = (), holdout_policies: list[str] = (),
+            auto_retention_policies: list[str] = ()) -> list[Method]:
+    """The methods of a run: full audio, then per retention each policy group's; ``auto_retention_policies`` run
+    once more at retention ``auto`` (after_prompt, shared, the profile file that saw every task)."""
     for name in per_head_policies:
         if name.partition(":")[0] not in PER_HEAD_POLICIES:
             raise ValueError(f"per_head mode applies to the policies {PER_HEAD_POLICIES} (the baselines stay "
@@ -56,8 +63,9 @@ def methods(retentions: list[float], policies: list[str], in_prompt_policies: li
     groups = (("after_prompt", "shared", policies, "seen"), ("in_prompt", "shared", in_prompt_policies, "seen"),
               ("after_prompt", "per_head", per_head_policies, "seen"),
               ("after_prompt", "shared", holdout_policies, "holdout"))
-    for r in retentions:
-        for semantics, mode, names, profiles in groups:
+    at_auto = (("after_prompt", "shared", auto_retention_policies, "seen"),)
+    for r in [*retentions, *([AUTO] if auto_retention_policies else [])]:
+        for semantics, mode, names, profiles in (at_auto if r == AUTO else groups):
             for name in names:
                 spec, _, probe_point = name.partition("@")
                 policy, _, task = spec.partition(":")
@@ -88,6 +96,7 @@ class Answer:
     kept_tokens: int | None
     model: str = ""
     routed_group: str | None = None  # the group the router weighted most (``None``: not routed, or no profiles)
+    served_retention: float | None = None  # the retention the engine's usage report says it served
 
 
 def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], semantics: str, profiles: str | None,
@@ -119,7 +128,7 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                         continue
                     for method in chosen:
                         extra = None
-                        if method.retention < 1.0:
+                        if method.routed:
                             named = {"named": task, "group": suite.TASK_GROUPS[task], "auto": "auto",
                                      None: None}[method.task]
                             extra = route_args(retention=method.retention, policy=method.policy, task=named,
@@ -138,7 +147,8 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                 text = out.outputs[0].text.strip()
                 answers.append(Answer(clip.id, task, method.label, method.retention, text, text == clip.answer(task),
                                       usage.get("audio_tokens"), usage.get("kept_audio_tokens"),
-                                      routed_group=groups.get(out.request_id.split("-")[0])))
+                                      routed_group=groups.get(out.request_id.split("-")[0]),
+                                      served_retention=usage.get("retention")))
             if progress is not None:
                 progress.update(len(clips[first:first + clips_per_call]))
     finally:

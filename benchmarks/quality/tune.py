@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 from headrouter_vllm.routing.profiles import ProfileSet
@@ -103,3 +104,55 @@ def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[floa
             "chosen": {g: dataclasses.asdict(c) for g, c in settings.items()},
             "grid": [{"probe_point": pp, **dataclasses.asdict(c), **{k: round(v, 2) for k, v in acc.items()}}
                      for (pp, c), acc in measured.items()]}
+
+
+def tune_retention(model: str, clips: list, profiles: Path, candidates: list[float], tolerance: float,
+                   engine_kwargs: dict, work: Path, skip_tasks: tuple[str, ...] = (), progress=None) -> dict:
+    """Choose the retention table of ``retention: "auto"`` on ``clips`` (validation), write it into ``profiles``.
+
+    One engine serves the profile file as it is (tuned coverage and probe points included) at full audio and, at each
+    candidate retention, ``coverage`` with the question's task named and with ``auto`` routing. Each task, and each
+    group (``semantic`` / ``acoustic``: its tasks' questions, named), takes the smallest candidate whose accuracy is
+    at least full audio's on the same questions minus ``tolerance`` points (1.0 when none is); ``mixed``, the group
+    of requests routed ``auto``, is chosen from the ``auto`` answers on every question."""
+    from headrouter_vllm.benchmarks.quality.run import Method, run_methods
+    from headrouter_vllm.listening.suite import TASK_GROUPS
+    from headrouter_vllm.routing.retention import RetentionTable, smallest_within
+
+    methods = [Method("uniform", 1.0)] + [Method("coverage", r, task=spec) for r in candidates
+                                           for spec in ("named", "auto")]
+    # a copy: a process reads a profile file once per path (scheduler and runner must agree on it), and the
+    # engines after this one read ``profiles`` with the table in it
+    served = work / f"retention-tuning-{profiles.name}"
+    shutil.copy(profiles, served)
+    answers = run_methods(model, clips, methods, "after_prompt", str(served), engine_kwargs, skip_tasks=skip_tasks,
+                          progress=progress)
+    cells: dict[tuple[str, float], dict[str, list[bool]]] = {}
+    for a in answers:
+        keys = ("all",) if a.method == "coverage[auto]" else (a.task, TASK_GROUPS[a.task], "all")
+        for key in keys:
+            cells.setdefault((a.method, a.retention), {}).setdefault(key, []).append(a.correct)
+
+    def accuracy(method: str, retention: float, key: str) -> float:
+        hits = cells.get((method, retention), {}).get(key, [])
+        return 100.0 * sum(hits) / len(hits) if hits else float("nan")
+
+    def choice(method: str, key: str) -> tuple[float, dict]:
+        full = accuracy("full", 1.0, key)
+        measured = {r: accuracy(method, r, key) for r in candidates}
+        return smallest_within(measured, full, tolerance), {"full": round(full, 2),
+                                                           **{str(r): round(a, 2) for r, a in measured.items()}}
+
+    tasks = sorted({a.task for a in answers})
+    rows, groups, per_task = {}, {}, {}
+    for group in ("semantic", "acoustic"):
+        groups[group], rows[group] = choice("coverage[named]", group)
+    groups["mixed"], rows["mixed (auto routing)"] = choice("coverage[auto]", "all")
+    for task in tasks:
+        per_task[task], rows[task] = choice("coverage[named]", task)
+    table = RetentionTable(groups, per_task, tolerance)
+    base = ProfileSet.load(profiles)
+    dataclasses.replace(base, retention=table).save(profiles)
+    return {"clips": len(clips), "candidates": list(candidates), "tolerance": tolerance,
+            **({"without_tasks": list(skip_tasks)} if skip_tasks else {}), "chosen": table.to_json(),
+            "accuracy": rows}

@@ -2,7 +2,7 @@
 
 vLLM 0.32 ``SamplingParams._verify_extra_args`` runs when a ``SamplingParams`` is built (offline: by the
 caller, before ``LLM.generate`` renders anything; server: in ``to_sampling_params``) and raises
-``VLLMValidationError`` (a ``ValueError``; the OpenAI server answers 400). We also check the
+``VLLMValidationError`` (vLLM's client error; the OpenAI server answers 400). We also check the
 ``headrouter_*`` keys there, so a malformed task or retention never reaches the engine.
 
 Why not later (``InputProcessor``): by then the multimodal inputs are rendered and the front end's

@@ -14,7 +14,9 @@ import functools
 
 from headrouter_vllm.config import ConfigError, HeadRouterConfig
 from headrouter_vllm.log import get_logger
+from headrouter_vllm.names import AUTO
 from headrouter_vllm.routing.profiles import ProfileError, ProfileSet
+from headrouter_vllm.routing.retention import register_retention_table
 from headrouter_vllm.routing.tasks import check_task, register_operator_tasks, task_group
 
 logger = get_logger(__name__)
@@ -37,6 +39,14 @@ class RoutingContext:
             point = point[task_group(task, self.profiles.tasks if self.profiles is not None else None)]
         return point or "prompt"
 
+    def retention_for(self, task: str) -> float:
+        """The retention of a request at retention ``auto``, routed by ``task``: the profile file's retention table
+        entry for the task, else for its group (``auto``: ``mixed``)."""
+        table = self.profiles.retention if self.profiles is not None else None
+        if table is None:  # the front end refuses such requests; the engine config's "auto" is checked at startup
+            raise ConfigError("retention 'auto' needs a profile file with a retention table")
+        return table.for_task(task, task_group(task, self.profiles.tasks))
+
     @property
     def default_probe_point(self) -> str:
         """The probe point of requests that name neither a probe point nor a task."""
@@ -49,6 +59,7 @@ def routing_context(config: HeadRouterConfig) -> RoutingContext:
     context = built_context(config)
     if context.profiles is not None:
         register_operator_tasks(context.profiles.task_names())
+    register_retention_table(context.profiles is not None and context.profiles.retention is not None)
     return context
 
 
@@ -67,6 +78,11 @@ def built_context(config: HeadRouterConfig) -> RoutingContext:
                            "that name no probe point probe the prompt",
                            "per_head" if config.mode == "per_head" else config.semantics)
             point = None
+    if config.retention == AUTO and (profiles is None or profiles.retention is None):
+        raise ConfigError("headrouter.retention 'auto' takes each task's retention from the profile file's retention "
+                          "table, and " + ("no profile file is set (headrouter.profiles)" if profiles is None else
+                                           f"{config.profiles} has none (headrouter-vllm quality --tune-retention "
+                                           "writes one)"))
     try:
         check_task(config.default_task)  # an operator task is known once its file is read
     except ValueError as e:

@@ -12,6 +12,8 @@
  "probe_point": {"semantic": "prompt", "acoustic": "first_token", "mixed": "first_token"},
                                             // optional: the default probe point, one for all or per group
                                             // (both written by `headrouter-vllm quality --tune-coverage`)
+ "retention": {"groups": {"semantic": 0.3, "acoustic": 0.5, "mixed": 0.5}, "tasks": {"asr": 0.7},
+               "tolerance": 2.0},          // optional: retention "auto" (`quality --tune-retention`)
  "calibration": {...}}                      // free-form provenance
 ```
 """
@@ -26,7 +28,8 @@ from typing import Any
 
 import torch
 
-from headrouter_vllm.names import GROUPS, MODEL_PROFILES_FILE, PROBE_POINTS
+from headrouter_vllm.names import BUILTIN_TASKS, GROUPS, MODEL_PROFILES_FILE, PROBE_POINTS
+from headrouter_vllm.routing.retention import RetentionTable, RetentionTableError
 from headrouter_vllm.routing.router import Profile
 from headrouter_vllm.routing.select import Coverage
 
@@ -73,10 +76,11 @@ class ProfileSet:
     coverage: dict[str, Coverage] = dataclasses.field(default_factory=dict)  # per group; empty: Coverage()
     # the engine's default probe point when its config names none: one for every task, or one per task group
     probe_point: str | dict[str, str] | None = None
+    # retention "auto": per group (and named task) the smallest retention measured within a tolerance of full audio
+    retention: RetentionTable | None = None
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks)
-
 
     def check_model(self, model: ModelIdentity, probe_layer: int) -> None:
         if model != self.model:
@@ -93,7 +97,8 @@ class ProfileSet:
                 "position_prior": None if self.position_prior is None else self.position_prior.tolist(),
                 "tasks": self.tasks, "calibration": self.calibration,
                 **({"coverage": {g: dataclasses.asdict(c) for g, c in self.coverage.items()}} if self.coverage else {}),
-                **({"probe_point": self.probe_point} if self.probe_point else {})}
+                **({"probe_point": self.probe_point} if self.probe_point else {}),
+                **({"retention": self.retention.to_json()} if self.retention is not None else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -144,8 +149,17 @@ class ProfileSet:
                 raise ProfileError("tau must be positive")
             coverage = _coverage(data.get("coverage"))
             probe_point = _probe_point(data.get("probe_point"))
+            retention = None
+            if data.get("retention") is not None:
+                try:
+                    retention = RetentionTable.from_json(data["retention"])
+                except RetentionTableError as e:
+                    raise ProfileError(str(e)) from None
+                unknown = set(retention.tasks) - set(tasks) - set(BUILTIN_TASKS)
+                if unknown:
+                    raise ProfileError(f"retention.tasks names tasks the file does not define: {sorted(unknown)}")
             return cls(model, int(data["probe_layer"]), tau, profiles, prior_t, tasks, data.get("calibration", {}),
-                       coverage, probe_point)
+                       coverage, probe_point, retention)
         except (KeyError, TypeError) as e:
             raise ProfileError(f"missing or malformed field: {e}") from None
 
