@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-retention", action="store_true",
                         help="after calibration (and --tune-coverage), choose the retention table of retention "
                              "'auto' on the --tune-clips validation clips: per task group and task, the smallest "
-                             "--retention-candidates entry within --retention-tolerance points of full audio; then "
+                             "--retention-candidates entry that, with every larger one, stays within "
+                             "--retention-tolerance points of full audio; then "
                              "--auto-retention-policies run at retention auto on the test clips")
     parser.add_argument("--retention-candidates", type=float, nargs="+", default=[0.7, 0.5, 0.3, 0.2, 0.1],
                         help="--tune-retention: the retentions it chooses from")

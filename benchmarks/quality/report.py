@@ -117,12 +117,13 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[
             row.update({group: round(acc, 2), f"{group}_lo": round(lo, 2), f"{group}_hi": round(hi, 2)})
         for task, counts in served[(method, retention)].items():  # retention auto: what each task was served
             row[f"{task}_retention"] = counts.most_common(1)[0][0]
-        if retention == AUTO or retention < 1.0:
+        pruned = retention == AUTO or retention < 1.0
+        if pruned:
             for group, (d, lo, hi) in paired_difference(answers, method, retention, "full", groups=groups,
                                                         base_retention=1.0).items():
                 row.update({f"{group}_vs_full": round(d, 2), f"{group}_vs_full_lo": round(lo, 2),
                             f"{group}_vs_full_hi": round(hi, 2)})
-        if not method.startswith("uniform") and (retention == AUTO or retention < 1.0):
+        if pruned and not method.startswith("uniform"):
             # a method at an explicit probe point is compared with uniform at the same one, where it ran; at
             # retention auto, a named-task method with uniform named too (the same retentions, task by task)
             probe_point = method.partition("@")[2].partition("/")[0]

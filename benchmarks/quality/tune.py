@@ -112,9 +112,10 @@ def tune_retention(model: str, clips: list, profiles: Path, candidates: list[flo
 
     One engine serves the profile file as it is (tuned coverage and probe points included) at full audio and, at each
     candidate retention, ``coverage`` with the question's task named and with ``auto`` routing. Each task, and each
-    group (``semantic`` / ``acoustic``: its tasks' questions, named), takes the smallest candidate whose accuracy is
-    at least full audio's on the same questions minus ``tolerance`` points (1.0 when none is); ``mixed``, the group
-    of requests routed ``auto``, is chosen from the ``auto`` answers on every question."""
+    group (``semantic`` / ``acoustic``: its tasks' questions, named), takes the smallest candidate that, with every
+    larger one, keeps accuracy at least full audio's on the same questions minus ``tolerance`` points (1.0 when the
+    largest does not: ``smallest_within``); ``mixed``, the group of requests routed ``auto``, is chosen from the
+    ``auto`` answers on every question."""
     from headrouter_vllm.benchmarks.quality.run import Method, run_methods
     from headrouter_vllm.listening.suite import TASK_GROUPS
     from headrouter_vllm.routing.retention import RetentionTable, smallest_within
@@ -129,8 +130,7 @@ def tune_retention(model: str, clips: list, profiles: Path, candidates: list[flo
                           progress=progress)
     cells: dict[tuple[str, float], dict[str, list[bool]]] = {}
     for a in answers:
-        keys = ("all",) if a.method == "coverage[auto]" else (a.task, TASK_GROUPS[a.task], "all")
-        for key in keys:
+        for key in (a.task, TASK_GROUPS[a.task], "all"):
             cells.setdefault((a.method, a.retention), {}).setdefault(key, []).append(a.correct)
 
     def accuracy(method: str, retention: float, key: str) -> float:
