@@ -9,7 +9,10 @@ code that routes served requests). From the probe measurements:
 * the profile of each group: its prototype is the mean behaviour of the group's samples, its head weights
   ``max(P - mean(P), 0)`` normalised (uniform when no head stands out); ``mixed`` uses samples of tasks in the
   ``mixed`` group if any, else all samples;
-* the task table: each task's prior leans to its group.
+* the task table: each task's prior leans to its group;
+* the group router (:class:`~headrouter_vllm.routing.router.GroupRouter`): every sample is probed a second time at
+  the first generated token's row, and each group with samples of its own gets a Gaussian kernel over that row's
+  behaviour (its mean, and the pooled within-group spread per head).
 
 Manifest: JSON Lines, one sample per line; paths relative to the manifest's folder::
 
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 from headrouter_vllm.routing.profiles import ModelIdentity, ProfileSet
-from headrouter_vllm.routing.router import Profile
+from headrouter_vllm.routing.router import GroupRouter, Profile
 from headrouter_vllm.routing.scores import calibrated_position_prior, debias, selectivity
 from headrouter_vllm.routing.tasks import BUILTIN_TASKS, GROUPS, TASK_PRIOR_WEIGHT, group_prior
 
@@ -92,14 +95,23 @@ def group_profile(behaviours: list[torch.Tensor]) -> Profile:
 
 
 def build_profiles(samples: list[Sample], scores: list[torch.Tensor], model: ModelIdentity, probe_layer: int,
-                   bins: int = 16, tau: float = DEFAULT_TAU, provenance: dict | None = None) -> ProfileSet:
-    """Profiles from per-sample probe scores ``[Hq, N]`` (head attention on the audio, mean over probe rows)."""
+                   bins: int = 16, tau: float = DEFAULT_TAU, provenance: dict | None = None,
+                   first_token_scores: list[torch.Tensor] | None = None) -> ProfileSet:
+    """Profiles from per-sample probe scores ``[Hq, N]`` (head attention on the audio, mean over the prompt rows
+    after it); ``first_token_scores``, the same samples' first generated token's row, adds the group router."""
     prior = position_prior(scores, bins)
-    behaviours = [selectivity(debias(s, calibrated_position_prior(prior, s.shape[-1]))) for s in scores]
+
+    def behaviour(s: torch.Tensor) -> torch.Tensor:
+        return selectivity(debias(s, calibrated_position_prior(prior, s.shape[-1])))
+
+    behaviours = [behaviour(s) for s in scores]
     by_group = {g: [b for b, s in zip(behaviours, samples, strict=True) if s.group == g] for g in GROUPS}
     profiles = {g: group_profile(by_group[g] or behaviours) for g in GROUPS}
     tasks = {s.task: group_prior(s.group, TASK_PRIOR_WEIGHT) for s in samples}
-    return ProfileSet(model, probe_layer, tau, profiles, prior, tasks, provenance or {})
+    router = None
+    if first_token_scores is not None:
+        router = GroupRouter.fit([behaviour(s) for s in first_token_scores], [s.group for s in samples])
+    return ProfileSet(model, probe_layer, tau, profiles, prior, tasks, provenance or {}, router=router)
 
 
 def calibrate(model: str, manifest: str | Path, out: str | Path, retention: float = 0.5, bins: int = 16,
@@ -122,23 +134,28 @@ def calibrate(model: str, manifest: str | Path, out: str | Path, retention: floa
               limit_mm_per_prompt={"audio": 1}, additional_config={"headrouter": section})
     runner = inprocess.model_runner(llm)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    scores = []
+    scores, first_token_scores = [], []
     for sample in tqdm(samples, desc="calibrating", unit="clip"):
         wave, rate = sf.read(str(sample.audio), dtype="float32", always_2d=True)
         messages = [{"role": "user", "content": [{"type": "audio", "audio": str(sample.audio)},
                                                   {"type": "text", "text": sample.question}]}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        before = len(runner.hr_log)
-        llm.generate({"prompt": prompt, "multi_modal_data": {"audio": (wave.mean(axis=1), rate)}},
-                     SamplingParams(max_tokens=1, temperature=0.0, extra_args=route_args(retention=retention)),
-                     use_tqdm=False)
-        records = list(runner.hr_log)[before:]
-        if len(records) != 1 or not records[0].probes:
-            raise RuntimeError(f"{sample.audio}: the engine did not probe this clip (too short to prune?)")
-        scores.append(records[0].probes[0].head_scores)
+        request = {"prompt": prompt, "multi_modal_data": {"audio": (wave.mean(axis=1), rate)}}
+        # the prompt rows (profiles, position prior), then the first token's row (the group router): the second
+        # request reads its row in the first decode step, after one generated token
+        for point, tokens, collected in (("prompt", 1, scores), ("first_token", 2, first_token_scores)):
+            before = len(runner.hr_log)
+            llm.generate(request, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                                                 extra_args=route_args(retention=retention, probe_point=point)),
+                         use_tqdm=False)
+            records = list(runner.hr_log)[before:]
+            if len(records) != 1 or not records[0].probes:
+                raise RuntimeError(f"{sample.audio}: the engine did not probe this clip (too short to prune?)")
+            collected.append(records[0].probes[0].head_scores)
     identity = ModelIdentity.of(llm.llm_engine.vllm_config.model_config.hf_config)
     provenance = {"manifest": str(manifest), "samples": len(samples),
                   "tasks": sorted({s.task for s in samples}), "bins": bins}
-    profiles = build_profiles(samples, scores, identity, runner.hr_probe_layer, bins, tau, provenance)
+    profiles = build_profiles(samples, scores, identity, runner.hr_probe_layer, bins, tau, provenance,
+                              first_token_scores)
     profiles.save(out)
     return profiles

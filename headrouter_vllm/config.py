@@ -60,7 +60,9 @@ class HeadRouterConfig:
             ``prompt``: the rows after the audio, in the step that finishes the prompt. ``first_token``: the first
             generated token's row, in the first decode step; in that step the layers above ``probe_layer`` already
             attend to the kept audio only, and the KV is compacted after it (prompt rows run dense whatever
-            ``semantics`` says; on a ``per_head`` engine such requests run ``shared``).
+            ``semantics`` says; on a ``per_head`` engine such requests run ``shared``). ``routed``: both, timed as
+            ``first_token``; the profile file's group router reads the first token's row, and the rows its group's
+            probe point names select (needs a profile file with a router).
         default_task: task for requests that name none (``auto`` = routed from the input alone).
         policy: how kept tokens are chosen for requests that name none (``None``: ``coverage``, the routed score
             spread over the clip with the profile file's per-group settings, which is never below ``uniform`` in
@@ -96,7 +98,7 @@ class HeadRouterConfig:
     per_head_cap: float = 1.5
     probe_layer: int | None = None
     semantics: Literal["after_prompt", "in_prompt", "prefill"] = "after_prompt"
-    probe_point: Literal["prompt", "first_token"] | None = None
+    probe_point: Literal["prompt", "first_token", "routed"] | None = None
     default_task: str = "auto"
     policy: str | None = None
     profiles: str | None = None
@@ -120,10 +122,10 @@ class HeadRouterConfig:
             raise ConfigError(f"headrouter.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
         if self.probe_point is not None and self.probe_point not in PROBE_POINTS:
             raise ConfigError(f"headrouter.probe_point must be one of {PROBE_POINTS}, got {self.probe_point!r}")
-        if self.probe_point == "first_token" and self.semantics != "after_prompt":
-            raise ConfigError(f"headrouter.probe_point 'first_token' probes after the prompt: semantics "
+        if self.probe_point in ("first_token", "routed") and self.semantics != "after_prompt":
+            raise ConfigError(f"headrouter.probe_point {self.probe_point!r} probes after the prompt: semantics "
                               f"{self.semantics!r} (which prunes inside the prompt) does not apply; use 'after_prompt'")
-        if self.probe_point == "first_token" and self.mode == "per_head":
+        if self.probe_point in ("first_token", "routed") and self.mode == "per_head":
             raise ConfigError("headrouter.mode 'per_head' selects at probe_point 'prompt' only")
         if self.policy is not None and self.policy not in POLICIES:
             raise ConfigError(f"headrouter.policy must be one of {POLICIES}, got {self.policy!r}")

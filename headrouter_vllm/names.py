@@ -20,8 +20,9 @@ MODES = ("shared", "per_head")
 # when pruning applies: from decode on; to the text rows after the audio in the prompt step; to every prompt row
 # above the probe layer
 SEMANTICS = ("after_prompt", "in_prompt", "prefill")
-# which rows the probe reads: the prompt rows after the audio, or the first generated token's
-PROBE_POINTS = ("prompt", "first_token")
+# which rows the probe reads: the prompt rows after the audio, the first generated token's, or both with the group
+# router's choice between them (``routed``: the routed group's own probe point; needs a profile file with a router)
+PROBE_POINTS = ("prompt", "first_token", "routed")
 # which attention serves the decoder layers (see HeadRouterConfig.attention)
 ATTENTION = ("auto", "platform", "triton", "torch")
 

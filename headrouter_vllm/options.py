@@ -8,8 +8,9 @@ in OpenAI ``metadata`` (string values), which the middleware moves into ``vllm_x
                           picks it for the request's task)
     headrouter_policy     how kept tokens are chosen: headrouter, or a baseline (oracle, fastv, random, uniform,
                           similarity, coverage), for side-by-side comparisons through the same engine
-    headrouter_probe_point  where the probe reads attention: prompt (the rows after the audio) or first_token
-                          (the first generated token's row)
+    headrouter_probe_point  where the probe reads attention: prompt (the rows after the audio), first_token
+                          (the first generated token's row) or routed (both; the group router picks, by the
+                          routed group's probe point in the profile file)
     headrouter_focus      with policy region: the parts of the clip to keep, in seconds from its start,
                           "start-end" pairs separated by commas ("2.5-7,12-14.5"; in vllm_xargs also a list of
                           such strings or a flat list of numbers); with several clips, every clip's own seconds
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 from headrouter_vllm.names import AUTO, PROBE_POINTS
 from headrouter_vllm.routing.policies import POLICIES, REGISTRY, policy
 from headrouter_vllm.routing.retention import check_auto_retention
+from headrouter_vllm.routing.router import check_routed_probe_point
 from headrouter_vllm.routing.tasks import check_task
 
 XARG_TASK = "headrouter_task"
@@ -113,7 +115,8 @@ class RouteOptions(BaseModel):
     @field_validator("probe_point", mode="before")
     @classmethod
     def _probe_point(cls, value: Any) -> Any:
-        return _one_of(value, PROBE_POINTS, "probe point")
+        value = _one_of(value, PROBE_POINTS, "probe point")
+        return check_routed_probe_point() if value == "routed" else value
 
     @field_validator("policy", mode="before")
     @classmethod

@@ -77,11 +77,19 @@ class RoutePlan:
 
     @property
     def probe_rows(self) -> tuple[int, int]:
-        """The probe's query positions ``[start, end)``: the prompt rows after the audio (``prompt``), or the
-        first generated token's row (``first_token``, position L). The step whose rows reach ``end`` selects,
+        """The probe's query positions ``[start, end)``: the prompt rows after the audio (``prompt``), the
+        first generated token's row (``first_token``, position L), or both (``routed``: the prompt rows' mass and
+        the first token's row are kept apart, see ``route_step``). The step whose rows reach ``end`` selects,
         and the KV is compacted after it."""
         length = self.num_prompt_tokens
-        return (length, length + 1) if self.probe_point == "first_token" else (self.probe_start, length)
+        if self.probe_point == "first_token":
+            return length, length + 1
+        return self.probe_start, length + 1 if self.probe_point == "routed" else length
+
+    @property
+    def selects_at_first_token(self) -> bool:
+        """The selecting step is the first decode step (its one row, the first token's, is read there)."""
+        return self.probe_point in ("first_token", "routed")
 
     @property
     def probe_end(self) -> int:

@@ -6,8 +6,8 @@ Per routed request (its plan computed from the same inputs as the scheduler's):
    calls :meth:`RouteStep.probe`) adds those rows' per-head attention mass on each audio key to an accumulator
    (chunked prefill: rows may straddle chunks; causality makes the sum exact).
 2. In the step that finishes the prompt the kept audio tokens are selected. With ``in_prompt`` semantics (or the
-   ``first_token`` probe point) the probe rows are then recomputed in every later layer with only the kept audio
-   visible (:meth:`RouteStep.attend_kept_only`).
+   ``first_token`` and ``routed`` probe points, which select in the first decode step) the probe rows are then
+   recomputed in every later layer with only the kept audio visible (:meth:`RouteStep.attend_kept_only`).
 3. After that step's forward, every layer's KV is compacted (:meth:`RouteStep.compact`): kept audio and everything
    after the audio move down to close the gaps.
 
@@ -90,33 +90,46 @@ class RouteStep:
         for item, measured in zip(self.items, store.probe(layer, query, key, value, kv_cache, self.items),
                                   strict=True):
             route = item.state
-            route.head_mass = measured.mass if route.head_mass is None else route.head_mass + measured.mass
+            plan = route.plan
+            prompt_scores = None
+            if item.final and plan.probe_point == "routed":
+                # the prompt rows' mass (earlier steps) and the first token's row (this step's one row) stay apart:
+                # the router picks which of them selects
+                prompt_scores = route.head_mass / (plan.num_prompt_tokens - plan.probe_start)
+                route.head_mass, rows = measured.mass, 1
+            else:
+                route.head_mass = measured.mass if route.head_mass is None else route.head_mass + measured.mass
+                rows = plan.probe_rows[1] - plan.probe_rows[0]
             route.seconds += measured.seconds
             if item.final:
                 t0 = time.perf_counter()
-                plan = route.plan
                 values = None
                 if policy_named(plan.policy).needs_values:
                     values = store.values_at(layer, item, value, kv_cache, audio_columns(plan)).cpu()
-                rows_start, rows_end = plan.probe_rows
-                self.select(item, route.head_mass / (rows_end - rows_start), measured.last_row, values,
-                            kv_cache.shape[1], measured.seconds + time.perf_counter() - t0)
+                self.select(item, route.head_mass / rows, measured.last_row, values, kv_cache.shape[1],
+                            measured.seconds + time.perf_counter() - t0, prompt_scores)
                 route.seconds += time.perf_counter() - t0
 
-    def select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float) -> None:
+    def select(self, item: ProbeItem, head_scores, last_row, values, num_kv_heads: int, probe_s: float,
+               prompt_scores=None) -> None:
+        """``prompt_scores``: probe point ``routed``, the prompt rows' scores beside ``head_scores`` (the first
+        token's row)."""
         context, plan = self.context, item.state.plan
         if context.tp_size > 1:  # every rank calls this for the same requests in the same order
             head_scores, last_row = context.gather_heads(head_scores, 0), context.gather_heads(last_row, 0)
             values = context.gather_heads(values, 1)  # [N, Hkv, d]
+            prompt_scores = context.gather_heads(prompt_scores, 0)
             num_kv_heads *= context.tp_size
         kept, per_head, margins, alphas, probes, offset = [], [], [], [], [], 0
         focus = focus_tokens(plan.focus, context.adapter.audio_tokens_per_second)  # each clip's own windows
         for sp in plan.spans:
             settings = RouteSettings(policy=plan.policy, mode=plan.mode, task=plan.task, seed=context.config.seed,
-                                     b_max=sp.slots if plan.mode == "per_head" else None, focus=focus)
+                                     b_max=sp.slots if plan.mode == "per_head" else None, focus=focus,
+                                     probe_point=plan.probe_point)
             cols = slice(offset, offset + sp.length)
             probe = SpanProbe(head_scores[:, cols], last_row[:, cols], num_kv_heads,
-                              None if values is None else values[cols])
+                              None if values is None else values[cols],
+                              None if prompt_scores is None else prompt_scores[:, cols])
             selection = select(probe, sp.keep, settings, context.profiles)
             kept.append(sp.start + selection.kept)
             if plan.mode == "per_head":
@@ -139,16 +152,17 @@ class RouteStep:
     def attend_kept_only(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
         """Above the probe layer, in the step that selects, recompute the probe rows with the dropped audio keys
         masked: the prompt rows after the audio (``in_prompt``) or the first generated token's row
-        (``first_token``)."""
+        (``first_token`` and ``routed``)."""
         if attn_metadata is None:
             return
         for item in self.items:
             plan = item.state.plan
-            if not item.final or (plan.semantics != "in_prompt" and plan.probe_point != "first_token"):
+            if not item.final or (plan.semantics != "in_prompt" and not plan.selects_at_first_token):
                 continue
             t0 = time.perf_counter()
             kept = item.state.kept
-            rows_start, length = plan.probe_rows
+            first = plan.num_prompt_tokens
+            rows_start, length = (first, first + 1) if plan.selects_at_first_token else plan.probe_rows
             assert item.computed <= rows_start, "probe rows split across chunks"
             positions = torch.arange(rows_start, length)
             rows = item.token_start + positions - item.computed

@@ -8,7 +8,8 @@ masked from the dropped audio in layers above the probe layer. ``per_head``: eac
 audio KV stays in the cache and every decode step masks, per head, the audio that head dropped. ``first_token``: the
 prompt runs dense and gives the first token; the first decode step runs once with attentions (its row at the probe
 layer is the probe, also FastV's row), then again from the prompt's cache with the dropped audio masked in the
-layers above the probe layer, and the dropped audio is deleted after it."""
+layers above the probe layer, and the dropped audio is deleted after it. ``routed``: timed as ``first_token``; the
+probe holds both the prompt rows' mean and the first token's row, and the plain policies pick between them."""
 
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
         finally:
             hook.remove()
         num_kv = model.config.text_config.num_key_value_heads
-        if probe_point == "first_token":
+        prompt_attn = probs[0][0][:, spans[-1][0] + spans[-1][1]:length]  # [Hq, rows after the audio, L]
+        if probe_point in ("first_token", "routed"):
             first = int(out.logits[0, -1].argmax())
             prompt_cache = copy.deepcopy(out.past_key_values)
             step = dict(input_ids=torch.tensor([[first]]), position_ids=torch.tensor([[length]]),
@@ -141,17 +143,19 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
                 model(**step, past_key_values=out.past_key_values, output_attentions=True)
             attn = probs[0][0]  # [Hq, 1, L + 1]
         else:
-            attn = probs[0][0][:, spans[-1][0] + spans[-1][1]:length]  # [Hq, rows after the audio, L]
+            attn = prompt_attn
         kept, per_head, keeps = [], [], []
         tokens_per_second = adapter_for_model_dir(model_dir).audio_tokens_per_second
         for start, n in spans:  # each clip is routed on its own
             probe = SpanProbe(head_scores=attn[:, :, start:start + n].mean(dim=1),
                               last_row=attn[:, -1, start:start + n], num_kv_heads=num_kv,
-                              values=values[0][start:start + n].view(n, num_kv, -1))
+                              values=values[0][start:start + n].view(n, num_kv, -1),
+                              prompt_scores=prompt_attn[:, :, start:start + n].mean(dim=1)
+                              if probe_point == "routed" else None)
             keep = keep_count(retention, n)
             cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
             settings = RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap,
-                                     focus=focus_tokens(focus, tokens_per_second))
+                                     focus=focus_tokens(focus, tokens_per_second), probe_point=probe_point)
             selection = plain_selection(probe, keep, settings, profiles)
             kept.append(start + selection.kept)
             per_head.append([start + head for head in selection.per_head] if mode == "per_head" else None)
@@ -178,7 +182,7 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
     else:
         out = model(**kwargs)
     tokens, logprobs, done = [], [], 0
-    if probe_point == "first_token" and kept is not None:
+    if probe_point in ("first_token", "routed") and kept is not None:
         # the first token came from the dense prompt; its step attends above the probe layer to the kept audio only
         tokens.append(first)
         logprobs.append(float(torch.log_softmax(out.logits[0, -1].float(), dim=-1)[first]))

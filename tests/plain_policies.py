@@ -110,9 +110,10 @@ def position_prior(probe: SpanProbe, profiles: ProfileSet | None) -> torch.Tenso
     return torch.tensor(smooth, dtype=F64).clamp_min(EPS).expand(heads, n)
 
 
-def debiased(probe: SpanProbe, profiles: ProfileSet | None) -> torch.Tensor:
-    """``[Hq, N]``: each head's scores divided by the position prior, rescaled to the head's own audio mass."""
-    raw = probe.head_scores.to(F64)
+def debiased(probe: SpanProbe, profiles: ProfileSet | None, raw: torch.Tensor | None = None) -> torch.Tensor:
+    """``[Hq, N]``: each head's scores (``raw``, else the probe's) divided by the position prior (the probe's),
+    rescaled to the head's own audio mass."""
+    raw = (probe.head_scores if raw is None else raw).to(F64)
     flat = raw / position_prior(probe, profiles)
     return flat * (raw.sum(dim=1, keepdim=True) / flat.sum(dim=1, keepdim=True).clamp_min(EPS))
 
@@ -162,6 +163,24 @@ def route(scores: torch.Tensor, task: str, profiles: ProfileSet) -> tuple[dict[s
     return alpha, sum(alpha[g] * profiles.profiles[g].weights.to(F64) for g in GROUPS)
 
 
+def group_route(scores: torch.Tensor, profiles: ProfileSet) -> tuple[dict[str, float], torch.Tensor]:
+    """The group router: ``alpha_k = softmax_k(-sum_h ((s_h - mu_kh) / sigma_h)^2 / 2)`` over the groups it has a
+    prototype for (the others 0), head weights ``sum_k alpha_k W_k``."""
+    s, router = selectivity(scores), profiles.router
+    logits = {g: -sum(((x - m) / sd) ** 2 for x, m, sd in zip(s, mu.tolist(), router.scale.tolist(), strict=True)) / 2
+              for g, mu in router.prototypes.items()}
+    exps = {g: math.exp(v - max(logits.values())) for g, v in logits.items()}
+    alpha = {g: exps.get(g, 0.0) / sum(exps.values()) for g in GROUPS}
+    return alpha, sum(alpha[g] * profiles.profiles[g].weights.to(F64) for g in GROUPS)
+
+
+def rows_point(group: str, profiles: ProfileSet) -> str:
+    """Probe point ``routed``: the rows a request routed to ``group`` selects with (its probe point in the file;
+    ``prompt`` where it names none; ``routed`` itself is the first token's row)."""
+    point = profiles.probe_point.get(group) if isinstance(profiles.probe_point, dict) else profiles.probe_point
+    return {None: "prompt", "routed": "first_token"}.get(point, point)
+
+
 def true_group(task: str, profiles: ProfileSet) -> str:
     """The oracle's group: a group's own name, a built-in task's group, a file task's heaviest group (ties: the
     first in GROUPS); anything else (``auto``) ``mixed``."""
@@ -183,8 +202,16 @@ def routed(probe: SpanProbe, settings: RouteSettings, profiles: ProfileSet | Non
         return scores, torch.full((heads,), 1.0 / heads, dtype=F64), None
     if oracle:
         group = true_group(settings.task, profiles)
-        return scores, profiles.profiles[group].weights.to(F64), {g: float(g == group) for g in GROUPS}
-    alpha, weights = route(scores, settings.task, profiles)
+        weights, alpha = profiles.profiles[group].weights.to(F64), {g: float(g == group) for g in GROUPS}
+    elif (profiles.router is not None and settings.task == "auto"
+          and settings.probe_point in ("first_token", "routed")):
+        alpha, weights = group_route(scores, profiles)
+    else:
+        alpha, weights = route(scores, settings.task, profiles)
+    # probe point routed: the heaviest group's rows (the first in GROUPS on a tie)
+    heaviest = max(GROUPS, key=lambda g: (alpha[g], -GROUPS.index(g)))
+    if probe.prompt_scores is not None and rows_point(heaviest, profiles) == "prompt":
+        scores = debiased(probe, profiles, probe.prompt_scores)
     return scores, weights, alpha
 
 

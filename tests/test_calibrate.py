@@ -198,3 +198,107 @@ def test_retention_auto_without_a_table_is_refused(tiny_model, profile_file):
         register_operator_tasks(())
         del llm
         gc.collect()
+
+
+def test_calibration_fits_the_group_router(profile_file):
+    """Calibration probes every sample at the first token's row too: the file has a Gaussian kernel per group with
+    samples of its own (none for mixed), and each sample's row routes it to its own group."""
+    from headrouter_vllm.routing.profiles import ProfileSet
+
+    profiles = ProfileSet.load(profile_file)
+    router = profiles.router
+    assert router is not None and router.probe_point == "first_token"
+    assert set(router.prototypes) == {"semantic", "acoustic"}
+    assert router.scale.shape == (4,) and bool((router.scale > 0).all())
+    assert router.alpha(router.prototypes["semantic"])["semantic"] > 0.5
+    assert router.alpha(router.prototypes["acoustic"])["acoustic"] > 0.5
+    assert router.alpha(router.prototypes["acoustic"])["mixed"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def routed_file(profile_file, tmp_path_factory):
+    """The calibrated file with one probe point per group: semantic prompt, acoustic first_token, mixed routed."""
+    data = json.loads(profile_file.read_text())
+    data["probe_point"] = {"semantic": "prompt", "acoustic": "first_token", "mixed": "routed"}
+    path = tmp_path_factory.mktemp("routed") / "routed.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_routed_probe_point_equals_the_reference(tiny_model, routed_file, speech):
+    """Probe point ``routed``: the engine keeps the prompt rows' mass and the first token's row apart, the group
+    router reads the row, and the routed group's probe point picks the scores; kept sets, routing mix and tokens
+    equal the HF reference's (which takes both rows from output_attentions), for both clips, with the probe point
+    from the file (task auto) and named; the group router also routes ``auto`` at ``first_token``. Named tasks
+    keep their prior, and their group's rows."""
+    from vllm import LLM, SamplingParams
+
+    from headrouter_vllm import inprocess
+    from headrouter_vllm.options import route_args
+    from headrouter_vllm.routing.profiles import ProfileSet
+    from headrouter_vllm.routing.tasks import register_operator_tasks
+
+    profiles = ProfileSet.load(routed_file)
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"audio": 1}, enable_chunked_prefill=True, max_num_batched_tokens=64,
+              additional_config={"headrouter": {"retention": 0.3, "profiles": str(routed_file)}})
+    cases = [("auto", None, "routed"), ("auto", "routed", "routed"), ("auto", "first_token", "first_token"),
+             ("asr", "routed", "routed"), ("scene", "routed", "routed")]
+    groups, kept = set(), {}
+    try:
+        runner = inprocess.model_runner(llm)
+        for clip in ("short", "long"):
+            for task, point, resolved in cases:
+                out = llm.generate({"prompt": audio_prompt(QUESTION), "multi_modal_data": {"audio": (speech[clip],
+                                                                                                      16000)}},
+                                   SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                  extra_args=route_args(task=task, probe_point=point)),
+                                   use_tqdm=False)[0]
+                ref = reference(tiny_model, audio_prompt(QUESTION), speech[clip], 0.3, 8, task=task,
+                                profiles=profiles, probe_point=resolved)
+                log = runner.hr_log[-1]
+                kept[(clip, task, point)] = log.kept
+                assert log.kept == ref["kept"], (clip, task, point)
+                assert list(out.outputs[0].token_ids) == ref["tokens"], (clip, task, point)
+                assert log.alpha[0] == pytest.approx(ref["alpha"], rel=1e-3, abs=1e-6)
+                if task == "auto":
+                    assert log.alpha[0]["mixed"] == 0.0  # the group router: no kernel for mixed
+                    groups.add(max(log.alpha[0], key=log.alpha[0].get))
+        assert groups  # the cases route somewhere (the tiny model's random heads decide where)
+        # the rows matter: routed to semantic, the prompt rows keep other tokens than the first token's row
+        assert any(kept[(clip, "auto", "routed")] != kept[(clip, "auto", "first_token")] for clip in ("short", "long"))
+    finally:
+        register_operator_tasks(())
+        del llm
+        gc.collect()
+
+
+def test_routed_probe_point_needs_a_router(tiny_model, profile_file, tmp_path):
+    """Without a group router, ``routed`` is refused: in the profile file, the engine config and per request."""
+    from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from headrouter_vllm.routing.tasks import register_operator_tasks
+
+    data = json.loads(profile_file.read_text())
+    data.pop("router")
+    no_router = tmp_path / "no-router.json"
+    no_router.write_text(json.dumps(data))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**data, "probe_point": {"semantic": "prompt", "acoustic": "first_token",
+                                                       "mixed": "routed"}}))
+    with pytest.raises(Exception, match="mixed 'routed' needs the group router"):
+        LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
+            additional_config={"headrouter": {"profiles": str(bad)}})
+    with pytest.raises(Exception, match="probe_point 'routed'.*has no router"):
+        LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
+            additional_config={"headrouter": {"probe_point": "routed", "profiles": str(no_router)}})
+    llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
+              additional_config={"headrouter": {"retention": 0.5, "profiles": str(no_router)}})
+    try:
+        with pytest.raises(VLLMValidationError, match="headrouter_probe_point: 'routed' .* no router"):
+            SamplingParams(extra_args={"headrouter_probe_point": "routed"})
+    finally:
+        register_operator_tasks(())
+        del llm
+        gc.collect()

@@ -12,7 +12,8 @@ import torch
 from headrouter_vllm.names import GROUPS
 from headrouter_vllm.routing.policies import PER_HEAD_POLICIES, POLICIES, RouteSettings, SpanProbe, select
 from headrouter_vllm.routing.profiles import ModelIdentity, ProfileSet
-from headrouter_vllm.routing.router import Profile
+from headrouter_vllm.routing.router import GroupRouter, Profile
+from headrouter_vllm.routing.scores import calibrated_position_prior, debias, selectivity
 from headrouter_vllm.routing.select import Coverage
 from tests.plain_policies import plain_select, plain_selection
 
@@ -37,7 +38,8 @@ def make_probe(n: int, heads: int, kv: int, seed: int) -> SpanProbe:
     values = torch.randn(n, kv, 4, generator=g)
     if n >= 4:
         values[n // 2] = values[1]
-    return SpanProbe(scores, torch.rand(heads, n, generator=g) / n, kv, values)
+    prompt_scores = torch.rand(heads, n, generator=g) ** 3 / n  # probe point routed: the prompt rows' scores
+    return SpanProbe(scores, torch.rand(heads, n, generator=g) / n, kv, values, prompt_scores)
 
 
 def make_profiles(heads: int, kv: int, calibrated: bool) -> ProfileSet:
@@ -61,9 +63,27 @@ def make_profiles(heads: int, kv: int, calibrated: bool) -> ProfileSet:
                       coverage=coverage if calibrated else {})
 
 
-# (name, heads, kv heads, profiles: None / "flat" / "calibrated")
+def with_router(profiles: ProfileSet, seed: int = 3) -> ProfileSet:
+    """The group router (kernels for semantic and acoustic only) and per-group probe points, mixed ``routed``."""
+    g = torch.Generator().manual_seed(seed)
+    heads = profiles.model.num_heads
+    router = GroupRouter("first_token", {"semantic": torch.rand(heads, generator=g) * 0.3,
+                                         "acoustic": torch.rand(heads, generator=g) * 0.3},
+                         torch.rand(heads, generator=g) * 0.2 + 0.05)
+    return dataclasses.replace(profiles, router=router,
+                               probe_point={"semantic": "prompt", "acoustic": "first_token", "mixed": "routed"})
+
+
+# (name, heads, kv heads, profiles: None / "flat" / "calibrated" / "router")
 LAYOUTS = [("no_profiles-8x2", 8, 2, None), ("no_profiles-4x4", 4, 4, None), ("profiles-8x2", 8, 2, "flat"),
-           ("calibrated-6x3", 6, 3, "calibrated")]
+           ("calibrated-6x3", 6, 3, "calibrated"), ("router-6x3", 6, 3, "router")]
+
+
+def layout_profiles(heads: int, kv: int, kind: str | None) -> ProfileSet | None:
+    if kind is None:
+        return None
+    profiles = make_profiles(heads, kv, calibrated=kind in ("calibrated", "router"))
+    return with_router(profiles) if kind == "router" else profiles
 
 # (id, settings); "cap" in the id: b_max is the engine plan's cap, 1.5 * keep
 SETTINGS = [
@@ -84,6 +104,12 @@ SETTINGS = [
     ("oracle-per_head-mixed-bounds", RouteSettings("oracle", "per_head", task="mixed", b_min_fraction=0.1,
                                                    b_max_fraction=0.5)),
     ("coverage-auto", RouteSettings("coverage", task="auto")),
+    ("coverage-auto-first_token", RouteSettings("coverage", task="auto", probe_point="first_token")),
+    ("coverage-auto-routed", RouteSettings("coverage", task="auto", probe_point="routed")),
+    ("coverage-asr-routed", RouteSettings("coverage", task="asr", probe_point="routed")),
+    ("coverage-sed-routed", RouteSettings("coverage", task="sed", probe_point="routed")),
+    ("headrouter-auto-routed", RouteSettings("headrouter", task="auto", probe_point="routed")),
+    ("oracle-asr-routed", RouteSettings("oracle", task="asr", probe_point="routed")),
     ("coverage-asr", RouteSettings("coverage", task="asr")),
     ("coverage-sed", RouteSettings("coverage", task="sed")),
     ("coverage-per_head-auto", RouteSettings("coverage", "per_head", task="auto")),
@@ -117,9 +143,11 @@ def test_the_matrix_covers_every_policy_and_mode():
 @pytest.mark.parametrize("name,settings", SETTINGS, ids=[name for name, _ in SETTINGS])
 def test_plain_select_equals_the_engines(name, settings, layout, n, keep):
     _, heads, kv, kind = layout
-    profiles = None if kind is None else make_profiles(heads, kv, calibrated=kind == "calibrated")
+    profiles = layout_profiles(heads, kv, kind)
     for seed in SEEDS:
         probe = make_probe(n, heads, kv, seed=seed * 1000 + n)
+        if settings.probe_point != "routed":  # only that probe point measures the prompt rows apart
+            probe = dataclasses.replace(probe, prompt_scores=None)
         s = settings_for(settings, name, n, keep, seed)
         engine = select(probe, keep, s, profiles)
         plain = plain_selection(probe, keep, s, profiles)
@@ -187,3 +215,25 @@ def test_coverage_edges_on_a_half_token():
     settings = RouteSettings("coverage")
     plain, _ = plain_select(probe, keep, settings, profiles)
     assert plain.tolist() == select(probe, keep, settings, profiles).kept.tolist()
+
+
+@pytest.mark.parametrize("group,rows", [("semantic", "prompt"), ("acoustic", "first_token")])
+def test_routed_probe_point_selects_with_the_rows_of_the_group_it_routes_to(group, rows):
+    """A first-token row that matches one group's kernel exactly routes there (alpha about 1), and the kept set is
+    that group's named selection on that group's rows: the prompt rows for semantic, the first token's for
+    acoustic (the router's file: semantic prompt, acoustic first_token)."""
+    n, keep = 120, 30
+    probe = make_probe(n, 6, 3, seed=11)
+    profiles = with_router(make_profiles(6, 3, calibrated=True))
+    behaviour = selectivity(debias(probe.head_scores, calibrated_position_prior(profiles.position_prior, n)))
+    other = "acoustic" if group == "semantic" else "semantic"
+    router = dataclasses.replace(profiles.router, prototypes={group: behaviour, other: behaviour + 1.0})
+    profiles = dataclasses.replace(profiles, router=router)
+    routed = select(probe, keep, RouteSettings("coverage", task="auto", probe_point="routed"), profiles)
+    assert routed.alpha[group] == pytest.approx(1.0)
+    scores = probe.prompt_scores if rows == "prompt" else probe.head_scores
+    named = select(dataclasses.replace(probe, head_scores=scores, prompt_scores=None), keep,
+                   RouteSettings("coverage", task=group, probe_point=rows), profiles)
+    assert routed.kept.tolist() == named.kept.tolist()
+    assert plain_selection(probe, keep, RouteSettings("coverage", task="auto", probe_point="routed"),
+                           profiles).kept.tolist() == routed.kept.tolist()

@@ -14,7 +14,7 @@ from headrouter_vllm.routing.budgets import per_head_budgets
 from headrouter_vllm.routing.context import routing_context
 from headrouter_vllm.routing.policies import POLICIES, RouteSettings, SpanProbe, select, uniform_indices
 from headrouter_vllm.routing.profiles import ModelIdentity, ProfileError, ProfileSet
-from headrouter_vllm.routing.router import Profile, route
+from headrouter_vllm.routing.router import GroupRouter, Profile, route
 from headrouter_vllm.routing.tasks import GROUPS
 
 HEADS, KV_HEADS = 8, 2
@@ -445,6 +445,80 @@ def test_first_token_plans_probe_the_first_generated_row():
     per_head = HeadRouterConfig(retention=0.5, mode="per_head", attention="torch")
     assert make_plan(RouteOptions(), per_head, [(3, 40)], 60).mode == "per_head"
     assert make_plan(RouteOptions(probe_point="first_token"), per_head, [(3, 40)], 60).mode == "shared"
+
+
+def test_routed_plans_probe_the_prompt_rows_and_the_first_generated_row(tmp_path):
+    """Probe point routed: the rows after the audio and the first token's row, selecting in the first decode step,
+    after_prompt, shared on a per_head engine; a profile file whose mixed group is routed makes it auto's default."""
+    config = HeadRouterConfig(retention=0.5)
+    routed = make_plan(RouteOptions(probe_point="first_token"), config, [(3, 40)], 60)
+    routed = dataclasses.replace(routed, probe_point="routed")  # a request's routed needs a router: see below
+    assert (routed.probe_rows, routed.probe_end, routed.selects_at_first_token) == ((43, 61), 61, True)
+    path = tmp_path / "p.json"
+    router = GroupRouter("first_token", {"semantic": torch.zeros(HEADS), "acoustic": torch.ones(HEADS)},
+                         torch.ones(HEADS))
+    points = {"semantic": "prompt", "acoustic": "first_token", "mixed": "routed"}
+    dataclasses.replace(make_profiles(), router=router, probe_point=points, tasks={}).save(path)
+    context = routing_context(HeadRouterConfig(profiles=str(path)))
+    assert {t: context.probe_point_for(t) for t in ("auto", "asr", "sed")} == {
+        "auto": "routed", "asr": "prompt", "sed": "first_token"}
+    plan = make_plan(RouteOptions(retention=0.5), HeadRouterConfig(profiles=str(path)), [(3, 40)], 60)
+    assert (plan.probe_point, plan.probe_rows, plan.semantics) == ("routed", (43, 61), "after_prompt")
+    assert RouteOptions(probe_point="routed").probe_point == "routed"  # this process's engine has a router now
+    per_head = HeadRouterConfig(profiles=str(path), mode="per_head", attention="torch")
+    assert routing_context(per_head).probe_point_for("auto") == "prompt"  # the file's point does not apply there
+    with pytest.raises(ValueError, match="after the prompt"):
+        HeadRouterConfig(probe_point="routed", semantics="in_prompt")
+    routing_context(HeadRouterConfig())  # this process's engine has no router again
+    with pytest.raises(ValueError, match="no router"):
+        RouteOptions(probe_point="routed")
+
+
+def test_group_router_is_a_gaussian_kernel_per_group():
+    """alpha_k = softmax(-||(s - mu_k) / sigma||^2 / 2) over the groups with a kernel; fit learns the prototypes and
+    the pooled within-group spread; a scale that is small on a head makes that head decide."""
+    gen = torch.Generator().manual_seed(0)
+    semantic = [torch.rand(HEADS, generator=gen) * 0.1 + 0.2 for _ in range(6)]
+    acoustic = [torch.rand(HEADS, generator=gen) * 0.1 + 0.3 for _ in range(5)]
+    router = GroupRouter.fit(semantic + acoustic, ["semantic"] * 6 + ["acoustic"] * 5)
+    assert set(router.prototypes) == {"semantic", "acoustic"}
+    assert torch.allclose(router.prototypes["semantic"], torch.stack(semantic).mean(0))
+    assert all(router.alpha(b)["semantic"] > 0.99 for b in semantic)
+    assert all(router.alpha(b)["acoustic"] > 0.99 for b in acoustic)
+    s = semantic[0]
+    expected = torch.softmax(torch.stack([-(((s - router.prototypes[g]) / router.scale) ** 2).sum() / 2
+                                          for g in ("semantic", "acoustic")]).double(), 0)
+    alpha = router.alpha(s)
+    assert [alpha["semantic"], alpha["acoustic"], alpha["mixed"]] == pytest.approx([*expected.tolist(), 0.0])
+    assert router.routes("auto", "first_token") and router.routes("auto", "routed")
+    assert not router.routes("auto", "prompt") and not router.routes("asr", "routed")
+    with pytest.raises(ValueError, match="two samples in each of two groups"):
+        GroupRouter.fit(semantic + acoustic[:1], ["semantic"] * 6 + ["acoustic"])
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["router"].update(probe_point="prompt"), "router.probe_point must be 'first_token'"),
+    (lambda d: d["router"].update(scale=[0.0] * 8), "router.scale must be positive"),
+    (lambda d: d["router"].update(scale=[1.0] * 3), "router.scale must be 8"),
+    (lambda d: d["router"]["prototypes"].pop("acoustic"), "two or more of the groups"),
+    (lambda d: d["router"]["prototypes"].update(loud=[0.0] * 8), "two or more of the groups"),
+    (lambda d: d["router"].pop("scale"), "router must be"),
+    (lambda d: d.update(probe_point={"semantic": "routed", "acoustic": "prompt", "mixed": "prompt"}),
+     "mixed may also be 'routed'"),
+    (lambda d: d.update(probe_point="routed"), "probe_point must be one of"),
+    (lambda d: (d.pop("router"), d.update(probe_point={"semantic": "prompt", "acoustic": "prompt",
+                                                       "mixed": "routed"})), "needs the group router"),
+])
+def test_malformed_router_sections(mutate, message):
+    router = GroupRouter("first_token", {"semantic": torch.zeros(HEADS), "acoustic": torch.ones(HEADS)},
+                         torch.ones(HEADS))
+    data = dataclasses.replace(make_profiles(), router=router).to_json()
+    loaded = ProfileSet.from_json(data)
+    assert torch.equal(loaded.router.scale, router.scale) and set(loaded.router.prototypes) == {"semantic",
+                                                                                                  "acoustic"}
+    mutate(data)
+    with pytest.raises(ProfileError, match=message):
+        ProfileSet.from_json(data)
 
 
 def test_semantics_that_need_one_step_fall_back_where_the_chunk_budget_is_too_small():

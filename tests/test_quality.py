@@ -141,3 +141,19 @@ def test_retention_auto_methods_rows_and_tables(tmp_path):
     assert "Retention auto" in first and "| semantic | 90.0 | 90.0 | 89.0 |" in first
     report.rerender(out)
     assert (out / "summary.md").read_text() == first
+
+
+def test_tuning_table_reports_the_routed_choice():
+    """The coverage tuning section names, per model, auto's accuracy at the fixed mixed probe point and at routed,
+    the router's group accuracy at each, and the choice."""
+    record = {"clips": 48, "retentions": [0.5, 0.3], "chosen": {g: {"segments": 8, "floor": 0.5}
+                                                               for g in ("semantic", "acoustic", "mixed")},
+              "probe_point": {"semantic": "prompt", "acoustic": "first_token", "mixed": "routed"},
+              "grid": [{"probe_point": "prompt", "segments": 8, "floor": 0.5, "all": 80.0, "semantic": 70.0,
+                        "acoustic": 85.0}],
+              "routed": {"accuracy": {"first_token": 80.5, "routed": 82.25},
+                         "routed_to_group": {"first_token": 95.1, "routed": 95.1}, "chosen": "routed"}}
+    text = report.tuning({"coverage_tuning": {"m": record}})
+    assert "mixed: routed" in text
+    assert "first_token 80.5% (routed to its group 95.1%); routed 82.2% (routed to its group 95.1%); chosen: routed" \
+        in text

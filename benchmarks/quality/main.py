@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--tune-retention: policy[:named|auto] run at retention auto (uniform at the same "
                              "retentions is the paired baseline: uniform:named for named tasks)")
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
-                        help="policy[:named|auto][@prompt|first_token] under after_prompt semantics (no @: the "
-                             "engine's probe point, which a tuned profile file may set)")
+                        help="policy[:named|auto][@prompt|first_token|routed] under after_prompt semantics (no @: "
+                             "the engine's probe point, which a tuned profile file may set)")
     parser.add_argument("--in-prompt-policies", nargs="*", default=["headrouter:named", "uniform"],
                         help="policy[:named|auto] under in_prompt semantics (none: skip)")
     parser.add_argument("--per-head-policies", nargs="*", default=[],

@@ -239,6 +239,11 @@ def tuning(meta: dict) -> str:
         parts += [f"| {p.get('probe_point', 'prompt')}{' (uniform)' if p['floor'] >= 1.0 else ''} | {p['segments']} | "
                   f"{p['floor']} | {p.get('semantic', math.nan):.1f} | {p.get('acoustic', math.nan):.1f} | "
                   f"{p['all']:.1f} |" for p in record["grid"]]
+        routed = record.get("routed")
+        if routed:  # auto requests: the tuned mixed probe point against the group router's choice of rows
+            parts += ["", "`auto` requests (every question) at the fixed mixed probe point and at `routed`: "
+                      + "; ".join(f"{p} {acc:.1f}% (routed to its group {routed['routed_to_group'][p]:.1f}%)"
+                                  for p, acc in routed["accuracy"].items()) + f"; chosen: {routed['chosen']}"]
         parts.append("")
     return "\n".join(parts) + "\n"
 

@@ -4,9 +4,10 @@ Every grid point (a probe point and one setting for all groups) runs ``coverage:
 question at each retention through the engine. Each group takes the probe point and setting with the best accuracy
 on its own questions (mean over retentions; ties go to the ``prompt`` probe, then to the larger ``floor``, closer to
 ``uniform``, the safer choice, then to fewer segments); ``mixed`` takes the best over all questions, and requests
-routed ``auto`` use its probe point. The settings and the probe points are written into the profile file, where the
-engine's ``coverage`` policy reads them (``Coverage.mix`` by the routed group weights) and requests that name no
-probe point use their task group's.
+routed ``auto`` use its probe point. Where the groups' probe points differ and the profile file has a group router,
+``mixed`` may then take ``routed`` instead (:func:`tune_routed`). The settings and the probe points are written into
+the profile file, where the engine's ``coverage`` policy reads them (``Coverage.mix`` by the routed group weights)
+and requests that name no probe point use their task group's.
 """
 
 from __future__ import annotations
@@ -99,11 +100,41 @@ def tune_coverage(model: str, clips: list, profiles: Path, retentions: list[floa
     points, settings = choose_probe_points(accuracy)
     probe_point = points["mixed"] if len(set(points.values())) == 1 else points  # one for all, or per group
     dataclasses.replace(base, coverage=settings, probe_point=probe_point).save(profiles)
+    routed = None
+    if base.router is not None and points["semantic"] != points["acoustic"]:
+        routed = tune_routed(model, clips, profiles, retentions, engine_kwargs, work, skip_tasks)
+        probe_point = ProfileSet.load(profiles).probe_point
     return {"clips": len(clips), "retentions": retentions, "probe_point": probe_point,
             **({"without_tasks": list(skip_tasks)} if skip_tasks else {}),
+            **({"routed": routed} if routed else {}),
             "chosen": {g: dataclasses.asdict(c) for g, c in settings.items()},
             "grid": [{"probe_point": pp, **dataclasses.asdict(c), **{k: round(v, 2) for k, v in acc.items()}}
                      for (pp, c), acc in measured.items()]}
+
+
+def tune_routed(model: str, clips: list, profiles: Path, retentions: list[float], engine_kwargs: dict, work: Path,
+                skip_tasks: tuple[str, ...] = ()) -> dict:
+    """Where the groups' probe points differ and the file has a group router: ``auto`` requests (the ``mixed``
+    group) on ``clips`` at the tuned ``mixed`` probe point and at ``routed`` (the router's group picks the rows), on
+    every question at each retention; ``mixed`` takes ``routed`` if its accuracy is higher (a tie keeps the fixed
+    point). Writes the choice into ``profiles``; returns both accuracies and the router's group accuracy."""
+    from headrouter_vllm.benchmarks.quality.run import Method, run_methods
+    from headrouter_vllm.listening.suite import TASK_GROUPS
+
+    tuned = ProfileSet.load(profiles)
+    fixed = tuned.probe_point["mixed"]
+    variant = work / f"routed-{profiles.name}"
+    dataclasses.replace(tuned, probe_point={**tuned.probe_point, "mixed": "routed"}).save(variant)
+    methods = [Method("coverage", r, task="auto", probe_point=point) for r in retentions for point in (fixed, "routed")]
+    answers = run_methods(model, clips, methods, "after_prompt", str(variant), engine_kwargs, skip_tasks=skip_tasks)
+    accuracy, to_group = {}, {}
+    for point in (fixed, "routed"):
+        mine = [a for a in answers if a.method.endswith(f"@{point}")]
+        accuracy[point] = round(100.0 * sum(a.correct for a in mine) / len(mine), 2)
+        to_group[point] = round(100.0 * sum(a.routed_group == TASK_GROUPS[a.task] for a in mine) / len(mine), 1)
+    chosen = "routed" if accuracy["routed"] > accuracy[fixed] else fixed
+    dataclasses.replace(tuned, probe_point={**tuned.probe_point, "mixed": chosen}).save(profiles)
+    return {"accuracy": accuracy, "routed_to_group": to_group, "chosen": chosen}
 
 
 def tune_retention(model: str, clips: list, profiles: Path, candidates: list[float], tolerance: float,

@@ -17,6 +17,7 @@ from headrouter_vllm.log import get_logger
 from headrouter_vllm.names import AUTO
 from headrouter_vllm.routing.profiles import ProfileError, ProfileSet
 from headrouter_vllm.routing.retention import register_retention_table
+from headrouter_vllm.routing.router import register_group_router
 from headrouter_vllm.routing.tasks import check_task, register_operator_tasks, task_group
 
 logger = get_logger(__name__)
@@ -60,6 +61,7 @@ def routing_context(config: HeadRouterConfig) -> RoutingContext:
     if context.profiles is not None:
         register_operator_tasks(context.profiles.task_names())
     register_retention_table(context.profiles is not None and context.profiles.retention is not None)
+    register_group_router(context.profiles is not None and context.profiles.router is not None)
     return context
 
 
@@ -72,10 +74,10 @@ def built_context(config: HeadRouterConfig) -> RoutingContext:
     if profiles is not None:
         register_operator_tasks(profiles.task_names())  # default_task may be one of them
         point = profiles.probe_point
-        uses_first_token = "first_token" in (point.values() if isinstance(point, dict) else (point,))
-        if uses_first_token and (config.semantics != "after_prompt" or config.mode == "per_head"):
-            logger.warning("the profile file's probe point 'first_token' does not apply to a %s engine: requests "
-                           "that name no probe point probe the prompt",
+        after_prompt_points = {"first_token", "routed"} & set(point.values() if isinstance(point, dict) else (point,))
+        if after_prompt_points and (config.semantics != "after_prompt" or config.mode == "per_head"):
+            logger.warning("the profile file's probe point %s does not apply to a %s engine: requests that name no "
+                           "probe point probe the prompt", " and ".join(sorted(after_prompt_points)),
                            "per_head" if config.mode == "per_head" else config.semantics)
             point = None
     if config.retention == AUTO and (profiles is None or profiles.retention is None):
@@ -83,6 +85,10 @@ def built_context(config: HeadRouterConfig) -> RoutingContext:
                           "table, and " + ("no profile file is set (headrouter.profiles)" if profiles is None else
                                            f"{config.profiles} has none (headrouter-vllm quality --tune-retention "
                                            "writes one)"))
+    if config.probe_point == "routed" and (profiles is None or profiles.router is None):
+        raise ConfigError("headrouter.probe_point 'routed' lets the profile file's group router pick the probe rows, "
+                          "and " + ("no profile file is set (headrouter.profiles)" if profiles is None else
+                                    f"{config.profiles} has no router (headrouter-vllm calibrate writes one)"))
     try:
         check_task(config.default_task)  # an operator task is known once its file is read
     except ValueError as e:

@@ -14,6 +14,9 @@
                                             // (both written by `headrouter-vllm quality --tune-coverage`)
  "retention": {"groups": {"semantic": 0.3, "acoustic": 0.5, "mixed": 0.5}, "tasks": {"asr": 0.7},
                "tolerance": 2.0},          // optional: retention "auto" (`quality --tune-retention`)
+ "router": {"probe_point": "first_token", "prototypes": {"semantic": [...], "acoustic": [...]},
+            "scale": [...]},               // optional: the Gaussian group router (`calibrate` writes it);
+                                           // with it, the mixed group's probe point may be "routed"
  "calibration": {...}}                      // free-form provenance
 ```
 """
@@ -30,7 +33,7 @@ import torch
 
 from headrouter_vllm.names import BUILTIN_TASKS, GROUPS, MODEL_PROFILES_FILE, PROBE_POINTS
 from headrouter_vllm.routing.retention import RetentionTable, RetentionTableError
-from headrouter_vllm.routing.router import Profile
+from headrouter_vllm.routing.router import GroupRouter, Profile
 from headrouter_vllm.routing.select import Coverage
 
 FORMAT = "headrouter-profiles"
@@ -78,6 +81,14 @@ class ProfileSet:
     probe_point: str | dict[str, str] | None = None
     # retention "auto": per group (and named task) the smallest retention measured within a tolerance of full audio
     retention: RetentionTable | None = None
+    # the Gaussian group router over the first token's row (requests routed ``auto``); None: the cosine router only
+    router: GroupRouter | None = None
+
+    def group_probe_point(self, group: str) -> str:
+        """The rows a request routed to ``group`` selects with at probe point ``routed``: the group's probe point
+        (``prompt`` where the file names none; the first token's row for ``mixed`` at ``routed``)."""
+        point = self.probe_point[group] if isinstance(self.probe_point, dict) else self.probe_point
+        return "first_token" if point == "routed" else point or "prompt"
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks)
@@ -98,7 +109,8 @@ class ProfileSet:
                 "tasks": self.tasks, "calibration": self.calibration,
                 **({"coverage": {g: dataclasses.asdict(c) for g, c in self.coverage.items()}} if self.coverage else {}),
                 **({"probe_point": self.probe_point} if self.probe_point else {}),
-                **({"retention": self.retention.to_json()} if self.retention is not None else {})}
+                **({"retention": self.retention.to_json()} if self.retention is not None else {}),
+                **({"router": self.router.to_json()} if self.router is not None else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -148,7 +160,8 @@ class ProfileSet:
             if not tau > 0:
                 raise ProfileError("tau must be positive")
             coverage = _coverage(data.get("coverage"))
-            probe_point = _probe_point(data.get("probe_point"))
+            router = _router(data.get("router"), num_heads)
+            probe_point = _probe_point(data.get("probe_point"), router is not None)
             retention = None
             if data.get("retention") is not None:
                 try:
@@ -159,7 +172,7 @@ class ProfileSet:
                 if unknown:
                     raise ProfileError(f"retention.tasks names tasks the file does not define: {sorted(unknown)}")
             return cls(model, int(data["probe_layer"]), tau, profiles, prior_t, tasks, data.get("calibration", {}),
-                       coverage, probe_point, retention)
+                       coverage, probe_point, retention, router)
         except (KeyError, TypeError) as e:
             raise ProfileError(f"missing or malformed field: {e}") from None
 
@@ -171,14 +184,39 @@ def _vector(values: Any, n: int, name: str) -> torch.Tensor:
     return t
 
 
-def _probe_point(data: Any) -> str | dict[str, str] | None:
+def _probe_point(data: Any, has_router: bool) -> str | dict[str, str] | None:
+    """One probe point for every group, or one per group; only ``mixed`` (the group of ``auto`` requests) may be
+    ``routed`` (the router's group picks the rows), and only in a file with a group router."""
+    fixed = tuple(p for p in PROBE_POINTS if p != "routed")
     if isinstance(data, dict):
-        if set(data) != set(GROUPS) or any(v not in PROBE_POINTS for v in data.values()):
-            raise ProfileError(f"probe_point per group must give every group {GROUPS} one of {PROBE_POINTS}")
+        if set(data) != set(GROUPS) or any(data[g] not in (PROBE_POINTS if g == "mixed" else fixed) for g in GROUPS):
+            raise ProfileError(f"probe_point per group must give every group {GROUPS} one of {fixed} (mixed may also "
+                               "be 'routed')")
+        if data["mixed"] == "routed" and not has_router:
+            raise ProfileError("probe_point.mixed 'routed' needs the group router (a 'router' section: calibrate "
+                               "writes it)")
         return dict(data)
-    if data is not None and data not in PROBE_POINTS:
-        raise ProfileError(f"probe_point must be one of {PROBE_POINTS} (or one per group), got {data!r}")
+    if data is not None and data not in fixed:
+        raise ProfileError(f"probe_point must be one of {fixed} (or one per group), got {data!r}")
     return data
+
+
+def _router(data: Any, num_heads: int) -> GroupRouter | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) != {"probe_point", "prototypes", "scale"}:
+        raise ProfileError("router must be {\"probe_point\": \"first_token\", \"prototypes\": {group: [...]}, "
+                           "\"scale\": [...]}")
+    if data["probe_point"] != "first_token":
+        raise ProfileError(f"router.probe_point must be 'first_token', got {data['probe_point']!r}")
+    prototypes = data["prototypes"]
+    if not isinstance(prototypes, dict) or len(prototypes) < 2 or set(prototypes) - set(GROUPS):
+        raise ProfileError(f"router.prototypes must give two or more of the groups {GROUPS}")
+    scale = _vector(data["scale"], num_heads, "router.scale")
+    if bool((scale <= 0).any()):
+        raise ProfileError("router.scale must be positive")
+    return GroupRouter("first_token", {g: _vector(prototypes[g], num_heads, f"router.prototypes.{g}")
+                                       for g in GROUPS if g in prototypes}, scale)
 
 
 def _coverage(data: Any) -> dict[str, Coverage]:

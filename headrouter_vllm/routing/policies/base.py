@@ -19,6 +19,8 @@ class SpanProbe:
     last_row: torch.Tensor  # [Hq, N]: the last prompt row's attention (FastV's signal)
     num_kv_heads: int
     values: torch.Tensor | None = None  # [N, Hkv, d]: value vectors at the probe layer (similarity only)
+    # probe point routed: the prompt rows' scores [Hq, N] (head_scores is then the first token's row)
+    prompt_scores: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,7 @@ class RouteSettings:
     b_max_fraction: float = 1.0
     b_max: int | None = None  # per_head: an absolute cap (the engine's plan); overrides b_max_fraction
     focus: tuple[tuple[int, int], ...] | None = None  # region: [start, end) token windows of the span
+    probe_point: str = "prompt"  # the rows the probe read (the group router reads the first token's)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,11 @@ from headrouter_vllm.routing.tasks import group_prior, task_prior
 
 def routed_scores(probe: SpanProbe, settings: RouteSettings, profiles: ProfileSet | None, oracle: bool = False):
     """Debiased scores ``[Hq, N]``, the head weights (``None`` without profiles) and the routing mix; ``oracle``:
-    the weights of the true task's group instead of routing."""
+    the weights of the true task's group instead of routing.
+
+    A request of task ``auto`` whose probe read the first token's row is routed by the profile file's group router
+    when it has one (else, and for named tasks, by :func:`route`). At probe point ``routed`` the scores are then the
+    rows the heaviest group's probe point names: the prompt rows' (``probe.prompt_scores``) or the first token's."""
     n = probe.head_scores.shape[-1]
     if profiles is not None and profiles.position_prior is not None:
         prior = calibrated_position_prior(profiles.position_prior, n)
@@ -35,9 +39,14 @@ def routed_scores(probe: SpanProbe, settings: RouteSettings, profiles: ProfileSe
         group = settings.task if settings.task in GROUPS else BUILTIN_TASKS.get(settings.task)
         if group is None:
             group = max(profiles.tasks.get(settings.task, {"mixed": 1.0}).items(), key=lambda kv: kv[1])[0]
-        return scores, profiles.profiles[group].weights.float(), group_prior(group, weight=1.0)
-    alpha, weights = route(selectivity(scores), profiles.profiles, task_prior(settings.task, profiles.tasks),
-                           profiles.tau)
+        weights, alpha = profiles.profiles[group].weights.float(), group_prior(group, weight=1.0)
+    elif profiles.router is not None and profiles.router.routes(settings.task, settings.probe_point):
+        alpha, weights = profiles.router.route(selectivity(scores), profiles.profiles)
+    else:
+        alpha, weights = route(selectivity(scores), profiles.profiles, task_prior(settings.task, profiles.tasks),
+                               profiles.tau)
+    if probe.prompt_scores is not None and profiles.group_probe_point(max(alpha, key=alpha.get)) == "prompt":
+        scores = debias(probe.prompt_scores, prior)
     return scores, weights, alpha
 
 
