@@ -76,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-policies", nargs="+", default=["coverage:auto", "coverage:group"],
                         help="policy[:group|auto] run with the held-out profile file (group: the question's task "
                              "group, semantic or acoustic, what a user of a task no profile knows can name)")
+    parser.add_argument("--test-phrasings", default=None, metavar="SUMMARY_JSON",
+                        help="held-out phrasings: ask each test question whose task has an answered rewording in "
+                             "this phrasing check's summary.json (python -m "
+                             "headrouter_vllm.benchmarks.quality.phrasings) in that wording; calibration and tuning "
+                             "keep the training's")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<name>/")
     parser.add_argument("--name", default=None, help="run name (default: quality-<timestamp>)")
@@ -132,6 +137,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies,
                      args.holdout_policies if holdout else (),
                      args.auto_retention_policies if args.tune_retention else ())
+    questions = None
+    if args.test_phrasings:
+        questions = {**suite.QUESTIONS, **json.loads(Path(args.test_phrasings).read_text())["answered"]}
     clips = suite.generate(args.split, args.clips, progress=True)
     engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
                          limit_mm_per_prompt={"audio": 1}, max_num_seqs=args.max_num_seqs,
@@ -182,7 +190,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             for semantics, mode, variant in engines:
                 mine = [m for m in chosen if m.engine == (semantics, mode, variant)]
                 for a in run_methods(model, clips, mine, semantics, str(files[variant][0]), engine_kwargs,
-                                     progress=progress, mode=mode):
+                                     progress=progress, mode=mode, questions=questions):
                     a.model = label
                     answers.append(a)
         progress.close()
@@ -194,7 +202,9 @@ def main(args: argparse.Namespace) -> list[dict]:
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
             "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {}),
             **({"retention_tuning": tuned_retention} if tuned_retention else {}),
-            **({"holdout_tasks": list(holdout)} if holdout else {})}
+            **({"holdout_tasks": list(holdout)} if holdout else {}),
+            **({"test_phrasings": {t: q for t, q in questions.items() if q != suite.QUESTIONS[t]}} if questions
+               else {})}
     report.write(out, rows, answers, meta)
     print(report.markdown(rows))
     print(report.versus_uniform(rows))

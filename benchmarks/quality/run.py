@@ -101,11 +101,12 @@ class Answer:
 
 def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], semantics: str, profiles: str | None,
                 engine_kwargs: dict, clips_per_call: int = 8, progress=None, mode: str = "shared",
-                skip_tasks: tuple[str, ...] = ()) -> list[Answer]:
+                skip_tasks: tuple[str, ...] = (), questions: dict[str, str] | None = None) -> list[Answer]:
     """All of ``chosen`` (one semantics and mode) on every question of every clip but ``skip_tasks``', one engine.
     Each generate call holds every method's questions on ``clips_per_call`` clips, so vLLM's encoder cache (keyed by
     the audio's hash) encodes each clip once for all its questions and methods, and the engine still batches
-    hundreds of requests. Each routed answer records the group its router weighted most."""
+    hundreds of requests. Each routed answer records the group its router weighted most. ``questions``: each task's
+    wording (default ``suite.QUESTIONS``, the training's)."""
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
@@ -136,7 +137,7 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                                                focus=oracle_focus(clip, task)
                                                if policy_named(method.policy).needs_focus else None)
                         jobs.append((clip, task, method))
-                        prompts.append({"prompt": prompt_text(suite.QUESTIONS[task]),
+                        prompts.append({"prompt": prompt_text((questions or suite.QUESTIONS)[task]),
                                         "multi_modal_data": {"audio": (clip.wave, suite.SAMPLE_RATE)}})
                         params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra))
             runner.hr_log.clear()

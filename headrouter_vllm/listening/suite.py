@@ -44,6 +44,17 @@ QUESTIONS: dict[str, str] = {
     "voice": "Is the speaker male or female?",
     "event": "What sound event occurs, and at which second?",
 }
+# Rewordings of each question that training never saw (the held-out phrasings of the quality benchmark; which of them
+# the model answers is measured, not assumed: ``python -m headrouter_vllm.benchmarks.quality.phrasings``)
+PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "digits": ("Which numbers does the speaker say?", "Tell me the spoken digits.", "What digits are said?"),
+    "words": ("Which animals or colours does the speaker name?", "What colours or animals are said?"),
+    "beeps": ("Count the beeps.", "How many beeps do you hear?"),
+    "pitch": ("How high is the beep?", "Is the beep low, mid or high in pitch?"),
+    "noise": ("Which noise colour is in the background?", "What is the colour of the noise?"),
+    "voice": ("Is the voice a man's or a woman's?", "Is the speaker female or male?"),
+    "event": ("Which sound event happens, and when?", "What event occurs and at which second?"),
+}
 # The part of the clip a question is about (for region analysis and the region oracle); "all": the whole clip.
 TASK_REGION = {"digits": "speech", "words": "speech", "voice": "speech", "beeps": "beeps", "pitch": "beeps",
                "event": "event", "noise": "all"}
