@@ -23,6 +23,7 @@ from pathlib import Path
 def check(model: str, clips: int) -> list[dict]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: the default sizes the KV cache from free memory
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm.benchmarks.quality.run import MAX_TOKENS
