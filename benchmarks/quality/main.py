@@ -76,11 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-policies", nargs="+", default=["coverage:auto", "coverage:group"],
                         help="policy[:group|auto] run with the held-out profile file (group: the question's task "
                              "group, semantic or acoustic, what a user of a task no profile knows can name)")
-    parser.add_argument("--test-phrasings", default=None, metavar="SUMMARY_JSON",
+    parser.add_argument("--test-phrasings", nargs="+", default=None, metavar="SUMMARY_JSON",
                         help="held-out phrasings: ask each test question whose task has an answered rewording in "
-                             "this phrasing check's summary.json (python -m "
-                             "headrouter_vllm.benchmarks.quality.phrasings) in that wording; calibration and tuning "
-                             "keep the training's")
+                             "the model's phrasing check summary.json (python -m "
+                             "headrouter_vllm.benchmarks.quality.phrasings; one file for every model, or one per "
+                             "--models entry, in order) in that wording; calibration and tuning keep the training's")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results", help="results root: <out>/<machine>/<name>/")
     parser.add_argument("--name", default=None, help="run name (default: quality-<timestamp>)")
@@ -137,9 +137,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies,
                      args.holdout_policies if holdout else (),
                      args.auto_retention_policies if args.tune_retention else ())
-    questions = None
+    phrasings = {}  # model -> each task's test wording
     if args.test_phrasings:
-        questions = {**suite.QUESTIONS, **json.loads(Path(args.test_phrasings).read_text())["answered"]}
+        files = args.test_phrasings * len(args.models) if len(args.test_phrasings) == 1 else args.test_phrasings
+        if len(files) != len(args.models):
+            raise ValueError(f"--test-phrasings: give one file, or one per model ({len(args.models)}), "
+                             f"not {len(args.test_phrasings)}")
+        phrasings = {name: {**suite.QUESTIONS, **json.loads(Path(f).read_text())["answered"]}
+                     for name, f in zip(args.models, files, strict=True)}
     clips = suite.generate(args.split, args.clips, progress=True)
     engine_kwargs = dict(dtype="float32", max_model_len=1024, block_size=32, enforce_eager=True, seed=0,
                          limit_mm_per_prompt={"audio": 1}, max_num_seqs=args.max_num_seqs,
@@ -190,7 +195,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             for semantics, mode, variant in engines:
                 mine = [m for m in chosen if m.engine == (semantics, mode, variant)]
                 for a in run_methods(model, clips, mine, semantics, str(files[variant][0]), engine_kwargs,
-                                     progress=progress, mode=mode, questions=questions):
+                                     progress=progress, mode=mode, questions=phrasings.get(name)):
                     a.model = label
                     answers.append(a)
         progress.close()
@@ -203,8 +208,8 @@ def main(args: argparse.Namespace) -> list[dict]:
             "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {}),
             **({"retention_tuning": tuned_retention} if tuned_retention else {}),
             **({"holdout_tasks": list(holdout)} if holdout else {}),
-            **({"test_phrasings": {t: q for t, q in questions.items() if q != suite.QUESTIONS[t]}} if questions
-               else {})}
+            **({"test_phrasings": {Path(name).name: {t: q for t, q in asked.items() if q != suite.QUESTIONS[t]}
+                                   for name, asked in phrasings.items()}} if phrasings else {})}
     report.write(out, rows, answers, meta)
     print(report.markdown(rows))
     print(report.versus_uniform(rows))
