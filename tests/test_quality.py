@@ -157,3 +157,25 @@ def test_tuning_table_reports_the_routed_choice():
     assert "mixed: routed" in text
     assert "first_token 80.5% (routed to its group 95.1%); routed 82.2% (routed to its group 95.1%); chosen: routed" \
         in text
+
+
+def test_routed_from_the_input_minus_the_task_named():
+    """``[auto]`` and ``[group]`` methods get a paired difference against the same policy with the task named, at
+    their retention; the table gives it with the share of questions routed to their own group."""
+    def answer(clip, task, method, correct, group):
+        return Answer(clip, task, method, 0.3, "", correct, 100, 30, model="m", routed_group=group)
+
+    answers = []
+    for i in range(40):  # digits: named always right, auto right on half (and routed to semantic on half)
+        answers += [answer(f"c{i}", "digits", "coverage[named]", True, "semantic"),
+                    answer(f"c{i}", "digits", "coverage[auto]@routed", i % 2 == 0,
+                           "semantic" if i % 2 == 0 else "acoustic"),
+                    answer(f"c{i}", "beeps", "coverage[named]", True, "acoustic"),
+                    answer(f"c{i}", "beeps", "coverage[auto]@routed", True, "acoustic")]
+    rows = {r["method"]: r for r in report.summarise(answers, "m")}
+    auto = rows["coverage[auto]@routed"]
+    assert auto["semantic_vs_named"] == pytest.approx(-50.0) and auto["semantic_vs_named_hi"] < 0
+    assert auto["acoustic_vs_named"] == 0.0 and auto["routed_to_group"] == 75.0
+    assert "semantic_vs_named" not in rows["coverage[named]"]
+    table = report.versus_named(list(rows.values()))
+    assert "| m | coverage[auto]@routed | 0.3 | -50.0" in table and "**below**" in table and "75.0%" in table

@@ -123,6 +123,13 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[
                                                         base_retention=1.0).items():
                 row.update({f"{group}_vs_full": round(d, 2), f"{group}_vs_full_lo": round(lo, 2),
                             f"{group}_vs_full_hi": round(hi, 2)})
+        named = method.partition("[")[0] + "[named]"
+        if retention != AUTO and ("[auto]" in method or "[group]" in method) and any(
+                a.method == named and a.retention == retention for a in answers):
+            # what routing from the input costs against naming the task (the seen profile file's, same retention)
+            for group, (d, lo, hi) in paired_difference(answers, method, retention, named, groups=groups).items():
+                row.update({f"{group}_vs_named": round(d, 2), f"{group}_vs_named_lo": round(lo, 2),
+                            f"{group}_vs_named_hi": round(hi, 2)})
         if pruned and not method.startswith("uniform"):
             # a method at an explicit probe point is compared with uniform at the same one, where it ran; at
             # retention auto, a named-task method with uniform named too (the same retentions, task by task)
@@ -180,6 +187,27 @@ def versus_uniform(rows: list[dict]) -> str:
             d, lo, hi = (r.get(f"{group}_vs_uniform{k}", math.nan) for k in ("", "_lo", "_hi"))
             mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
             cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def versus_named(rows: list[dict]) -> str:
+    """Markdown: each method routed from the input (``[auto]``, and ``[group]``: the group named) minus the same
+    policy with the task named, on the same questions, paired 95% intervals, beside the share of questions its router
+    put in their own group."""
+    groups = ["semantic", "acoustic", "mean", *(["holdout"] if any("holdout_vs_named" in r for r in rows) else [])]
+    head = ["model", "method", "r", *groups, "routed to its group"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "mean_vs_named" not in r:
+            continue
+        cells = [r["model"], r["method"], _r(r["retention"])]
+        for group in groups:
+            d, lo, hi = (r.get(f"{group}_vs_named{k}", math.nan) for k in ("", "_lo", "_hi"))
+            mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
+            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
+        routed = r.get("routed_to_group")
+        cells.append("-" if routed is None else f"{routed:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -262,12 +290,15 @@ def write(out: Path, rows: list[dict], answers: list, meta: dict) -> None:
     versus = versus_uniform(rows)
     versus = (f"\n## Minus uniform on the same questions (paired 95% intervals, bootstrap over clips; each cell "
               f"is its own test, no correction for the number of cells)\n\n{versus}\n") if versus else ""
+    named = versus_named(rows)
+    named = (f"\n## Routed from the input minus the task named (same policy and retention; paired 95% intervals, "
+             f"bootstrap over clips)\n\n{named}\n") if named else ""
     auto = auto_retention(rows)
     auto = (f"\n## Retention auto (the profile file's table) beside each fixed retention (minus full audio: paired "
             f"95% intervals, bootstrap over clips)\n\n{auto}\n") if auto else ""
     (out / "summary.md").write_text(f"# Listening-suite accuracy vs retention\n\nCommand: `{meta['command']}`\n\n"
-                                    f"Machine: {meta['machine']}\n\n{markdown(rows)}\n{versus}{auto}{tuning(meta)}"
-                                    f"{retention_tuning(meta)}")
+                                    f"Machine: {meta['machine']}\n\n{markdown(rows)}\n{versus}{named}{auto}"
+                                    f"{tuning(meta)}{retention_tuning(meta)}")
     plot(out, rows)
 
 
