@@ -32,12 +32,14 @@ from pathlib import Path
 
 import torch
 
+from headrouter_vllm.log import get_logger
 from headrouter_vllm.routing.profiles import ModelIdentity, ProfileSet
 from headrouter_vllm.routing.router import GroupRouter, Profile
 from headrouter_vllm.routing.scores import calibrated_position_prior, debias, selectivity
 from headrouter_vllm.routing.tasks import BUILTIN_TASKS, GROUPS, TASK_PRIOR_WEIGHT, group_prior
 
 DEFAULT_TAU = 0.1
+logger = get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +112,11 @@ def build_profiles(samples: list[Sample], scores: list[torch.Tensor], model: Mod
     tasks = {s.task: group_prior(s.group, TASK_PRIOR_WEIGHT) for s in samples}
     router = None
     if first_token_scores is not None:
-        router = GroupRouter.fit([behaviour(s) for s in first_token_scores], [s.group for s in samples])
+        try:
+            router = GroupRouter.fit([behaviour(s) for s in first_token_scores], [s.group for s in samples])
+        except ValueError as e:  # too few samples per group: the file routes with the cosine router only
+            counts = {g: sum(s.group == g for s in samples) for g in GROUPS}
+            logger.warning("calibration: no group router (%s; samples per group: %s)", e, counts)
     return ProfileSet(model, probe_layer, tau, profiles, prior, tasks, provenance or {}, router=router)
 
 

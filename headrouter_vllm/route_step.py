@@ -93,8 +93,12 @@ class RouteStep:
             plan = route.plan
             prompt_scores = None
             if item.final and plan.probe_point == "routed":
-                # the prompt rows' mass (earlier steps) and the first token's row (this step's one row) stay apart:
-                # the router picks which of them selects
+                # the prompt rows' mass (earlier steps) and the first token's row stay apart: the router picks which
+                # of them selects. The scheduler ends a chunk at the prompt's end, also when a preempted request is
+                # re-prefilled, so this step holds that row alone
+                if item.computed != plan.num_prompt_tokens or route.head_mass is None:
+                    raise RuntimeError(f"HeadRouter: request {item.req_id} reached its first token's row without "
+                                       "its prompt rows' probe mass")
                 prompt_scores = route.head_mass / (plan.num_prompt_tokens - plan.probe_start)
                 route.head_mass, rows = measured.mass, 1
             else:

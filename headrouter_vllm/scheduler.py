@@ -124,8 +124,9 @@ class HeadRouterScheduler(Scheduler):
         """Where a routed request's prefill chunk may end.
 
         * A request re-prefilled after preemption (prompt and generated tokens recomputed) stops its chunk where
-          its probe rows end (the prompt's end; one token later for ``first_token``), so it is probed and
-          compacted there, and its later tokens are recomputed over the kept audio only, as they first were.
+          its probe rows end (the prompt's end; one token later for ``first_token``; at both for ``routed``,
+          whose first token's row is probed apart from the prompt rows), so it is probed and compacted there,
+          and its later tokens are recomputed over the kept audio only, as they first were.
           Otherwise they would attend to all the audio and drift.
         * ``in_prompt``: every prompt row after the audio must be in one chunk (they are re-attended with only the
           kept audio in the same forward that picks it), so a chunk may not end inside them.
@@ -139,7 +140,9 @@ class HeadRouterScheduler(Scheduler):
         if plan is None or request.request_id in self.hr_removed:
             return num_new_tokens
         end = num_computed_tokens + num_new_tokens
-        if num_computed_tokens < plan.probe_end < end:
+        if plan.probe_point == "routed" and num_computed_tokens < plan.num_prompt_tokens < end:
+            num_new_tokens = plan.num_prompt_tokens - num_computed_tokens  # the first token's row probes alone
+        elif num_computed_tokens < plan.probe_end < end:
             num_new_tokens = plan.probe_end - num_computed_tokens
         elif plan.one_step_start is not None and plan.one_step_start < end < plan.num_prompt_tokens:
             num_new_tokens = max(0, plan.one_step_start - num_computed_tokens)

@@ -21,6 +21,7 @@ the centre of each of K equal segments, ``floor((i + 1/2) * n / K)``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from fractions import Fraction
@@ -110,10 +111,9 @@ def position_prior(probe: SpanProbe, profiles: ProfileSet | None) -> torch.Tenso
     return torch.tensor(smooth, dtype=F64).clamp_min(EPS).expand(heads, n)
 
 
-def debiased(probe: SpanProbe, profiles: ProfileSet | None, raw: torch.Tensor | None = None) -> torch.Tensor:
-    """``[Hq, N]``: each head's scores (``raw``, else the probe's) divided by the position prior (the probe's),
-    rescaled to the head's own audio mass."""
-    raw = (probe.head_scores if raw is None else raw).to(F64)
+def debiased(probe: SpanProbe, profiles: ProfileSet | None) -> torch.Tensor:
+    """``[Hq, N]``: each head's scores divided by the position prior, rescaled to the head's own audio mass."""
+    raw = probe.head_scores.to(F64)
     flat = raw / position_prior(probe, profiles)
     return flat * (raw.sum(dim=1, keepdim=True) / flat.sum(dim=1, keepdim=True).clamp_min(EPS))
 
@@ -200,18 +200,20 @@ def routed(probe: SpanProbe, settings: RouteSettings, profiles: ProfileSet | Non
     heads = scores.shape[0]
     if profiles is None:
         return scores, torch.full((heads,), 1.0 / heads, dtype=F64), None
+    # probe point routed: the rows of the request's group (the group router's heaviest, the first in GROUPS on a
+    # tie; else the task's own group)
+    group = true_group(settings.task, profiles)
     if oracle:
-        group = true_group(settings.task, profiles)
         weights, alpha = profiles.profiles[group].weights.to(F64), {g: float(g == group) for g in GROUPS}
     elif (profiles.router is not None and settings.task == "auto"
           and settings.probe_point in ("first_token", "routed")):
         alpha, weights = group_route(scores, profiles)
+        group = max(GROUPS, key=lambda g: (alpha[g], -GROUPS.index(g)))
     else:
         alpha, weights = route(scores, settings.task, profiles)
-    # probe point routed: the heaviest group's rows (the first in GROUPS on a tie)
-    heaviest = max(GROUPS, key=lambda g: (alpha[g], -GROUPS.index(g)))
-    if probe.prompt_scores is not None and rows_point(heaviest, profiles) == "prompt":
-        scores = debiased(probe, profiles, probe.prompt_scores)
+    if probe.prompt_scores is not None and rows_point(group, profiles) == "prompt":
+        # the prompt rows, debiased as at probe point prompt (the built-in prior from their own attention)
+        scores = debiased(dataclasses.replace(probe, head_scores=probe.prompt_scores), profiles)
     return scores, weights, alpha
 
 

@@ -296,7 +296,7 @@ def test_routed_probe_point_needs_a_router(tiny_model, profile_file, tmp_path):
     llm = LLM(model=tiny_model, dtype="float32", max_model_len=1024, enforce_eager=True,
               additional_config={"headrouter": {"retention": 0.5, "profiles": str(no_router)}})
     try:
-        with pytest.raises(VLLMValidationError, match="headrouter_probe_point: 'routed' .* no router"):
+        with pytest.raises(VLLMValidationError, match="headrouter_probe_point: 'routed' .* has none"):
             SamplingParams(extra_args={"headrouter_probe_point": "routed"})
     finally:
         register_operator_tasks(())

@@ -213,6 +213,7 @@ QWEN2_AUDIO_ONLY_TESTS = {"test_tensor_parallel_routes_equal_hf_reference", "tes
                           "test_headrouter_engines_run_the_encoder_window",
                           "test_first_token_engine_runs_unrouted_requests_as_vanilla",
                           "test_growth_aware_admission_avoids_the_preemptions",
+                          "test_preemption_by_recompute_reproduces_routed_probe_point",
                           "test_device_buffers_engine_keeps_host_and_device_apart"}
 
 
@@ -551,6 +552,37 @@ def test_preemption_by_recompute_reproduces_routes_and_outputs(model_dir, prompt
     re-probed and compacted at the prompt's end before their generated tokens are recomputed, so every request
     gives exactly the tokens it gives alone, and no block leaks."""
     run = run_in_a_small_pool(model_dir, prompts, speech, options)
+    assert run["preempted"], "the pool was meant to force preemptions"
+    assert run["together"] == run["alone"]
+    assert run["blocks_back"]
+
+
+def routed_profile_file(model_dir: str, path, probe_layer: int = 1):
+    """A profile file for the tiny model whose group router sends every ``auto`` request to the semantic group (its
+    kernel at 0, acoustic's far off), whose probe point is the prompt rows: probe point ``routed`` then selects with
+    the prompt rows' mass, measured apart from the first token's row."""
+    import torch
+    from transformers import AutoConfig
+
+    from headrouter_vllm.names import GROUPS
+    from headrouter_vllm.routing.profiles import ModelIdentity, ProfileSet
+    from headrouter_vllm.routing.router import GroupRouter, Profile
+
+    model = ModelIdentity.of(AutoConfig.from_pretrained(model_dir))
+    heads = model.num_heads
+    flat = Profile(torch.full((heads,), 0.5), torch.full((heads,), 1.0 / heads))
+    router = GroupRouter("first_token", {"semantic": torch.zeros(heads), "acoustic": torch.full((heads,), 50.0)},
+                         torch.ones(heads))
+    ProfileSet(model, probe_layer, 0.1, dict.fromkeys(GROUPS, flat), None, {}, router=router,
+               probe_point={"semantic": "prompt", "acoustic": "first_token", "mixed": "routed"}).save(path)
+    return path
+
+
+def test_preemption_by_recompute_reproduces_routed_probe_point(model_dir, prompts, speech, tmp_path):
+    """Probe point routed under recompute preemption: a re-prefilled request's step holds prompt rows and the first
+    token's row together; their masses are split there as in the first run, so tokens equal those alone."""
+    path = routed_profile_file(model_dir, tmp_path / "routed.json")
+    run = run_in_a_small_pool(model_dir, prompts, speech, {"probe_point": "routed", "profiles": str(path)})
     assert run["preempted"], "the pool was meant to force preemptions"
     assert run["together"] == run["alone"]
     assert run["blocks_back"]

@@ -74,16 +74,18 @@ def with_router(profiles: ProfileSet, seed: int = 3) -> ProfileSet:
                                probe_point={"semantic": "prompt", "acoustic": "first_token", "mixed": "routed"})
 
 
-# (name, heads, kv heads, profiles: None / "flat" / "calibrated" / "router")
+# (name, heads, kv heads, profiles: None / "flat" / "calibrated" / "router" (calibrated, with the group router) /
+# "router-no_prior" (flat, with the router: the built-in position prior))
 LAYOUTS = [("no_profiles-8x2", 8, 2, None), ("no_profiles-4x4", 4, 4, None), ("profiles-8x2", 8, 2, "flat"),
-           ("calibrated-6x3", 6, 3, "calibrated"), ("router-6x3", 6, 3, "router")]
+           ("calibrated-6x3", 6, 3, "calibrated"), ("router-6x3", 6, 3, "router"),
+           ("router-no_prior-8x2", 8, 2, "router-no_prior")]
 
 
 def layout_profiles(heads: int, kv: int, kind: str | None) -> ProfileSet | None:
     if kind is None:
         return None
     profiles = make_profiles(heads, kv, calibrated=kind in ("calibrated", "router"))
-    return with_router(profiles) if kind == "router" else profiles
+    return with_router(profiles) if kind.startswith("router") else profiles
 
 # (id, settings); "cap" in the id: b_max is the engine plan's cap, 1.5 * keep
 SETTINGS = [

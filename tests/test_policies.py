@@ -470,7 +470,7 @@ def test_routed_plans_probe_the_prompt_rows_and_the_first_generated_row(tmp_path
     with pytest.raises(ValueError, match="after the prompt"):
         HeadRouterConfig(probe_point="routed", semantics="in_prompt")
     routing_context(HeadRouterConfig())  # this process's engine has no router again
-    with pytest.raises(ValueError, match="no router"):
+    with pytest.raises(ValueError, match="this engine has none"):
         RouteOptions(probe_point="routed")
 
 

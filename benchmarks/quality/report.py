@@ -123,7 +123,12 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[
                                                         base_retention=1.0).items():
                 row.update({f"{group}_vs_full": round(d, 2), f"{group}_vs_full_lo": round(lo, 2),
                             f"{group}_vs_full_hi": round(hi, 2)})
-        named = method.partition("[")[0] + "[named]"
+        # the same method with the task named (the seen profile file's); where that did not run at this method's
+        # explicit probe point, the one at the file's probe points (the served default named)
+        named = method.replace("[auto]", "[named]").replace("[group]", "[named]").removesuffix("/holdout")
+        if not any(a.method == named for a in answers):
+            spec, _, rest = named.partition("@")
+            named = spec + ("/" + rest.partition("/")[2] if "/" in rest else "")
         if retention != AUTO and ("[auto]" in method or "[group]" in method) and any(
                 a.method == named and a.retention == retention for a in answers):
             # what routing from the input costs against naming the task (the seen profile file's, same retention)

@@ -197,7 +197,8 @@ def _probe_point(data: Any, has_router: bool) -> str | dict[str, str] | None:
                                "writes it)")
         return dict(data)
     if data is not None and data not in fixed:
-        raise ProfileError(f"probe_point must be one of {fixed} (or one per group), got {data!r}")
+        raise ProfileError(f"probe_point must be one of {fixed} (or one per group, where mixed may be 'routed'), "
+                           f"got {data!r}")
     return data
 
 

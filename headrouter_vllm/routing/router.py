@@ -58,9 +58,10 @@ class GroupRouter:
     scale: torch.Tensor  # [Hq], positive
 
     def alpha(self, behaviour: torch.Tensor) -> dict[str, float]:
-        s = behaviour.float()
-        logits = torch.stack([-(((s - self.prototypes[g]) / self.scale) ** 2).sum() / 2 for g in self.prototypes])
-        mix = torch.softmax(logits.double(), dim=0)
+        s = behaviour.double()  # float64: a small scale makes the logits large, and near a tie the group decides
+        logits = torch.stack([-(((s - self.prototypes[g].double()) / self.scale.double()) ** 2).sum() / 2
+                              for g in self.prototypes])
+        mix = torch.softmax(logits, dim=0)
         return {g: float(mix[list(self.prototypes).index(g)]) if g in self.prototypes else 0.0 for g in GROUPS}
 
     def route(self, behaviour: torch.Tensor, profiles: dict[str, Profile]) -> tuple[dict[str, float], torch.Tensor]:
@@ -101,6 +102,7 @@ def register_group_router(loaded: bool) -> None:
 def check_routed_probe_point() -> str:
     """``routed``, if this process's engine has a group router to pick the rows; else ValueError saying why not."""
     if not _router_loaded:
-        raise ValueError("'routed' lets the group router pick the probe rows, and this engine's profile file has no "
-                         "router (headrouter-vllm calibrate writes one): send prompt or first_token")
+        raise ValueError("'routed' lets the group router pick the probe rows, and this engine has none (no profile "
+                         "file, or one without a router: headrouter-vllm calibrate writes one): send prompt or "
+                         "first_token")
     return "routed"

@@ -17,7 +17,7 @@ from headrouter_vllm.routing.profiles import ProfileSet
 from headrouter_vllm.routing.router import route
 from headrouter_vllm.routing.scores import calibrated_position_prior, debias, fallback_position_prior, selectivity
 from headrouter_vllm.routing.select import Coverage, select_coverage, select_per_head, select_shared
-from headrouter_vllm.routing.tasks import group_prior, task_prior
+from headrouter_vllm.routing.tasks import group_prior, task_group, task_prior
 
 
 def routed_scores(probe: SpanProbe, settings: RouteSettings, profiles: ProfileSet | None, oracle: bool = False):
@@ -26,7 +26,8 @@ def routed_scores(probe: SpanProbe, settings: RouteSettings, profiles: ProfileSe
 
     A request of task ``auto`` whose probe read the first token's row is routed by the profile file's group router
     when it has one (else, and for named tasks, by :func:`route`). At probe point ``routed`` the scores are then the
-    rows the heaviest group's probe point names: the prompt rows' (``probe.prompt_scores``) or the first token's."""
+    rows the probe point of the request's group names (the router's heaviest group; a named task's own group): the
+    prompt rows' (``probe.prompt_scores``, debiased as at probe point ``prompt``) or the first token's."""
     n = probe.head_scores.shape[-1]
     if profiles is not None and profiles.position_prior is not None:
         prior = calibrated_position_prior(profiles.position_prior, n)
@@ -42,11 +43,14 @@ def routed_scores(probe: SpanProbe, settings: RouteSettings, profiles: ProfileSe
         weights, alpha = profiles.profiles[group].weights.float(), group_prior(group, weight=1.0)
     elif profiles.router is not None and profiles.router.routes(settings.task, settings.probe_point):
         alpha, weights = profiles.router.route(selectivity(scores), profiles.profiles)
+        group = max(GROUPS, key=lambda g: (alpha[g], -GROUPS.index(g)))  # the heaviest (ties: the first)
     else:
         alpha, weights = route(selectivity(scores), profiles.profiles, task_prior(settings.task, profiles.tasks),
                                profiles.tau)
-    if probe.prompt_scores is not None and profiles.group_probe_point(max(alpha, key=alpha.get)) == "prompt":
-        scores = debias(probe.prompt_scores, prior)
+        group = task_group(settings.task, profiles.tasks)  # a named task's rows are its group's
+    if probe.prompt_scores is not None and profiles.group_probe_point(group) == "prompt":
+        prompt_prior = prior if profiles.position_prior is not None else fallback_position_prior(probe.prompt_scores)
+        scores = debias(probe.prompt_scores, prompt_prior)
     return scores, weights, alpha
 
 
