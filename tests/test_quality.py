@@ -179,3 +179,7 @@ def test_routed_from_the_input_minus_the_task_named():
     assert "semantic_vs_named" not in rows["coverage[named]"]
     table = report.versus_named(list(rows.values()))
     assert "| m | coverage[auto]@routed | 0.3 | -50.0" in table and "**below**" in table and "75.0%" in table
+    # tasks asked in a held-out wording (--test-phrasings) form a group of their own in every table
+    rows = report.summarise(answers, "m", reworded=("digits",))
+    assert next(r for r in rows if r["method"] == "coverage[auto]@routed")["reworded_vs_named"] == pytest.approx(-50)
+    assert "reworded tasks [95% CI]" in report.markdown(rows) and "| reworded |" in report.versus_named(rows)

@@ -199,9 +199,11 @@ def main(args: argparse.Namespace) -> list[dict]:
                     a.model = label
                     answers.append(a)
         progress.close()
+    reworded = {name: tuple(t for t, q in asked.items() if q != suite.QUESTIONS[t])
+                for name, asked in phrasings.items()}
     rows = [row for name in args.models
             for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name,
-                                        holdout)]
+                                        holdout, reworded.get(name, ()))]
     command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
     meta = {"command": command, "machine": info, "source": source, "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),

@@ -81,11 +81,17 @@ def paired_difference(answers: list, method: str, retention: float | str, base: 
     return out
 
 
-def summarise(answers: list, model: str, holdout: tuple[str, ...] = ()) -> list[dict]:
+# task groups a run may add: held-out tasks (--holdout-tasks), tasks asked in a held-out wording (--test-phrasings)
+EXTRA_GROUPS = {"holdout": "held-out tasks", "reworded": "reworded tasks"}
+
+
+def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded: tuple[str, ...] = ()) -> list[dict]:
     """One row per (method, retention): accuracy per task and group with intervals, audio kept, and how often the
     router weighted the question's own task group most (``routed_to_group``, over routed answers with profiles).
-    ``holdout``: tasks no calibration or tuning question came from, also a group of their own (``holdout``)."""
-    groups = {**GROUPS, **({"holdout": list(holdout)} if holdout else {})}
+    ``holdout``: tasks no calibration or tuning question came from, also a group of their own (``holdout``);
+    ``reworded``: tasks whose test questions were worded unlike calibration's (``reworded``)."""
+    groups = {**GROUPS, **({"holdout": list(holdout)} if holdout else {}),
+              **({"reworded": list(reworded)} if reworded else {})}
     cells: dict[tuple[str, float], dict[str, list[int]]] = collections.defaultdict(
         lambda: collections.defaultdict(lambda: [0, 0]))
     kept: dict[tuple[str, float], list[float]] = collections.defaultdict(list)
@@ -162,17 +168,17 @@ def _r(retention: float | str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    holdout = any("holdout" in r for r in rows)
+    extra = [g for g in EXTRA_GROUPS if any(g in r for r in rows)]
     head = ["model", "method", "r", "kept", *TASK_GROUPS, "semantic", "acoustic", "mean [95% CI]",
-            *(["held-out tasks [95% CI]"] if holdout else []), "routed to its group"]
+            *(f"{EXTRA_GROUPS[g]} [95% CI]" for g in extra), "routed to its group"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["method"], _r(r["retention"]), f"{r['kept_fraction']:.2f}"]
         cells += [f"{r[t]:.1f}" for t in TASK_GROUPS]
         cells += [f"{r['semantic']:.1f}", f"{r['acoustic']:.1f}",
                   f"{r['mean']:.1f} [{r['mean_lo']:.1f}, {r['mean_hi']:.1f}]"]
-        if holdout:
-            cells.append(f"{r['holdout']:.1f} [{r['holdout_lo']:.1f}, {r['holdout_hi']:.1f}]")
+        for g in extra:
+            cells.append(f"{r[g]:.1f} [{r[f'{g}_lo']:.1f}, {r[f'{g}_hi']:.1f}]" if g in r else "-")
         cells.append("-" if r.get("routed_to_group") is None else f"{r['routed_to_group']:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -181,7 +187,7 @@ def markdown(rows: list[dict]) -> str:
 def versus_uniform(rows: list[dict]) -> str:
     """Markdown: each pruned method minus uniform on the same questions, per group, paired 95% intervals (bootstrap
     over clips); a cell is marked below / above when the whole interval is (no correction for the many cells)."""
-    groups = ["semantic", "acoustic", "mean", *(["holdout"] if any("holdout_vs_uniform" in r for r in rows) else [])]
+    groups = ["semantic", "acoustic", "mean", *(g for g in EXTRA_GROUPS if any(f"{g}_vs_uniform" in r for r in rows))]
     head = ["model", "method", "minus", "r", *groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -200,7 +206,7 @@ def versus_named(rows: list[dict]) -> str:
     """Markdown: each method routed from the input (``[auto]``, and ``[group]``: the group named) minus the same
     policy with the task named, on the same questions, paired 95% intervals, beside the share of questions its router
     put in their own group."""
-    groups = ["semantic", "acoustic", "mean", *(["holdout"] if any("holdout_vs_named" in r for r in rows) else [])]
+    groups = ["semantic", "acoustic", "mean", *(g for g in EXTRA_GROUPS if any(f"{g}_vs_named" in r for r in rows))]
     head = ["model", "method", "r", *groups, "routed to its group"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -360,5 +366,7 @@ def rerender(out: Path) -> None:
                    for r in csv.DictReader(f)]
     models = list(dict.fromkeys(a.model for a in answers))
     holdout = tuple(meta.get("holdout_tasks", ()))
-    rows = [row for m in models for row in summarise([a for a in answers if a.model == m], m, holdout)]
+    reworded = {m: tuple(asked) for m, asked in meta.get("test_phrasings", {}).items()}
+    rows = [row for m in models for row in summarise([a for a in answers if a.model == m], m, holdout,
+                                                     reworded.get(m, ()))]
     write(out, rows, answers, meta)
