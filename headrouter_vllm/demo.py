@@ -103,7 +103,7 @@ def print_rows(result: dict) -> None:
         marks = "".join(f"{(a if a == clip.answer(t) else a + ' x'):<{width}}" for t, a in row["answers"].items())
         print(f"{row['retention']:>9.2f}  {kept:>10}  {row['blocks_freed'] or 0:>12}  {row['seconds']:>5.2f}s  {marks}")
     profiles = result.get("profiles")
-    print("\nx: wrong answer. KV blocks are 32 tokens; freed blocks went back to vLLM's pool right after the prompt "
-          f"step.\nHead profiles: {profiles or 'none'}"
+    print("\nx: wrong answer. KV blocks are 32 tokens; freed blocks went back to vLLM's pool right after the step "
+          f"that probed (the prompt's, or the first token's).\nHead profiles: {profiles or 'none'}"
           + (" (the model's tuned file, beside its checkpoint)" if profiles else "")
           + ". The accuracy of each policy over the whole test split: `headrouter-vllm quality`.")
