@@ -25,9 +25,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from headrouter_vllm.names import AUTO, PROBE_POINTS
+from headrouter_vllm.routing.capabilities import GROUP_ROUTER, RETENTION_TABLE
 from headrouter_vllm.routing.policies import POLICIES, REGISTRY, policy
-from headrouter_vllm.routing.retention import check_auto_retention
-from headrouter_vllm.routing.router import check_routed_probe_point
 from headrouter_vllm.routing.tasks import check_task
 
 XARG_TASK = "headrouter_task"
@@ -116,7 +115,7 @@ class RouteOptions(BaseModel):
     @classmethod
     def _probe_point(cls, value: Any) -> Any:
         value = _one_of(value, PROBE_POINTS, "probe point")
-        return check_routed_probe_point() if value == "routed" else value
+        return GROUP_ROUTER.require() if value == "routed" else value
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -134,7 +133,7 @@ class RouteOptions(BaseModel):
         if value is None:
             return None
         if isinstance(value, str) and value.strip() == AUTO:
-            return check_auto_retention()
+            return RETENTION_TABLE.require()
         if isinstance(value, str):  # OpenAI metadata values are strings
             try:
                 value = float(value.strip())

@@ -334,6 +334,9 @@ def test_serve_retention_auto_needs_a_profile_file_with_a_retention_table(tmp_pa
     with pytest.raises(SystemExit):
         main(["serve", "/models/m", "--retention", "auto", "--profiles", str(tmp_path / "plain.json")])
     assert "plain.json has none (headrouter-vllm quality --tune-retention writes one)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # probe point routed needs the group router: refused before the server starts
+        main(["serve", "/models/m", "--probe-point", "routed", "--profiles", str(tmp_path / "plain.json")])
+    assert "plain.json has no router (headrouter-vllm calibrate writes one)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "/models/m", "--retention", "most"])
     assert "retention must be a number in (0, 1] or auto" in capsys.readouterr().err

@@ -207,15 +207,15 @@ def test_bad_audio_is_refused(thirty_second_model, kind, data, message):
 def test_metadata_retention_auto_moves_as_the_word_when_the_engine_has_a_table():
     """``"auto"`` in metadata reaches the engine as the word (it resolves per task in the plan); on an engine whose
     profile file has no retention table it is a 400 naming the field."""
-    from headrouter_vllm.routing.retention import register_retention_table
+    from headrouter_vllm.routing.capabilities import RETENTION_TABLE
 
     body = {"metadata": {"headrouter_task": "asr", "headrouter_retention": "auto"}, "messages": REMOTE_AUDIO}
     try:
-        register_retention_table(True)
+        RETENTION_TABLE.set(True)
         assert rewrite_body(body)["vllm_xargs"] == {"headrouter_task": "asr", "headrouter_retention": "auto"}
-        register_retention_table(False)
+        RETENTION_TABLE.set(False)
         with pytest.raises(RequestError, match="retention table") as info:
             rewrite_body(body)
         assert info.value.param == "metadata.headrouter_retention"
     finally:
-        register_retention_table(False)
+        RETENTION_TABLE.set(False)

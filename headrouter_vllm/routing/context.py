@@ -15,9 +15,8 @@ import functools
 from headrouter_vllm.config import ConfigError, HeadRouterConfig
 from headrouter_vllm.log import get_logger
 from headrouter_vllm.names import AUTO
+from headrouter_vllm.routing import capabilities
 from headrouter_vllm.routing.profiles import ProfileError, ProfileSet
-from headrouter_vllm.routing.retention import register_retention_table
-from headrouter_vllm.routing.router import register_group_router
 from headrouter_vllm.routing.tasks import check_task, register_operator_tasks, task_group
 
 logger = get_logger(__name__)
@@ -60,8 +59,7 @@ def routing_context(config: HeadRouterConfig) -> RoutingContext:
     context = built_context(config)
     if context.profiles is not None:
         register_operator_tasks(context.profiles.task_names())
-    register_retention_table(context.profiles is not None and context.profiles.retention is not None)
-    register_group_router(context.profiles is not None and context.profiles.router is not None)
+    capabilities.register(context.profiles)
     return context
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any
 
-from headrouter_vllm.names import AUTO, GROUPS
+from headrouter_vllm.names import GROUPS
 
 
 class RetentionTableError(ValueError):
@@ -71,22 +71,3 @@ def smallest_within(accuracy: dict[float, float], full: float, tolerance: float)
             break
         chosen = retention
     return chosen
-
-
-# Whether the engine of this process has a retention table (set at startup, in each process, with its config's
-# routing context): the front end checks requests at retention ``auto`` against it.
-_table_loaded = False
-
-
-def register_retention_table(loaded: bool) -> None:
-    global _table_loaded
-    _table_loaded = loaded
-
-
-def check_auto_retention() -> str:
-    """``auto``, if this process's engine can resolve it; else ValueError saying what is missing."""
-    if not _table_loaded:
-        raise ValueError(f"{AUTO!r} picks the retention from the profile file's retention table, and this engine's "
-                         "profile file has none (headrouter-vllm quality --tune-retention writes one): send a number "
-                         "in (0, 1]")
-    return AUTO

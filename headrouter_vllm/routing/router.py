@@ -87,22 +87,3 @@ class GroupRouter:
     def to_json(self) -> dict:
         return {"probe_point": self.probe_point, "prototypes": {g: p.tolist() for g, p in self.prototypes.items()},
                 "scale": self.scale.tolist()}
-
-
-# Whether the engine of this process has a group router (set at startup, in each process, with its config's routing
-# context): the front end checks requests at probe point ``routed`` against it.
-_router_loaded = False
-
-
-def register_group_router(loaded: bool) -> None:
-    global _router_loaded
-    _router_loaded = loaded
-
-
-def check_routed_probe_point() -> str:
-    """``routed``, if this process's engine has a group router to pick the rows; else ValueError saying why not."""
-    if not _router_loaded:
-        raise ValueError("'routed' lets the group router pick the probe rows, and this engine has none (no profile "
-                         "file, or one without a router: headrouter-vllm calibrate writes one): send prompt or "
-                         "first_token")
-    return "routed"
