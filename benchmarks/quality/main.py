@@ -199,19 +199,18 @@ def main(args: argparse.Namespace) -> list[dict]:
                     a.model = label
                     answers.append(a)
         progress.close()
-    reworded = {name: tuple(t for t, q in asked.items() if q != suite.QUESTIONS[t])
-                for name, asked in phrasings.items()}
+    # model -> the questions asked in a wording other than the training's
+    reworded = {name: {t: q for t, q in asked.items() if q != suite.QUESTIONS[t]} for name, asked in phrasings.items()}
     rows = [row for name in args.models
             for row in report.summarise([a for a in answers if a.model == Path(name).name], Path(name).name,
-                                        holdout, reworded.get(name, ()))]
+                                        holdout, tuple(reworded.get(name, ())))]
     command = "headrouter-vllm quality " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["quality"] else sys.argv[1:])
     meta = {"command": command, "machine": info, "source": source, "split": args.split, "clips": len(clips),
             "questions_per_method": sum(len(c.answers) for c in clips), "seconds": round(time.time() - t0),
             "methods": [m.label for m in chosen], **({"coverage_tuning": tuned} if tuned else {}),
             **({"retention_tuning": tuned_retention} if tuned_retention else {}),
             **({"holdout_tasks": list(holdout)} if holdout else {}),
-            **({"test_phrasings": {Path(name).name: {t: q for t, q in asked.items() if q != suite.QUESTIONS[t]}
-                                   for name, asked in phrasings.items()}} if phrasings else {})}
+            **({"test_phrasings": {Path(name).name: asked for name, asked in reworded.items()}} if reworded else {})}
     report.write(out, rows, answers, meta)
     print(report.markdown(rows))
     print(report.versus_uniform(rows))

@@ -129,14 +129,8 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
                                                         base_retention=1.0).items():
                 row.update({f"{group}_vs_full": round(d, 2), f"{group}_vs_full_lo": round(lo, 2),
                             f"{group}_vs_full_hi": round(hi, 2)})
-        # the same method with the task named (the seen profile file's); where that did not run at this method's
-        # explicit probe point, the one at the file's probe points (the served default named)
-        named = method.replace("[auto]", "[named]").replace("[group]", "[named]").removesuffix("/holdout")
-        if not any(a.method == named for a in answers):
-            spec, _, rest = named.partition("@")
-            named = spec + ("/" + rest.partition("/")[2] if "/" in rest else "")
-        if retention != AUTO and ("[auto]" in method or "[group]" in method) and any(
-                a.method == named and a.retention == retention for a in answers):
+        named = _named_twin(method, {m for m, _ in cells}) if retention != AUTO else None
+        if named is not None and (named, retention) in cells:
             # what routing from the input costs against naming the task (the seen profile file's, same retention)
             for group, (d, lo, hi) in paired_difference(answers, method, retention, named, groups=groups).items():
                 row.update({f"{group}_vs_named": round(d, 2), f"{group}_vs_named_lo": round(lo, 2),
@@ -148,7 +142,7 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
             base = f"uniform@{probe_point}" if probe_point else "uniform"
             if retention == AUTO and "[named]" in method:
                 base = "uniform[named]"
-            if not any(a.method == base and a.retention == retention for a in answers):
+            if (base, retention) not in cells:
                 base = "uniform"
             row["baseline"] = base
             for group, (d, lo, hi) in paired_difference(answers, method, retention, base, groups=groups).items():
@@ -157,6 +151,19 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
         rows.append(row)
     rows.sort(key=lambda r: (r["model"], r["retention"] == AUTO, -_number(r["retention"]), r["method"]))
     return rows
+
+
+def _named_twin(method: str, ran: set[str]) -> str | None:
+    """A method routed from the input (``[auto]``, ``[group]``)'s twin with the task named and the seen profile file;
+    where that did not run at the method's explicit probe point, the one at the file's probe points (the served
+    default named). None for other methods."""
+    if "[auto]" not in method and "[group]" not in method:
+        return None
+    named = method.replace("[auto]", "[named]").replace("[group]", "[named]").removesuffix("/holdout")
+    if named not in ran:
+        spec, _, rest = named.partition("@")
+        named = spec + ("/" + rest.partition("/")[2] if "/" in rest else "")
+    return named
 
 
 def _number(retention: float | str) -> float:
