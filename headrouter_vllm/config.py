@@ -42,10 +42,11 @@ class HeadRouterConfig:
         mode: ``shared`` (one kept set for every head, the paper's) or ``per_head`` (each KV head keeps its own
             top tokens, budgets proportional to its routed weight, mean ``retention * N``, at most
             ``per_head_cap`` times that; the baseline policies stay shared). ``per_head`` needs
-            HeadRouter's backend (``attention`` ``auto``, ``triton`` or ``torch``: each KV head skips its own pruned
-            slots) and ``after_prompt``.
-        per_head_cap: ``per_head``: a KV head keeps at most this multiple of the mean budget (>= 1). It fixes
-            the KV slots a span holds after compaction up front: ``min(N, ceil(cap * retention * N))``.
+            HeadRouter's backend (``attention`` ``auto``, ``triton`` or ``torch``: each KV head reads its own kept
+            audio, the heads' packed one after another into the span's ``retention * N`` slots) and ``after_prompt``.
+        per_head_cap: ``per_head``: a KV head keeps at most this multiple of the mean budget (>= 1):
+            ``min(N, ceil(cap * retention * N))``. It bounds how unequal the heads' budgets are, not the memory (a
+            span holds the mean budget, as in ``shared`` mode).
         probe_layer: decoder layer whose attention picks the kept tokens; ``None`` = the model
             adapter's default.
         semantics: ``after_prompt`` (the prompt step is dense, pruning applies from decode on; exact

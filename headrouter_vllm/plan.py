@@ -32,12 +32,8 @@ def keep_count(retention: float, n: int) -> int:
 class Span:
     start: int
     length: int
-    keep: int  # audio tokens kept (shared), or the mean budget per KV head (per_head)
-    slots: int = -1  # KV slots the span holds after compaction: keep (shared) or the per-head cap (per_head)
-
-    def __post_init__(self) -> None:
-        if self.slots < 0:
-            object.__setattr__(self, "slots", self.keep)
+    keep: int  # audio tokens kept (shared), or the mean budget per KV head (per_head); KV slots held after compaction
+    head_cap: int | None = None  # per_head: the most audio tokens one KV head may keep (its budget's upper bound)
 
     @property
     def end(self) -> int:
@@ -68,7 +64,7 @@ class RoutePlan:
     @property
     def removed(self) -> int:
         """KV slots the request gives back after its prompt step."""
-        return sum(s.length - s.slots for s in self.spans)
+        return sum(s.length - s.keep for s in self.spans)
 
     @property
     def probe_start(self) -> int:
@@ -130,7 +126,8 @@ def make_plan(options: RouteOptions, config: HeadRouterConfig, spans: list[tuple
     # per_head selects per KV head at the prompt probe only; other requests on a per_head engine run shared
     per_head = config.mode == "per_head" and policy_named(policy).per_head and probe_point == "prompt"
     mode = "per_head" if per_head else "shared"
-    plan_spans = tuple(Span(s, n, keep, per_head_cap(config.per_head_cap, keep, n) if mode == "per_head" else keep)
+    # per_head packs every KV head's kept audio into the mean budget's slots (phase B): the same KV as shared
+    plan_spans = tuple(Span(s, n, keep, per_head_cap(config.per_head_cap, keep, n) if mode == "per_head" else None)
                        for s, n, keep in ((s, n, keep_count(retention, n)) for s, n in spans))
     if all(sp.keep == sp.length for sp in plan_spans) or plan_spans[-1].end >= num_prompt_tokens:
         return None
@@ -166,7 +163,7 @@ def chunk_budget(scheduler_config) -> int | None:
 
 
 def per_head_cap(ratio: float, keep: int, n: int) -> int:
-    """``per_head``: the most audio tokens one KV head may keep of a span (its KV slots after compaction)."""
+    """``per_head``: the most audio tokens one KV head may keep of a span (the span holds the mean, ``keep``)."""
     return min(n, math.ceil(ratio * keep - 1e-9))
 
 

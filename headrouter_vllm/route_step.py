@@ -128,7 +128,7 @@ class RouteStep:
         focus = focus_tokens(plan.focus, context.adapter.audio_tokens_per_second)  # each clip's own windows
         for sp in plan.spans:
             settings = RouteSettings(policy=plan.policy, mode=plan.mode, task=plan.task, seed=context.config.seed,
-                                     b_max=sp.slots if plan.mode == "per_head" else None, focus=focus,
+                                     b_max=sp.head_cap, kv_shards=context.tp_size, focus=focus,
                                      probe_point=plan.probe_point)
             cols = slice(offset, offset + sp.length)
             probe = SpanProbe(head_scores[:, cols], last_row[:, cols], num_kv_heads,

@@ -60,9 +60,10 @@ class HeadRouterRunnerMixin:
         self.hr_store: KvStore | None = None  # chosen from the attention backend once the KV caches exist
         self.hr_context: RouteContext | None = None  # set when the hooks are installed (first step)
         self.hr_step = RouteStep([], None)
-        # per_head requests after compaction: (region start, region slots, kept slots per KV head); each KV head
-        # skips [start + kept[g], start + slots). Fed to HeadRouter's backend per batch row (hr_route_rows).
-        self.hr_sparse: dict[str, tuple[int, int, torch.Tensor]] = {}
+        # per_head requests after compaction: (region start, region slots, region cells per KV head, each head's
+        # first cell); KV head g reads cells [offsets[g], offsets[g] + kept[g]) of the region, packed at the mean
+        # budget (phase B). Fed to HeadRouter's backend per batch row (hr_route_rows).
+        self.hr_sparse: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         num_kv_heads = self.model_config.get_num_kv_heads(self.parallel_config)
         # tensor parallel: this rank's KV heads are [rank * local, (rank + 1) * local) of the model's (the patch
         # refuses a KV head count the ranks cannot split evenly)
@@ -74,6 +75,7 @@ class HeadRouterRunnerMixin:
         int32 = dict(dtype=torch.int32, device=self.device)
         self.hr_route_rows = RouteRows(torch.zeros(self.max_num_reqs, **int32),
                                        torch.zeros(self.max_num_reqs, **int32),
+                                       torch.zeros(self.max_num_reqs, num_kv_heads, **int32),
                                        torch.zeros(self.max_num_reqs, num_kv_heads, **int32))
         self._hr_rows_set = False
 
@@ -200,19 +202,21 @@ class HeadRouterRunnerMixin:
         return decision
 
     def _fill_route_rows(self, req_ids) -> None:
-        """Per batch row, what each KV head of a per_head request skips (zeros: nothing)."""
+        """Per batch row, which region cells each KV head of a per_head request reads (zeros: no region)."""
         rows = self.hr_route_rows
         num_reqs = len(req_ids)
         span_start = torch.zeros(num_reqs, dtype=torch.int32)
         span_slots = torch.zeros(num_reqs, dtype=torch.int32)
         kept = torch.zeros(num_reqs, rows.kept.shape[1], dtype=torch.int32)
+        offsets = torch.zeros_like(kept)
         for row, req_id in enumerate(req_ids):
             sparse = self.hr_sparse.get(req_id)
             if sparse is not None:
-                span_start[row], span_slots[row], kept[row] = sparse
+                span_start[row], span_slots[row], kept[row], offsets[row] = sparse
         rows.span_start[:num_reqs].copy_(span_start, non_blocking=True)
         rows.span_slots[:num_reqs].copy_(span_slots, non_blocking=True)
         rows.kept[:num_reqs].copy_(kept, non_blocking=True)
+        rows.offsets[:num_reqs].copy_(offsets, non_blocking=True)
         # rows past this batch may hold a finished request's skip: a later, larger batch must not read it
         rows.span_slots[num_reqs:].zero_()
         self._hr_rows_set = bool(self.hr_sparse)
@@ -296,7 +300,8 @@ class HeadRouterRunnerMixin:
         self.hr_removed[item.req_id] = plan.removed
         if plan.mode == "per_head":
             first = plan.spans[0].start
-            self.hr_sparse[item.req_id] = (first, plan.probe_start - first - plan.removed, compaction.counts)
+            self.hr_sparse[item.req_id] = (first, plan.probe_start - first - plan.removed, compaction.counts,
+                                           compaction.offsets)
 
     # ---- introspection (tests, via collective_rpc or in-process) ------------------------------------
     def headrouter_log(self) -> list[ProbeLog]:

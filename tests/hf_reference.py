@@ -96,9 +96,10 @@ def probe_attention(model, probe_layer: int):
 def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: int, probe_layer: int = 2,
               semantics: str = "after_prompt", policy: str | None = None, task: str = "auto", seed: int = 0,
               profiles=None, mode: str = "shared", per_head_cap: float = 1.5, probe_point: str = "prompt",
-              focus=None) -> dict:
+              focus=None, kv_shards: int = 1) -> dict:
     """``wave``: one clip, a list of clips (one per audio part of the prompt, each routed on its own), or None.
-    ``focus``: the region policy's windows in seconds (``headrouter_focus``)."""
+    ``focus``: the region policy's windows in seconds (``headrouter_focus``). ``kv_shards``: per_head budgets
+    balanced within each tensor parallel rank's KV heads."""
     if policy is None:  # the engine's default for requests that name none
         policy = "headrouter" if mode == "per_head" else HeadRouterConfig().default_policy
     model, processor = load(model_dir)
@@ -154,7 +155,7 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
                               if probe_point == "routed" else None)
             keep = keep_count(retention, n)
             cap = min(n, math.ceil(per_head_cap * keep - 1e-9)) if mode == "per_head" else None
-            settings = RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap,
+            settings = RouteSettings(policy=policy, mode=mode, task=task, seed=seed, b_max=cap, kv_shards=kv_shards,
                                      focus=focus_tokens(focus, tokens_per_second), probe_point=probe_point)
             selection = plain_selection(probe, keep, settings, profiles)
             kept.append(start + selection.kept)

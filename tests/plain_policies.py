@@ -259,7 +259,8 @@ def per_head_top_k(probe: SpanProbe, keep: int, settings: RouteSettings, scores:
     """KV head g keeps its own top ``budget_g`` tokens (or ``pick(score, budget_g)``'s positions) of the weighted
     sum of its query heads (a group the router gave no weight: their plain mean); budgets from the groups'
     weights, ``keep * G`` in all, each between ``b_min = min(keep, floor(b_min_fraction * N))`` and ``b_max``
-    (``settings.b_max``, else ``ceil(b_max_fraction * N)``; at most N, at least keep)."""
+    (``settings.b_max``, else ``ceil(b_max_fraction * N)``; at most N, at least keep). With ``kv_shards`` > 1 each
+    run of ``G / kv_shards`` heads gets ``keep`` per head of its own (a tensor parallel rank's heads)."""
     pick = pick or best
     heads, n = scores.shape
     kv = probe.num_kv_heads
@@ -267,8 +268,11 @@ def per_head_top_k(probe: SpanProbe, keep: int, settings: RouteSettings, scores:
     group_weight = [sum(float(weights[q]) for q in rows) for rows in groups]
     cap = settings.b_max if settings.b_max is not None else math.ceil(settings.b_max_fraction * n)
     b_min, b_max = min(keep, math.floor(settings.b_min_fraction * n)), max(keep, min(n, cap))
+    per_shard = kv // settings.kv_shards
+    shard_budgets = [b for first in range(0, kv, per_shard)
+                     for b in budgets(group_weight[first:first + per_shard], keep * per_shard, b_min, b_max)]
     kept = []
-    for rows, weight, b in zip(groups, group_weight, budgets(group_weight, keep * kv, b_min, b_max), strict=True):
+    for rows, weight, b in zip(groups, group_weight, shard_budgets, strict=True):
         if weight == 0.0:
             score = sum(scores[q] for q in rows) / len(rows)
         else:

@@ -184,3 +184,35 @@ def test_bench_shared_prompt_hits_the_system_prompt_in_every_engine(tiny_model, 
         with pytest.raises(SystemExit) as stop:
             main([*common, "--order", "vanilla", "--name", "bad", *extra])
         assert stop.value.code == 2 and message in capsys.readouterr().err, extra
+
+
+def test_bench_per_head_holds_the_mean_budget(tiny_model, tmp_path):
+    """``--modes shared per_head``: the per_head engine (each KV head its own kept audio, packed at the mean budget)
+    holds the KV blocks of shared mode at the same retention: its ideal and its held requests are shared mode's."""
+    from headrouter_vllm.cli import main
+
+    args = ["bench", "--model", tiny_model, "--num-requests", "4", "--clip-seconds", "10", "--output-tokens", "4",
+            "--retentions", "0.5", "--modes", "shared", "per_head", "--kv-blocks", "64", "--out", str(tmp_path),
+            "--name", "m", "--no-warmup-pass"]
+    assert main(args) == 0
+    (run_dir,) = [p for p in tmp_path.glob("*/m")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    vanilla, shared, per_head = summary["runs"]
+    assert [r["label"] for r in summary["runs"]] == ["vanilla", "headrouter r=0.5", "headrouter r=0.5 per_head"]
+    assert (shared["mode"], per_head["mode"], vanilla["mode"]) == ("shared", "per_head", None)
+    assert per_head["audio_kept_mean"] == shared["audio_kept_mean"] == 125
+    assert per_head["kv_blocks_per_request"] == shared["kv_blocks_per_request"] < vanilla["kv_blocks_per_request"]
+    assert per_head["ideal_gain"] == shared["ideal_gain"] and summary["workload"]["modes"] == ["shared", "per_head"]
+
+
+def test_bench_per_head_refuses_what_would_run_shared(tiny_model, tmp_path, capsys):
+    import pytest
+
+    from headrouter_vllm.cli import main
+
+    base = ["bench", "--model", tiny_model, "--num-requests", "2", "--modes", "per_head", "--out", str(tmp_path)]
+    for extra, message in ((["--policy", "fastv"], "needs a per-head policy"),
+                           (["--semantics", "in_prompt"], "after_prompt semantics only")):
+        with pytest.raises(SystemExit) as stop:
+            main([*base, *extra])
+        assert stop.value.code == 2 and message in capsys.readouterr().err

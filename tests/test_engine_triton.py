@@ -189,12 +189,13 @@ def hf_per_head(tiny_model, speech):
     cases = {c.name: c for c in make_cases(speech, PROMPTS)}
     cache = {}
 
-    def get(name):
-        if name not in cache:
+    def get(name, kv_shards=1):
+        if (name, kv_shards) not in cache:
             c = cases[name]
-            cache[name] = reference(tiny_model, c.prompt, c.wave, c.retention, NEW_TOKENS, mode="per_head",
-                                    profiles=skewed_profiles(tiny_model), policy=c.policy, task=c.task or "auto")
-        return cache[name]
+            cache[name, kv_shards] = reference(tiny_model, c.prompt, c.wave, c.retention, NEW_TOKENS, mode="per_head",
+                                               profiles=skewed_profiles(tiny_model), policy=c.policy,
+                                               task=c.task or "auto", kv_shards=kv_shards)
+        return cache[name, kv_shards]
 
     return get
 
@@ -208,14 +209,22 @@ PER_HEAD = [n for n in PER_HEAD_NAMES if "similarity" not in n]
 @pytest.mark.parametrize("name", PER_HEAD)
 def test_per_head_equals_hf_reference(engine, hf_per_head, mode, name, phase):
     """per_head mode: every KV head keeps the HF reference's audio tokens for that head (budgets proportional to
-    the routed weights, capped at 1.5x the mean), the request holds the capped slots, and decoding with each head
-    skipping its own pruned slots (stale slots NaN) gives the reference's tokens: HF with the full cache and a
-    per-head mask of the dropped audio."""
-    got, ref = engine(mode)[phase][name], hf_per_head(name)
+    the routed weights, capped at 1.5x the mean), the request holds only the mean budget's slots (the heads' kept
+    audio packed one after another, phase B: the blocks of shared mode at the same retention), and decoding with
+    each head reading its own packed cells (unused cells and freed slots NaN) gives the reference's tokens: HF with
+    the full cache and a per-head mask of the dropped audio. Two tensor parallel ranks (one KV head each) pack their
+    own heads, so each head keeps the mean budget, still its own tokens."""
+    tensor_parallel = mode.startswith("tp2")
+    got, ref = engine(mode)[phase][name], hf_per_head(name, kv_shards=2 if tensor_parallel else 1)
     assert got["log"].kept_per_head == ref["kept_per_head"]
-    assert len({len(k) for k in ref["kept_per_head"]}) > 1, "the profiles should give the KV heads different budgets"
-    n, length, cap = ref["audio_tokens"], ref["length"], ref["cap"]
-    assert got["record"].blocks_after == cdiv(length - (n - cap), BLOCK)
+    budgets = {len(k) for k in ref["kept_per_head"]}
+    if tensor_parallel:
+        assert len(budgets) == 1 and len(set(map(tuple, ref["kept_per_head"]))) > 1
+    else:
+        assert len(budgets) > 1, "the profiles should give the KV heads different budgets"
+        assert max(budgets) > ref["keep"], "a head should keep more than the span's slots (spill into the next)"
+    n, length, keep = ref["audio_tokens"], ref["length"], ref["keep"]
+    assert got["record"].blocks_after == cdiv(length - (n - keep), BLOCK)
     assert got["tokens"] == ref["tokens"]
     assert max_difference(got["logprobs"], ref["logprobs"]) < 2e-3
 

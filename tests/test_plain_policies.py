@@ -87,7 +87,8 @@ def layout_profiles(heads: int, kv: int, kind: str | None) -> ProfileSet | None:
     profiles = make_profiles(heads, kv, calibrated=kind in ("calibrated", "router"))
     return with_router(profiles) if kind.startswith("router") else profiles
 
-# (id, settings); "cap" in the id: b_max is the engine plan's cap, 1.5 * keep
+# (id, settings); "cap" in the id: b_max is the engine plan's cap, 1.5 * keep; "shards2": budgets balanced within two
+# tensor parallel ranks' KV heads (where the layout's KV heads split in two)
 SETTINGS = [
     ("headrouter-auto", RouteSettings("headrouter", task="auto")),
     ("headrouter-asr", RouteSettings("headrouter", task="asr")),
@@ -118,6 +119,8 @@ SETTINGS = [
     ("coverage-per_head-asr-bounds", RouteSettings("coverage", "per_head", task="asr", b_min_fraction=0.2,
                                                     b_max_fraction=0.6)),
     ("coverage-per_head-karaoke-cap", RouteSettings("coverage", "per_head", task="karaoke")),
+    ("headrouter-per_head-asr-cap-shards2", RouteSettings("headrouter", "per_head", task="asr")),
+    ("coverage-per_head-auto-shards2", RouteSettings("coverage", "per_head", task="auto")),
     ("fastv", RouteSettings("fastv")),
     ("random", RouteSettings("random")),
     ("uniform", RouteSettings("uniform")),
@@ -130,9 +133,10 @@ SIZES = [(1, 1), (2, 1), (3, 2), (7, 4), (33, 11), (50, 49), (64, 64), (257, 77)
 SEEDS = (0, 1)
 
 
-def settings_for(settings: RouteSettings, name: str, n: int, keep: int, seed: int) -> RouteSettings:
+def settings_for(settings: RouteSettings, name: str, n: int, keep: int, seed: int, kv: int = 1) -> RouteSettings:
     cap = min(n, math.ceil(1.5 * keep - 1e-9)) if "cap" in name else None
-    return dataclasses.replace(settings, seed=seed, b_max=cap)
+    shards = 2 if "shards2" in name and kv % 2 == 0 else 1
+    return dataclasses.replace(settings, seed=seed, b_max=cap, kv_shards=shards)
 
 
 def test_the_matrix_covers_every_policy_and_mode():
@@ -150,7 +154,7 @@ def test_plain_select_equals_the_engines(name, settings, layout, n, keep):
         probe = make_probe(n, heads, kv, seed=seed * 1000 + n)
         if settings.probe_point != "routed":  # only that probe point measures the prompt rows apart
             probe = dataclasses.replace(probe, prompt_scores=None)
-        s = settings_for(settings, name, n, keep, seed)
+        s = settings_for(settings, name, n, keep, seed, kv)
         engine = select(probe, keep, s, profiles)
         plain = plain_selection(probe, keep, s, profiles)
         assert plain.kept.tolist() == engine.kept.tolist(), f"seed {seed}"

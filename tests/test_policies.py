@@ -13,6 +13,7 @@ from headrouter_vllm.plan import compaction_moves, make_plan
 from headrouter_vllm.routing.budgets import per_head_budgets
 from headrouter_vllm.routing.context import routing_context
 from headrouter_vllm.routing.policies import POLICIES, RouteSettings, SpanProbe, select, uniform_indices
+from headrouter_vllm.routing.policies.routed import _kv_budgets
 from headrouter_vllm.routing.profiles import ModelIdentity, ProfileError, ProfileSet
 from headrouter_vllm.routing.router import GroupRouter, Profile, route
 from headrouter_vllm.routing.tasks import GROUPS
@@ -183,6 +184,27 @@ def test_budgets_follow_weights():
     assert budgets.tolist() == [40, 20, 10, 10]
     with pytest.raises(ValueError):
         per_head_budgets(torch.tensor([1.0, 1.0]), 30, 0, 10)
+
+
+def test_per_head_budgets_balance_within_each_tensor_parallel_shard():
+    """Two ranks of two KV heads each: every rank's heads share ``keep`` per head (each packs its own heads into the
+    span's mean-budget slots); inside a rank the routed weights still decide."""
+    probe = make_probe(40, seed=3, heads=8, kv=4)
+    weights = torch.tensor([4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    budgets = _kv_budgets(probe.head_scores, weights, 10, RouteSettings(mode="per_head", kv_shards=2), 4)
+    assert budgets.tolist() == [16, 4, 10, 10]
+    assert _kv_budgets(probe.head_scores, weights, 10, RouteSettings(mode="per_head"), 4).sum() == 40
+    with pytest.raises(ValueError, match="shards"):
+        _kv_budgets(probe.head_scores, weights, 10, RouteSettings(mode="per_head", kv_shards=3), 4)
+
+
+def test_per_head_plans_hold_the_mean_budget():
+    """Phase B: a per_head span holds shared mode's slots (the heads' kept audio packed), its cap bounds budgets."""
+    shared = make_plan(RouteOptions(), HeadRouterConfig(retention=0.3), [(3, 40), (50, 21)], 90)
+    per_head = make_plan(RouteOptions(), HeadRouterConfig(retention=0.3, mode="per_head", attention="torch"),
+                         [(3, 40), (50, 21)], 90)
+    assert per_head.mode == "per_head" and per_head.removed == shared.removed == (40 - 12) + (21 - 6)
+    assert [sp.head_cap for sp in per_head.spans] == [18, 9] and [sp.head_cap for sp in shared.spans] == [None] * 2
 
 
 def test_profile_file_round_trip_and_checks(tmp_path):

@@ -1,10 +1,12 @@
 """Decode micro-benchmark of the head-sparse paged attention kernel against dense baselines, on a GPU.
 
 For each head layout x batch x context x kept fraction: time one decode step (one query token per sequence) whose
-audio span covers most of the context and whose KV heads keep, on average, the given fraction of it (per-head
-budgets spread from 0.5x to 1.5x of the mean, as per_head routing gives). Reported per row: time, bytes actually
-read (K and V of the visible slots, queries, outputs), achieved bandwidth, and the ratio to dense baselines timed
-in the same run: torch SDPA on K/V already gathered into contiguous tensors (gather not timed), and vLLM's own
+audio span covers most of the context and whose KV heads keep, on average, the given fraction of it (per-head budgets
+spread from 0.5x to 1.5x of the mean, as per_head routing gives), in the skip layout (the whole span in the sequence,
+each head skipping its pruned slots) and, as ``head_sparse_packed``, in the packed layout per_head serves (the
+sequence compacted, the heads' kept keys packed into the mean budget's slots). Reported per row: time, bytes actually
+read (K and V of the visible slots, queries, outputs), achieved bandwidth, and the ratio to dense baselines timed in
+the same run: torch SDPA on K/V already gathered into contiguous tensors (gather not timed), and vLLM's own
 ``unified_attention`` on the same paged cache where it imports. Output: CSV with the device name in every row.
 
 GPU:        python benchmarks/kernels/bench_head_sparse.py --out bench_head_sparse.csv
@@ -189,9 +191,23 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
                     kept, out=out, max_query_len=1, max_seq_len=context, num_kv_splits=splits, tile_slots=tile)
 
             timed = {impl: timer(call, smoke)}
-            if cuda_graph and (tile_slots, target_programs) == (None, None):
-                # what a decode step would cost with attention inside vLLM's CUDA graph (no Python launch)
-                timed["head_sparse_cuda_graph"] = timer(cuda_graph_replay(call), smoke)
+            if (tile_slots, target_programs) == (None, None):
+                if cuda_graph:  # what a decode step would cost with attention inside vLLM's CUDA graph
+                    timed["head_sparse_cuda_graph"] = timer(cuda_graph_replay(call), smoke)
+                # what per_head serves (phase B): the compacted sequence, its region the mean budget's slots with
+                # the heads' kept keys packed one after another; the same keys read as the skip layout above
+                region = -(-int(budgets.sum()) // num_kv_heads)
+                packed_lens = torch.full((batch,), context - span + region, **as_int)
+                packed_slots = torch.full((batch,), region, **as_int)
+                offsets = (budgets.cumsum(0) - budgets).to(torch.int32).to(device).expand(batch, num_kv_heads)
+                offsets = offsets.contiguous()
+
+                def packed(kept=kept, offsets=offsets, lens=packed_lens, slots=packed_slots, region=region):
+                    return kernel.head_sparse_paged_attention(
+                        query, key_cache, value_cache, block_table, cu_seqlens_q, lens, scale, span_start, slots,
+                        kept, offsets, out=out, max_query_len=1, max_seq_len=context - span + region)
+
+                timed["head_sparse_packed"] = timer(packed, smoke)
             visible = batch * int((context - span + budgets).sum())  # slots read, summed over KV heads
             read = 2 * visible * head_size * element + io_bytes
             for name, micros in timed.items():

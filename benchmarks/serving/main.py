@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["after_prompt", "in_prompt", "prefill"],
                         help="HeadRouter engines to run at each retention (prefill: the prompt step skips the dropped "
                              "audio rows above the probe layer)")
+    parser.add_argument("--modes", nargs="+", default=["shared"], choices=["shared", "per_head"],
+                        help="HeadRouter engines to run at each retention and semantics (per_head: each KV head keeps "
+                             "its own audio, packed at the mean budget, on HeadRouter's backend: the kernels' torch "
+                             "references on CPU, slow; --policy must be a per-head one: coverage, headrouter)")
     parser.add_argument("--kv-blocks", type=int, default=200, help="KV pool size in blocks (fixed, for all runs)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -123,6 +127,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     if (args.kv_blocks - 1) * args.block_size < args.max_model_len:  # vLLM keeps one block back (its null block)
         raise ValueError(f"--kv-blocks {args.kv_blocks} x --block-size {args.block_size} cannot hold one request of "
                          f"--max-model-len {args.max_model_len} (vLLM keeps one block back)")
+    if "per_head" in args.modes:
+        from headrouter_vllm.routing.policies import policy as policy_named
+
+        if args.policy is not None and not policy_named(args.policy).per_head:
+            raise ValueError(f"--modes per_head needs a per-head policy (coverage, headrouter), not {args.policy!r}: "
+                             "a per_head engine would run it shared")
+        if any(s != "after_prompt" for s in args.semantics):
+            raise ValueError("--modes per_head runs after_prompt semantics only")
     if args.turns is not None and args.workload != "multi-turn":
         raise ValueError(f"--turns is for --workload multi-turn, not {args.workload}")
     if args.workload == "multi-turn" and args.turns is None:
@@ -158,23 +170,24 @@ def main(args: argparse.Namespace) -> list[dict]:
                              f"(now {args.max_model_len}) above that plus the text around it (up to {text_tokens} "
                              f"tokens in this workload: system prompt, questions, answers)")
         hr_window = None if args.encoder_window is None else args.encoder_window == "on"
-        if args.order is not None:  # (retention, semantics, encoder window)
-            configs = [(None, None, True) if r == VANILLA_WINDOW else (r, None, None) if r is None
-                       else (r, args.semantics[0], hr_window) for r in args.order]
+        if args.order is not None:  # (retention, semantics, encoder window, mode)
+            configs = [(None, None, True, None) if r == VANILLA_WINDOW else (r, None, None, None) if r is None
+                       else (r, args.semantics[0], hr_window, args.modes[0]) for r in args.order]
         else:
-            configs = [(None, None, None),
-                       *((r, semantics, hr_window) for semantics in args.semantics for r in args.retentions)]
+            configs = [(None, None, None, None),
+                       *((r, semantics, hr_window, mode) for mode in args.modes for semantics in args.semantics
+                         for r in args.retentions)]
         runs = []
         with tqdm(total=(len(configs) + args.warmup_pass) * len(workload), desc="bench", unit="req") as progress:
             if args.warmup_pass:
                 progress.set_postfix_str("warm-up pass (not measured)")
                 run_engine(model, workload, None, engine_kwargs, args.policy, progress,
                            prefix_caching=args.prefix_caching == "on")
-            for retention, semantics, window in configs:
-                progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g} {semantics}")
+            for retention, semantics, window, mode in configs:
+                progress.set_postfix_str("vanilla" if retention is None else f"r={retention:g} {semantics} {mode}")
                 runs.append(run_engine(model, workload, retention, engine_kwargs, args.policy, progress,
                                        semantics or "after_prompt", args.admission_headroom, window,
-                                       args.prefix_caching == "on"))
+                                       args.prefix_caching == "on", mode or "shared"))
     seen: dict[str, int] = {}
     for run in runs:  # repeated engines (--order) keep apart in the tables: "vanilla", "vanilla #2", ...
         seen[run.label] = seen.get(run.label, 0) + 1
@@ -196,7 +209,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                                                        "policy", "load_format", "dtype", "semantics",
                                                        "max_num_batched_tokens", "warmup_pass", "order",
                                                        "admission_headroom", "encoder_window", "workload",
-                                                       "turns", "prefix_caching")},
+                                                       "turns", "prefix_caching", "modes")},
             "model": args.model if Path(args.model).is_dir() else f"{args.model} (built locally)"}
     report.write(out_dir, rows, runs, meta)
     print(report.table(rows))

@@ -98,6 +98,7 @@ class RunResult:
     block_size: int
     probe_ms: list[float] = dataclasses.field(default_factory=list)
     semantics: str | None = None  # HeadRouter runs: the engine's semantics
+    mode: str | None = None  # HeadRouter runs: shared or per_head
     compact_ms: list[float] = dataclasses.field(default_factory=list)
     profile: StepProfile = dataclasses.field(default_factory=StepProfile)
     encoder_window: bool = False  # Qwen2-Audio's encoder ran on the real audio only (Omni's always does)
@@ -107,10 +108,11 @@ class RunResult:
 def run_engine(model: str, workload: list[BenchRequest], retention: float | None, engine_kwargs: dict,
                policy: str | None = None, progress=None, semantics: str = "after_prompt",
                admission_headroom: int = 0, encoder_window: bool | None = None,
-               prefix_caching: bool = True) -> RunResult:
+               prefix_caching: bool = True, mode: str = "shared") -> RunResult:
     """``encoder_window``: Qwen2-Audio's encoder on the real audio only (vanilla: ``True`` turns it on with
     ``additional_config.headrouter_encoder_window``; HeadRouter: ``headrouter.encoder_window``, ``None``: its
-    default). ``prefix_caching``: vLLM's switch, for either engine (on: vLLM's default, as deployed)."""
+    default). ``prefix_caching``: vLLM's switch, for either engine (on: vLLM's default, as deployed). ``mode``:
+    HeadRouter's ``shared`` or ``per_head`` (each KV head its own kept audio, on HeadRouter's backend)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
@@ -122,7 +124,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     extra = {}
     if retention is not None:
         extra["additional_config"] = {"headrouter": {"retention": 1.0, "policy": policy, "semantics": semantics,
-                                                     "admission_headroom": admission_headroom}}
+                                                     "admission_headroom": admission_headroom, "mode": mode}}
         if encoder_window is not None:
             extra["additional_config"]["headrouter"]["encoder_window"] = encoder_window
     elif encoder_window:
@@ -152,6 +154,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     label = "vanilla" if retention is None else f"headrouter r={retention:g}"
     if retention is not None and semantics != "after_prompt":
         label += f" {semantics}"
+    if retention is not None and mode != "shared":
+        label += f" {mode}"
     if encoder_window is not None and (retention is None or not encoder_window):
         label += " encoder window" if encoder_window else " no encoder window"  # apart from the engine's default
 
@@ -218,7 +222,8 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     duration = time.perf_counter() - start
     run = RunResult(label, retention, [results[k] for k in sorted(results, key=lambda k: results[k].index)],
                     duration, max_running, preemptions[0], pool_blocks, block_manager.block_size,
-                    semantics=None if retention is None else semantics, profile=profile,
+                    semantics=None if retention is None else semantics, mode=None if retention is None else mode,
+                    profile=profile,
                     encoder_window=encoder_window is True or (retention is not None and encoder_window is None),
                     prefix_caching=prefix_caching)
     if retention is not None:

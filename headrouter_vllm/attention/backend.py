@@ -35,11 +35,13 @@ BACKEND_PATH = "headrouter_vllm.attention.backend.HeadRouterAttentionBackend"
 
 @dataclasses.dataclass
 class RouteRows:
-    """Per batch row (the runner's persistent buffers): what each KV head of a per_head request skips."""
+    """Per batch row (the runner's persistent buffers): which region cells each KV head of a per_head request
+    reads (the head-sparse kernel's layout: kept cells from an offset in a region of span_slots slots)."""
 
     span_start: torch.Tensor  # int32 [max_num_reqs]
-    span_slots: torch.Tensor  # int32 [max_num_reqs]; 0 = nothing skipped
+    span_slots: torch.Tensor  # int32 [max_num_reqs]; 0 = no region
     kept: torch.Tensor  # int32 [max_num_reqs, Hkv]
+    offsets: torch.Tensor  # int32 [max_num_reqs, Hkv]
 
 
 @dataclasses.dataclass
@@ -51,10 +53,12 @@ class HeadRouterAttentionMetadata:
     seq_lens: torch.Tensor  # int32 [num_seqs]: KV length including this step's tokens (shortened if compacted)
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_tokens]
-    # head-sparse skip per (sequence, KV head): slots [span_start + kept, span_start + span_slots) are not read
+    # head-sparse layout per (sequence, KV head): the cells [offsets, offsets + kept) of the region
+    # [span_start, span_start + span_slots), numbered column by column (kernels/head_sparse_paged_attention)
     span_start: torch.Tensor  # int32 [num_seqs]
-    span_slots: torch.Tensor  # int32 [num_seqs]; 0 = nothing skipped
+    span_slots: torch.Tensor  # int32 [num_seqs]; 0 = no region
     kept: torch.Tensor  # int32 [num_seqs, Hkv]
+    offsets: torch.Tensor  # int32 [num_seqs, Hkv]
 
 
 class HeadRouterAttentionMetadataBuilder(AttentionMetadataBuilder[HeadRouterAttentionMetadata]):
@@ -76,14 +80,15 @@ class HeadRouterAttentionMetadataBuilder(AttentionMetadataBuilder[HeadRouterAtte
         num_seqs = m.num_reqs
         rows = self.route_rows
         if rows is not None:
-            span_start, span_slots, kept = rows.span_start, rows.span_slots, rows.kept
+            span_start, span_slots, kept, offsets = rows.span_start, rows.span_slots, rows.kept, rows.offsets
         else:
-            span_start, span_slots, kept = self._no_skip, self._no_skip, self._no_kept
+            span_start, span_slots, kept, offsets = self._no_skip, self._no_skip, self._no_kept, self._no_kept
         return HeadRouterAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
             query_start_loc=m.query_start_loc[:num_seqs + 1], seq_lens=m.seq_lens[:num_seqs],
             block_table=m.block_table_tensor[:num_seqs], slot_mapping=m.slot_mapping,
-            span_start=span_start[:num_seqs], span_slots=span_slots[:num_seqs], kept=kept[:num_seqs])
+            span_start=span_start[:num_seqs], span_slots=span_slots[:num_seqs], kept=kept[:num_seqs],
+            offsets=offsets[:num_seqs])
 
 
 def _configured_attention() -> str:
@@ -139,7 +144,7 @@ class HeadRouterAttentionImpl(AttentionImpl):
         n = m.num_actual_tokens
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         self.kernels.attention(query[:n], key_cache, value_cache, m.block_table, m.query_start_loc, m.seq_lens,
-                               self.scale, m.span_start, m.span_slots, m.kept,
+                               self.scale, m.span_start, m.span_slots, m.kept, offsets=m.offsets,
                                out=output[:n].view(n, self.num_heads, self.head_size),
                                max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
                                block_m=self.prefill_block_m if m.max_query_len > 1 else None)

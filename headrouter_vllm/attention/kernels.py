@@ -44,8 +44,9 @@ def torch_kernels() -> SimpleNamespace:
     from headrouter_vllm.kernels.probe_scores.reference import paged_probe_scores
     from headrouter_vllm.kernels.write_kv_cache.reference import write_kv_cache
 
-    def attention(*args, out=None, max_query_len=None, max_seq_len=None, num_kv_splits=None, block_m=None):
-        result = head_sparse_paged_attention(*args)
+    def attention(*args, offsets=None, out=None, max_query_len=None, max_seq_len=None, num_kv_splits=None,
+                  block_m=None):
+        result = head_sparse_paged_attention(*args, offsets=offsets)
         return result if out is None else out.copy_(result)
 
     def probe(*args, max_span_len=None, block_m=None, tile_slots=None, max_rows_per_seq=None, max_row_groups=None):
@@ -53,7 +54,8 @@ def torch_kernels() -> SimpleNamespace:
 
     return SimpleNamespace(write_kv_cache=lambda *args, tokens=16: write_kv_cache(*args), attention=attention,
                            paged_probe_scores=probe,
-                           compact_kv=lambda *args, tile=None, max_suffix_len=None: compact_kv(*args))
+                           compact_kv=lambda *args, tile=None, max_suffix_len=None, **layout: compact_kv(*args,
+                                                                                                         **layout))
 
 
 def kernels_for(attention: str) -> SimpleNamespace:

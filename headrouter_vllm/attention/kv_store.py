@@ -57,7 +57,9 @@ class ProbeMass:
 class Compaction(abc.ABC):
     """One request's compaction, prepared once and applied to every layer's cache."""
 
-    counts: torch.Tensor | None = None  # per KV head: the region's surviving slots (per_head requests' skips)
+    # per KV head: the region's surviving slots and its first cell (per_head requests' attention layout)
+    counts: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
     @abc.abstractmethod
     def apply(self, layer, kv_cache: torch.Tensor, table: torch.Tensor) -> None:
@@ -208,38 +210,50 @@ class PagedKv(KvStore):
         return _PagedCompaction(self.kernels, state, computed, num_kv_heads, device)
 
 
-def region_slots(state: RouteState, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``compact_kv``'s kept slots ``[1, Hkv, region slots]`` (int32, -1 padded): per KV head, the surviving slots
-    of the region from the first audio span to the end of the last (its kept audio and the text between spans,
-    ascending; the same for every head in shared mode), and their counts ``[Hkv]`` (int32)."""
+def region_slots(state: RouteState, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``compact_kv``'s layout of the region from the first audio span to the end of the last: per KV head its
+    surviving slots (its kept audio and the text between spans, ascending; the same for every head in shared mode) as
+    kept slots ``[1, Hkv, W]`` (int32, -1 padded), their counts ``[Hkv]`` (int32), each head's first cell ``[Hkv]``
+    (int32) and the region's slots after compaction.
+
+    The region keeps the mean budget's slots, ``S = region length - removed``; its ``Hkv * S`` cells take the heads'
+    surviving slots one head after another (per_head: a head that keeps more than S spills into the next head's
+    column, phase B; shared: every head fills exactly its own column)."""
     plan = state.plan
     first, region_end = plan.spans[0].start, plan.probe_start
+    region_slots_after = region_end - first - plan.removed
     between = torch.ones(region_end - first, dtype=torch.bool)
     for sp in plan.spans:
         between[sp.start - first:sp.end - first] = False
     text = torch.nonzero(between).flatten() + first
     heads = state.kept_per_head if state.kept_per_head is not None else [state.kept] * num_kv_heads
-    kept_slots = torch.full((1, num_kv_heads, region_end - first - plan.removed), -1, dtype=torch.int32)
-    counts = torch.empty(num_kv_heads, dtype=torch.int32)
-    for g, kept in enumerate(heads):
-        slots = torch.cat([kept, text]).sort().values
+    surviving = [torch.cat([kept, text]).sort().values for kept in heads]
+    counts = torch.tensor([slots.numel() for slots in surviving], dtype=torch.int32)
+    if int(counts.sum()) > num_kv_heads * region_slots_after:
+        raise RuntimeError(f"HeadRouter: the KV heads keep {int(counts.sum())} slots, more than the region's "
+                           f"{num_kv_heads} x {region_slots_after} cells")
+    kept_slots = torch.full((1, num_kv_heads, int(counts.max())), -1, dtype=torch.int32)
+    for g, slots in enumerate(surviving):
         kept_slots[0, g, :slots.numel()] = slots
-        counts[g] = slots.numel()
-    return kept_slots, counts
+    offsets = (counts.cumsum(0) - counts).to(torch.int32)
+    return kept_slots, counts, offsets, region_slots_after
 
 
 class _PagedCompaction(Compaction):
-    """``compact_kv`` with the region from the first audio span to the end of the last as its span and each KV
-    head's surviving slots in it as its kept slots; the suffix moves to the region's start + its slots."""
+    """``compact_kv`` with the region from the first audio span to the end of the last as its span, each KV head's
+    surviving slots in it as its kept slots, packed from ``offsets`` into the region's mean-budget slots; the suffix
+    moves to the region's start + its slots."""
 
     def __init__(self, kernels, state: RouteState, computed: int, num_kv_heads: int, device):
         plan = state.plan
         self.kernels, self.plan, self.computed = kernels, plan, computed
-        kept_slots, self.counts = region_slots(state, num_kv_heads)
+        kept_slots, self.counts, self.offsets, self.region_slots = region_slots(state, num_kv_heads)
         int32 = dict(dtype=torch.int32, device=device)
         first, region_len = plan.spans[0].start, plan.probe_start - plan.spans[0].start
         self.region_args = (torch.tensor([first], **int32), torch.tensor([region_len], **int32),
                             torch.tensor([computed], **int32), kept_slots.to(device))
+        self.layout = dict(region_slots=torch.tensor([self.region_slots], **int32),
+                           offsets=self.offsets[None].to(device))
         self.suffix_len = computed - plan.probe_start  # the question after the last audio span, moved down
         self.device = device
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # (the block list, its int32 device copy)
@@ -248,7 +262,7 @@ class _PagedCompaction(Compaction):
         if self._table is None or self._table[0] is not table:  # one copy per KV cache group
             self._table = (table, table.to(dtype=torch.int32, device=self.device)[None])
         key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
-        self.kernels.compact_kv(key_cache, value_cache, self._table[1], *self.region_args,
+        self.kernels.compact_kv(key_cache, value_cache, self._table[1], *self.region_args, **self.layout,
                                 max_suffix_len=self.suffix_len)
 
     def poison(self, layer, kv_cache, table, value):
@@ -256,14 +270,15 @@ class _PagedCompaction(Compaction):
         key_cache, value_cache = split_kv_cache(kv_cache, layer.impl.head_size)
         device = key_cache.device
         vacated = torch.arange(self.computed - plan.removed, self.computed)
-        first = plan.spans[0].start
-        region_slots_after = plan.probe_start - first - plan.removed
+        first, num_kv_heads, slots = plan.spans[0].start, key_cache.shape[2], self.region_slots
+        unused = torch.ones(num_kv_heads * slots, dtype=torch.bool)  # region cells no head was given
+        for offset, count in zip(self.offsets.tolist(), self.counts.tolist(), strict=True):
+            unused[offset:offset + count] = False
+        cells = torch.nonzero(unused).flatten()
+        stale, columns = first + cells % max(slots, 1), cells // max(slots, 1)
         for cache in (key_cache, value_cache):
             cache[table[vacated // block_size].to(device), (vacated % block_size).to(device)] = value
-            if plan.mode == "per_head":  # each head's slots past its own kept count are stale
-                for g in range(key_cache.shape[2]):
-                    stale = torch.arange(first + int(self.counts[g]), first + region_slots_after)
-                    cache[table[stale // block_size].to(device), (stale % block_size).to(device), g] = value
+            cache[table[stale // block_size].to(device), (stale % block_size).to(device), columns.to(device)] = value
 
 
 def store_for(backend_name: str, kernels: SimpleNamespace | None) -> KvStore:

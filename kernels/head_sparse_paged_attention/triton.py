@@ -1,14 +1,18 @@
 """Head-sparse paged attention in Triton: vLLM-style causal paged attention over ``[num_blocks, block_size, Hkv, d]``
-caches, where KV head g of sequence s skips the key slots ``[span_start + kept[s, g], span_start + span_slots[s])``.
+caches, where each KV head reads a sequence's audio region ``[span_start, span_start + span_slots)`` its own way:
+``kept[s, g]`` region cells from ``offsets[s, g]`` (cells numbered column by column, see ``reference.py``; default
+``g * span_slots``, the skip layout), every other slot from its own column.
 
 One program per (sequence, tile of query tokens, KV head[, KV split]). Its rows are the query tokens of the tile
 times the query heads sharing that KV head (as in vLLM's unified attention), so one K/V tile load serves the whole
-GQA group and both matmuls are ``tl.dot`` with every dimension >= 16. The program walks the KV blocks it needs as a
-single "virtual" range: the blocks before the skipped range, then those after it, so blocks wholly inside the
-skipped range are never loaded (edge blocks are masked per slot). Each loop iteration reads ``TILE_BLOCKS`` blocks
-of that range (one physical block id per slot, as vLLM's unified attention does), so that small KV blocks still give
-large loads in flight. With ``num_kv_splits > 1`` (long decode) the virtual range is cut into equal parts, each
-writing an unnormalised partial result (running max, sum, accumulator) that a second kernel combines.
+GQA group and both matmuls are ``tl.dot`` with every dimension >= 16. The program walks the keys it needs as a
+single "virtual" range of slots: the slots before the region, the head's region cells, then the slots after the
+region, each virtual slot mapped to its (slot, KV-head column); region cells it does not read are never loaded
+(loads are masked per slot). Each loop iteration reads ``TILE_BLOCKS * block_size`` virtual slots (one physical
+block id per slot, as vLLM's unified attention does), so that small KV blocks still give large loads in flight;
+without a region the virtual slots are the slots and the tiles are whole blocks. With ``num_kv_splits > 1`` (long
+decode) the virtual range is cut into equal parts, each writing an unnormalised partial result (running max, sum,
+accumulator) that a second kernel combines.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # kernels may only read constexpr globals
 @triton.jit
 def _head_sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
-    block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr, span_start_ptr, span_slots_ptr, kept_ptr,
+    block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr, span_start_ptr, span_slots_ptr, kept_ptr, offsets_ptr,
     scale,
     stride_q_tok, stride_q_head, stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot,
-    stride_v_head, stride_out_tok, stride_out_head, stride_table_seq, stride_kept_seq,
+    stride_v_head, stride_out_tok, stride_out_head, stride_table_seq, stride_kept_seq, stride_offsets_seq,
     NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, QUERIES_PER_KV_PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    TILE_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -57,42 +61,49 @@ def _head_sparse_attention_kernel(
     q = tl.load(q_ptr + (q_start + token)[:, None].to(tl.int64) * stride_q_tok + head[:, None] * stride_q_head
                 + dims[None, :], mask=row_valid[:, None], other=0.0)
 
-    # skipped slots [skip_lo, skip_hi) of this KV head; empty when the sequence has no span
+    # this KV head's region cells [first_cell, first_cell + kept) (no region: span_slots == 0)
     span_slots = tl.load(span_slots_ptr + seq)
     span_start = tl.load(span_start_ptr + seq)
     kept = tl.load(kept_ptr + seq * stride_kept_seq + kv_head)
-    skip_hi = tl.where(span_slots > 0, span_start + span_slots, 0)
-    skip_lo = tl.minimum(tl.where(span_slots > 0, span_start + kept, 0), skip_hi)
+    first_cell = tl.load(offsets_ptr + seq * stride_offsets_seq + kv_head) if HAS_OFFSETS else kv_head * span_slots
+    has_region = span_slots > 0
+    region_end = span_start + span_slots
+    cells_per_column = tl.maximum(span_slots, 1)
 
-    # keys this tile can see end at the position of its last query token
+    # keys this tile can see end at the position of its last query token. Virtual slots: [0, num_before) are the
+    # slots before the region, then num_cells region cells, then num_after slots from region_end on.
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, q_len)
-    num_kv_blocks = tl.cdiv(kv_end, BLOCK_SIZE)
-    blocks_before = tl.minimum(tl.cdiv(skip_lo, BLOCK_SIZE), num_kv_blocks)
-    first_block_after = tl.maximum(skip_hi // BLOCK_SIZE, blocks_before)
-    num_virtual_blocks = blocks_before + tl.maximum(num_kv_blocks - first_block_after, 0)
-    num_tiles = tl.cdiv(num_virtual_blocks, TILE_BLOCKS)
+    num_before = tl.where(has_region, tl.minimum(span_start, kv_end), kv_end)
+    num_cells = tl.where(has_region & (kv_end > span_start), kept, 0)
+    num_after = tl.where(has_region, tl.maximum(kv_end - region_end, 0), 0)
+    num_virtual = num_before + num_cells + num_after
+
+    TILE: tl.constexpr = TILE_BLOCKS * BLOCK_SIZE
+    num_tiles = tl.cdiv(num_virtual, TILE)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
-    TILE: tl.constexpr = TILE_BLOCKS * BLOCK_SIZE
     tile_offsets = tl.arange(0, TILE)
-    slot_in_block = tile_offsets % BLOCK_SIZE
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
     for tile in range(tile_lo, tile_hi):
-        virtual_block = tile * TILE_BLOCKS + tile_offsets // BLOCK_SIZE
-        in_range = virtual_block < num_virtual_blocks
-        block_after = virtual_block - blocks_before + first_block_after
-        block = tl.where(virtual_block < blocks_before, virtual_block, block_after)
-        physical = tl.load(block_table_ptr + seq * stride_table_seq + block, mask=in_range, other=0).to(tl.int64)
-        slot = block * BLOCK_SIZE + slot_in_block
-        # masked loads: skipped slots and slots past the visible end are never read (they may hold garbage)
-        slot_valid = in_range & (slot < kv_end) & ((slot < skip_lo) | (slot >= skip_hi))
-        k = tl.load(k_ptr + physical[None, :] * stride_k_blk + kv_head * stride_k_head
+        virtual = tile * TILE + tile_offsets
+        is_cell = (virtual >= num_before) & (virtual < num_before + num_cells)
+        cell = first_cell + (virtual - num_before)
+        cell_column = cell // cells_per_column
+        own_slot = tl.where(virtual < num_before, virtual, virtual - num_before - num_cells + region_end)
+        slot = tl.where(is_cell, span_start + cell - cell_column * cells_per_column, own_slot)
+        column = tl.where(is_cell, cell_column, kv_head)
+        # masked loads: unread cells and slots past the visible end are never read (they may hold garbage)
+        slot_valid = (virtual < num_virtual) & (slot < kv_end)
+        physical = tl.load(block_table_ptr + seq * stride_table_seq + slot // BLOCK_SIZE, mask=slot_valid,
+                           other=0).to(tl.int64)
+        slot_in_block = slot % BLOCK_SIZE
+        k = tl.load(k_ptr + physical[None, :] * stride_k_blk + column[None, :] * stride_k_head
                     + slot_in_block[None, :] * stride_k_slot + dims[:, None], mask=slot_valid[None, :], other=0.0)
-        v = tl.load(v_ptr + physical[:, None] * stride_v_blk + kv_head * stride_v_head
+        v = tl.load(v_ptr + physical[:, None] * stride_v_blk + column[:, None] * stride_v_head
                     + slot_in_block[:, None] * stride_v_slot + dims[None, :], mask=slot_valid[:, None], other=0.0)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
         visible = slot_valid[None, :] & (slot[None, :] <= position[:, None])
@@ -162,10 +173,13 @@ def default_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, bl
 def head_sparse_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                 block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                                 scale: float, span_start: torch.Tensor, span_slots: torch.Tensor, kept: torch.Tensor,
-                                out: torch.Tensor | None = None, *, max_query_len: int | None = None,
-                                max_seq_len: int | None = None, num_kv_splits: int | None = None,
-                                block_m: int | None = None, tile_slots: int | None = None) -> torch.Tensor:
-    """Triton version of :func:`..reference.head_sparse_paged_attention` (same arguments and result).
+                                offsets: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+                                max_query_len: int | None = None, max_seq_len: int | None = None,
+                                num_kv_splits: int | None = None, block_m: int | None = None,
+                                tile_slots: int | None = None) -> torch.Tensor:
+    """Triton version of :func:`..reference.head_sparse_paged_attention` (same arguments and result). Region cells
+    are not bounds-checked on the device: each head's ``[offsets, offsets + kept)`` must lie in the region's
+    ``Hkv * span_slots`` cells (and ``kept <= span_slots`` without ``offsets``).
 
     ``out`` (``[num_tokens, Hq, d]``, may be strided on the first two dims) is written in place when given.
     ``max_query_len`` / ``max_seq_len`` avoid a host sync when passed (CUDA graphs need them passed).
@@ -195,6 +209,12 @@ def head_sparse_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, va
             raise ValueError(f"{name} must be int32, got {t.dtype}")
     if block_table.stride(1) != 1 or kept.stride(1) != 1:
         raise ValueError("block_table and kept must be contiguous in their last dimension")
+    if offsets is not None:
+        if offsets.dtype != torch.int32:
+            raise ValueError(f"offsets must be int32, got {offsets.dtype}")
+        if offsets.shape != kept.shape or offsets.stride(1) != 1:
+            raise ValueError(f"offsets must be [num_seqs, Hkv] like kept ({tuple(kept.shape)}), contiguous in its "
+                             f"last dimension, got {tuple(offsets.shape)}")
     if out is None:
         out = torch.empty_like(query)
     if num_tokens == 0:
@@ -235,14 +255,15 @@ def head_sparse_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, va
         part_max = part_sum = part_acc = out  # unused
     _head_sparse_attention_kernel[grid](
         query, key_cache, value_cache, out, part_max, part_sum, part_acc,
-        block_table, cu_seqlens_q, seq_lens, span_start, span_slots, kept,
+        block_table, cu_seqlens_q, seq_lens, span_start, span_slots, kept, kept if offsets is None else offsets,
         scale,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
-        block_table.stride(0), kept.stride(0),
+        block_table.stride(0), kept.stride(0), 0 if offsets is None else offsets.stride(0),
         NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=queries_per_kv, QUERIES_PER_KV_PADDED=queries_per_kv_padded,
         BLOCK_M=block_m, BLOCK_SIZE=block_size, HEAD_SIZE=head_size, NUM_SPLITS=num_kv_splits,
-        TILE_BLOCKS=tile_slots // block_size, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        TILE_BLOCKS=tile_slots // block_size, HAS_OFFSETS=offsets is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
     if num_kv_splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](

@@ -36,8 +36,10 @@ def test_refuses_without_gpu_and_runs_smoke_mode(bench, tmp_path) -> None:
     rows = bench.main(["--smoke", "--out", str(tmp_path / "smoke.csv")])
     with open(tmp_path / "smoke.csv") as f:
         written = list(csv.DictReader(f))
-    assert len(written) == len(rows) == 5  # SDPA baseline + 4 kept fractions
+    assert len(written) == len(rows) == 9  # SDPA baseline + 4 kept fractions x (skip, packed layout)
     sparse = [r for r in written if r["impl"] == "head_sparse"]
+    packed = [r for r in written if r["impl"] == "head_sparse_packed"]
+    assert [r["bytes_read"] for r in packed] == [r["bytes_read"] for r in sparse]  # the same keys, packed
     assert [float(r["kept_fraction"]) for r in sparse] == [1.0, 0.7, 0.5, 0.3]
     assert all(r["device"].startswith("cpu") and float(r["speedup_vs_sdpa_gathered"]) > 0 for r in sparse)
     read = [int(r["bytes_read"]) for r in sparse]

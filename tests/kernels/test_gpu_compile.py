@@ -77,11 +77,12 @@ def test_head_sparse_attention_compiles(variant: str, dtype: str) -> None:
     types = {name: TYPES[dtype] for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     types.update({name: "*fp32" for name in ("part_max_ptr", "part_sum_ptr", "part_acc_ptr")})
     types.update({name: "*i32" for name in ("block_table_ptr", "cu_seqlens_q_ptr", "seq_lens_ptr", "span_start_ptr",
-                                             "span_slots_ptr", "kept_ptr")})
+                                             "span_slots_ptr", "kept_ptr", "offsets_ptr")})
     types["scale"] = "fp32"
     compile_for_gpu(module._head_sparse_attention_kernel, types, dict(
         NUM_KV_HEADS=4, QUERIES_PER_KV=group, QUERIES_PER_KV_PADDED=group_padded, BLOCK_M=block_m,
         BLOCK_SIZE=block_size, HEAD_SIZE=head_size, NUM_SPLITS=splits, TILE_BLOCKS=tile_blocks,
+        HAS_OFFSETS=dtype == "bf16",  # both layouts without doubling the compiles: bf16 with offsets (packed)
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32"))
     if splits > 1:
         compile_for_gpu(module._combine_splits_kernel,
@@ -95,10 +96,13 @@ def test_head_sparse_attention_compiles(variant: str, dtype: str) -> None:
 def test_compact_kv_compiles(dtype: str, arch: int) -> None:
     module = load_compilable("compact_kv")
     types = {"k_ptr": TYPES[dtype], "v_ptr": TYPES[dtype], "scratch_ptr": TYPES[dtype], "block_table_ptr": "*i32",
-             "span_start_ptr": "*i32", "span_len_ptr": "*i32", "total_len_ptr": "*i32", "kept_slots_ptr": "*i32"}
+             "span_start_ptr": "*i32", "span_len_ptr": "*i32", "total_len_ptr": "*i32", "kept_slots_ptr": "*i32",
+             "region_slots_ptr": "*i32", "offsets_ptr": "*i32"}
+    packed = dtype == "bf16"  # both layouts without doubling the compiles: bf16 with region_slots and offsets
     for gather in (True, False):
-        compile_for_gpu(module._compact_kv_kernel, types, dict(NUM_KV_HEADS=4, BLOCK_SIZE=16, HEAD_SIZE=128,
-                                                               TILE=module.GPU_TILE, GATHER=gather), arch)
+        compile_for_gpu(module._compact_kv_kernel, types, dict(
+            NUM_KV_HEADS=4, BLOCK_SIZE=16, HEAD_SIZE=128, TILE=module.GPU_TILE, HAS_REGION_SLOTS=packed,
+            HAS_OFFSETS=packed, GATHER=gather), arch)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

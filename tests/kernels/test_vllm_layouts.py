@@ -230,21 +230,27 @@ class CompactionCase:
     span_start: int  # the compacted region: first audio span .. end of the last
     span_len: int
     counts: tuple[int, ...]  # surviving slots per KV head (each b_max in shared mode)
-    b_max: int
+    b_max: int  # the region's slots after compaction
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Each head's first cell in the region: packed one after another (in shared mode, its own column)."""
+        return tuple(sum(self.counts[:g]) for g in range(len(self.counts)))
 
 
 COMPACTIONS = {
     # shared mode, what the stock backends serve: every head keeps the same slots. The region starts mid-block
     # and the suffix crosses blocks.
     "shared": CompactionCase(75, 5, 50, (20, 20, 20), b_max=20),
-    # per_head: each head keeps its own slots, its count short of b_max (the head-sparse backend only)
-    "per_head": CompactionCase(75, 5, 50, (20, 7, 13), b_max=20),
+    # per_head (the head-sparse backend only): each head keeps its own slots, packed at the mean count, so head 0
+    # spills into head 1's column and head 1 into head 2's (phase B)
+    "per_head": CompactionCase(75, 5, 50, (27, 13, 20), b_max=20),
 }
 
 
 def kept_slots(case: CompactionCase, generator: torch.Generator, shared: bool) -> torch.Tensor:
-    """``compact_kv``'s ``[1, Hkv, b_max]`` int32 kept slots: ascending, inside the region, -1 padded."""
-    kept = torch.full((1, NUM_KV_HEADS, case.b_max), -1, dtype=torch.int32)
+    """``compact_kv``'s ``[1, Hkv, max count]`` int32 kept slots: ascending, inside the region, -1 padded."""
+    kept = torch.full((1, NUM_KV_HEADS, max(case.counts)), -1, dtype=torch.int32)
     region = torch.arange(case.span_start, case.span_start + case.span_len, dtype=torch.int32)
     chosen = None
     for g, count in enumerate(case.counts):
@@ -269,7 +275,8 @@ def test_compact_kv(layout: str, block_size: int, dtype: torch.dtype, name: str)
     int32 = {"dtype": torch.int32, "device": DEVICE}
     # as _PagedCompaction.apply calls it: the request's block list as a one-row table, the suffix length given
     args = (cache.block_ids[0].to(**int32)[None], torch.tensor([case.span_start], **int32),
-            torch.tensor([case.span_len], **int32), torch.tensor([case.total_len], **int32), kept.to(DEVICE))
+            torch.tensor([case.span_len], **int32), torch.tensor([case.total_len], **int32), kept.to(DEVICE),
+            torch.tensor([case.b_max], **int32), torch.tensor([case.offsets], **int32))
     before, other_before = cache.kv_cache.clone(), cache.layers[1 - LAYER].clone()
     expected = cache.kv_cache.clone(memory_format=torch.contiguous_format)  # a copy even where contiguous (LBHNC)
     compact_reference.compact_kv(*split_kv_cache(expected, HEAD_SIZE), *args)
@@ -278,29 +285,29 @@ def test_compact_kv(layout: str, block_size: int, dtype: torch.dtype, name: str)
 
     assert torch.equal(bits(cache.kv_cache), bits(expected))
     written = torch.zeros(cache.kv_cache.shape[:3], dtype=torch.bool)  # [B, H, N]: the moves' destinations
-    for g in range(NUM_KV_HEADS):
-        _, dst = compact_reference.compaction_moves(case.span_start, case.span_len, case.total_len, kept[0, g])
-        written[cache.block_ids[0][dst // block_size], g, dst % block_size] = True
+    moves = [compact_reference.head_moves(case.span_start, case.span_len, case.total_len, kept[0, g], g, case.b_max,
+                                          case.offsets[g]) for g in range(NUM_KV_HEADS)]
+    for _, dst, columns in moves:
+        written[cache.block_ids[0][dst // block_size], columns, dst % block_size] = True
     assert written.any()
     assert torch.equal(bits(cache.kv_cache)[~written], bits(before)[~written])
     assert torch.equal(bits(cache.layers[1 - LAYER]), bits(other_before))
 
-    # poisoned as the engine tests poison (PagedKv): what the request gave back, and each head's stale slots
+    # poisoned as the engine tests poison (PagedKv): what the request gave back (every region cell is some head's)
+    assert sum(case.counts) == NUM_KV_HEADS * case.b_max
     new_len = case.total_len - case.span_len + case.b_max
     vacated = cache.slots(0, torch.arange(new_len, case.total_len))
     for cache_half in (cache.key_cache, cache.value_cache):
         cache_half[vacated] = float("nan")
-        for g, count in enumerate(case.counts):
-            stale = cache.slots(0, torch.arange(case.span_start + count, case.span_start + case.b_max))
-            cache_half[(*stale, g)] = float("nan")
-    # each head's live slots are its kept sequence: the prefix, its kept slots, the suffix, in order
-    for g, count in enumerate(case.counts):
-        live = torch.cat([torch.arange(case.span_start + count), torch.arange(case.span_start + case.b_max, new_len)])
-        source = torch.cat([torch.arange(case.span_start), kept[0, g, :count].long(),
+    # each head's live cells are its kept sequence: the prefix, its kept slots, the suffix, in order
+    for g, (_, dst, columns) in enumerate(moves):
+        prefix = torch.arange(case.span_start)
+        live, live_columns = torch.cat([prefix, dst]), torch.cat([torch.full_like(prefix, g), columns])
+        source = torch.cat([prefix, kept[0, g, :case.counts[g]].long(),
                             torch.arange(case.span_start + case.span_len, case.total_len)])
         for after, original in zip((cache.key_cache, cache.value_cache), split_kv_cache(before, HEAD_SIZE),
                                    strict=True):
-            got = after[(*cache.slots(0, live), g)]
+            got = after[(*cache.slots(0, live), live_columns)]
             assert torch.isfinite(got).all()
             assert torch.equal(bits(got), bits(original[(*cache.slots(0, source), g)]))
 

@@ -32,6 +32,9 @@ class RouteSettings:
     b_min_fraction: float = 0.0  # per_head: budget bounds as fractions of N
     b_max_fraction: float = 1.0
     b_max: int | None = None  # per_head: an absolute cap (the engine's plan); overrides b_max_fraction
+    # per_head: KV heads in consecutive groups that each hold their share of the budget (tensor parallel ranks: each
+    # packs its own heads' kept audio into the span's mean-budget slots)
+    kv_shards: int = 1
     focus: tuple[tuple[int, int], ...] | None = None  # region: [start, end) token windows of the span
     probe_point: str = "prompt"  # the rows the probe read (the group router reads the first token's)
 

@@ -73,12 +73,17 @@ def select_top_k(probe: SpanProbe, keep: int, settings: RouteSettings, profiles:
 def _kv_budgets(scores: torch.Tensor, weights: torch.Tensor | None, keep: int, settings: RouteSettings,
                 num_kv: int) -> torch.Tensor:
     """``per_head`` budgets ``[G]``: ``keep * G`` slots in all, shared by the KV heads' routed weights, each between
-    ``b_min`` and ``b_max`` (the settings' fractions of N, or the engine plan's cap)."""
+    ``b_min`` and ``b_max`` (the settings' fractions of N, or the engine plan's cap). With ``kv_shards`` > 1 every
+    group of ``G / kv_shards`` consecutive heads shares ``keep`` slots per head of its own."""
     n = scores.shape[-1]
     kv_weights = (weights if weights is not None else _equal_weights(scores)).view(num_kv, -1).sum(dim=1)
     b_min = min(keep, int(settings.b_min_fraction * n))
     b_max = settings.b_max if settings.b_max is not None else min(n, math.ceil(settings.b_max_fraction * n))
-    return per_head_budgets(kv_weights, keep * num_kv, b_min, max(keep, min(n, b_max)))
+    if num_kv % settings.kv_shards:
+        raise ValueError(f"{num_kv} KV heads do not split into {settings.kv_shards} shards")
+    per_shard = num_kv // settings.kv_shards
+    return torch.cat([per_head_budgets(shard, keep * per_shard, b_min, max(keep, min(n, b_max)))
+                      for shard in kv_weights.split(per_shard)])
 
 
 def _per_head_selection(per_head: list[torch.Tensor], weights, alpha) -> Selection:
