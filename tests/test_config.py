@@ -120,7 +120,8 @@ def test_headrouter_section_selects_scheduler_worker_and_keeps_prefix_caching():
     (dict(additional_config={"headrouter": {"mode": "per_head", "attention": "platform"}}), "per_head"),
     (dict(additional_config={"headrouter": {}}, dbo=True), "dual-batch overlap"),
     (dict(additional_config={"headrouter": {"semantics": "prefill"}}, enforce_eager=False), "add --enforce-eager"),
-    (dict(additional_config={"headrouter": {"semantics": "prefill", "attention": "torch"}}), "CPU attention only"),
+    (dict(additional_config={"headrouter": {"semantics": "prefill", "attention": "torch"}}),
+     "vLLM's own attention only"),
     (dict(additional_config={"headrouter": {"semantics": "prefill"}}, tp=2), "tensor parallelism"),
 ])
 def test_misconfigured_engine_stops_with_a_clear_error(kwargs, message):
@@ -214,6 +215,29 @@ def test_gpu_engine_keeps_vllms_backend_in_shared_mode(monkeypatch):
         platform_config.configure_engine(gpu_config(block_size=48))
     assert issubclass(HeadRouterGPUModelRunner, HeadRouterRunnerMixin)
     assert "_make_model_runner" in HeadRouterGPUWorker.__dict__
+
+
+def test_gpu_prefill_engine_needs_triton_attn_and_eager(monkeypatch):
+    """prefill on a GPU: vLLM's TRITON_ATTN (whose metadata rebuild the engine tests check, interpreted on CPU) with
+    --enforce-eager; FLASH_ATTN, FLASHINFER and vLLM's own pick are refused with the reason."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from headrouter_vllm.patch import platform_config
+
+    monkeypatch.setattr(platform_config, "_on_cuda", lambda: True)
+    monkeypatch.delenv("HEADROUTER_ATTENTION", raising=False)
+
+    def gpu_prefill(backend=None, **kwargs):
+        return fake_vllm_config({"headrouter": {"semantics": "prefill"}},
+                                worker_cls=platform_config.VLLM_GPU_WORKER_CLS,
+                                backend=None if backend is None else AttentionBackendEnum[backend], **kwargs)
+
+    assert platform_config.configure_engine(gpu_prefill("TRITON_ATTN")).semantics == "prefill"
+    for backend in (None, "FLASH_ATTN", "FLASHINFER"):
+        with pytest.raises(ConfigError, match="needs --attention-backend TRITON_ATTN"):
+            platform_config.configure_engine(gpu_prefill(backend))
+    with pytest.raises(ConfigError, match="add --enforce-eager"):
+        platform_config.configure_engine(gpu_prefill("TRITON_ATTN", enforce_eager=False))
 
 
 @pytest.mark.parametrize("mode", ["FULL", "FULL_DECODE_ONLY"])

@@ -47,6 +47,11 @@ ENGINES = {  # (engine settings, cases, phases)
     "stock_vanilla": (dict(headrouter=None, **STOCK), STOCK_NAMES[:1], ["batch"]),
     "stock_chunked_poisoned": (dict(headrouter={}, enable_chunked_prefill=True, max_num_batched_tokens=64,
                                     poison=math.nan, device_buffers=True, **STOCK), STOCK_NAMES, ["batch"]),
+    # prefill semantics on vLLM's TRITON_ATTN (the GPU's stock backends' stand-in): above the probe layer the
+    # dropped audio rows are gone, the metadata rebuilt by TRITON_ATTN's own builder; chunked, NaN-poisoned
+    "stock_prefill": (dict(headrouter={"semantics": "prefill", "probe_layer": 1}, enable_chunked_prefill=True,
+                           max_num_batched_tokens=192, poison=math.nan, device_buffers=True, **STOCK),
+                      STOCK_NAMES[1:], ["batch"]),
     # per_head: each KV head keeps its own audio, with head profiles that give the KV heads different budgets
     # (stale head slots NaN-poisoned); the similarity baseline in the same batch stays shared
     "triton_per_head": (dict(headrouter={**TRITON, "mode": "per_head", "profiles": "<per-head profiles>"},
@@ -168,6 +173,21 @@ def test_routed_requests_equal_cpu_path(engine, mode, name):
     assert ours["record"].blocks_after == cpu["record"].blocks_after
     assert ours["tokens"] == cpu["tokens"]
     assert max_difference(ours["logprobs"], cpu["logprobs"]) < 1e-4
+
+
+def test_prefill_semantics_on_the_stock_backend_equal_hf_reference(engine, tiny_model, speech):
+    """prefill on vLLM's TRITON_ATTN: the kept set, the tokens and the log-probabilities of the HF reference with the
+    dropped audio gone above the probe layer, the dropped rows really not computed, and the freed blocks."""
+    case = next(c for c in make_cases(speech, PROMPTS) if c.name == "short_r0.3")
+    result = engine("stock_prefill")
+    got = result["batch"][case.name]
+    ref = reference(tiny_model, case.prompt, case.wave, case.retention, NEW_TOKENS, probe_layer=1,
+                    semantics="prefill", policy=case.policy, task=case.task or "auto")
+    assert result["attention_impls"] == {"TritonAttentionImpl"}
+    assert got["log"].kept == ref["kept"] and got["tokens"] == ref["tokens"]
+    assert max_difference(got["logprobs"], ref["logprobs"]) < 1e-3
+    assert result["prefill_rows_dropped"] == ref["audio_tokens"] - len(ref["kept"])
+    assert got["record"].blocks_after == cdiv(ref["length"] - (ref["audio_tokens"] - len(ref["kept"])), BLOCK)
 
 
 def test_the_most_gpu_like_engine_kept_host_and_device_apart(engine):

@@ -75,9 +75,15 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
         raise ConfigError("HeadRouter does not support dual-batch overlap (--enable-dbo) yet")
     attention = config.resolved_attention(on_cuda)
     if config.semantics == "prefill":
-        if attention != "platform" or on_cuda:
-            raise ConfigError("headrouter.semantics 'prefill' runs with vLLM's CPU attention only for now "
-                              "(headrouter.attention 'platform', on CPU)")
+        # the rows of the upper layers change mid-forward, so their attention metadata is rebuilt by the backend's own
+        # builder (patch/prefill_hooks.py): tested for CPU_ATTN and for TRITON_ATTN (interpreted, on CPU)
+        backend = vllm_config.attention_config.backend
+        if attention != "platform":
+            raise ConfigError("headrouter.semantics 'prefill' runs on vLLM's own attention only "
+                              "(headrouter.attention 'platform')")
+        if on_cuda and (backend is None or backend.name != "TRITON_ATTN"):
+            raise ConfigError("headrouter.semantics 'prefill' on a GPU needs --attention-backend TRITON_ATTN: its "
+                              "metadata rebuild is the one tested (FLASH_ATTN's and FLASHINFER's are not yet)")
         if not vllm_config.model_config.enforce_eager:
             raise ConfigError("headrouter.semantics 'prefill' changes the batch between decoder layers, which a "
                               "compiled model cannot: add --enforce-eager")
