@@ -183,3 +183,28 @@ def test_routed_from_the_input_minus_the_task_named():
     rows = report.summarise(answers, "m", reworded=("digits",))
     assert next(r for r in rows if r["method"] == "coverage[auto]@routed")["reworded_vs_named"] == pytest.approx(-50)
     assert "reworded tasks [95% CI]" in report.markdown(rows) and "| reworded |" in report.versus_named(rows)
+
+
+def test_prefill_methods_and_their_after_prompt_twin():
+    """``--prefill-policies``: methods on an engine of their own, labelled ``/prefill``; each gets a paired difference
+    against the same method under after_prompt semantics, in its own table."""
+    grid = methods([0.3], ["coverage:named@prompt"], [], prefill_policies=["coverage:named@prompt"])
+    assert [(m.label, m.engine) for m in grid[1:]] == [
+        ("coverage[named]@prompt", ("after_prompt", "shared", "seen")),
+        ("coverage[named]@prompt/prefill", ("prefill", "shared", "seen"))]
+
+    def answer(clip, task, method, correct):
+        return Answer(clip, task, method, 0.3, "", correct, 100, 30, model="m")
+
+    answers = []
+    for i in range(40):  # beeps: prefill wrong on a quarter of the clips
+        answers += [answer(f"c{i}", "beeps", "coverage[named]@prompt", True),
+                    answer(f"c{i}", "beeps", "coverage[named]@prompt/prefill", i % 4 != 0),
+                    answer(f"c{i}", "digits", "coverage[named]@prompt", True),
+                    answer(f"c{i}", "digits", "coverage[named]@prompt/prefill", True)]
+    rows = {r["method"]: r for r in report.summarise(answers, "m")}
+    prefill = rows["coverage[named]@prompt/prefill"]
+    assert prefill["acoustic_vs_after_prompt"] < 0 and prefill["semantic_vs_after_prompt"] == 0.0
+    assert "mean_vs_after_prompt" not in rows["coverage[named]@prompt"]
+    table = report.versus_after_prompt(list(rows.values()))
+    assert "| m | coverage[named]@prompt/prefill | 0.3 |" in table

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the engine's probe point, which a tuned profile file may set)")
     parser.add_argument("--in-prompt-policies", nargs="*", default=["headrouter:named", "uniform"],
                         help="policy[:named|auto] under in_prompt semantics (none: skip)")
+    parser.add_argument("--prefill-policies", nargs="*", default=[],
+                        help="policy[:named|auto][@prompt] under prefill semantics (above the probe layer the prompt "
+                             "step does not compute the dropped audio rows; only the prompt probe point applies)")
     parser.add_argument("--per-head-policies", nargs="*", default=[],
                         help="policy[:named|auto] in per_head mode (HeadRouter's backend, torch references on CPU)")
     parser.add_argument("--holdout-tasks", nargs="+", default=[], metavar="TASK",
@@ -136,7 +139,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f"--retention-candidates: each must be in (0, 1), got {r}")
     chosen = methods(args.retentions, args.policies, args.in_prompt_policies, args.per_head_policies,
                      args.holdout_policies if holdout else (),
-                     args.auto_retention_policies if args.tune_retention else ())
+                     args.auto_retention_policies if args.tune_retention else (), args.prefill_policies)
     phrasings = {}  # model -> each task's test wording
     if args.test_phrasings:
         files = args.test_phrasings * len(args.models) if len(args.test_phrasings) == 1 else args.test_phrasings

@@ -135,6 +135,12 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
             for group, (d, lo, hi) in paired_difference(answers, method, retention, named, groups=groups).items():
                 row.update({f"{group}_vs_named": round(d, 2), f"{group}_vs_named_lo": round(lo, 2),
                             f"{group}_vs_named_hi": round(hi, 2)})
+        dense = _after_prompt_twin(method, {m for m, _ in cells})
+        if dense is not None and (dense, retention) in cells:
+            # what the prompt step's semantics changes (in_prompt, prefill) against after_prompt, same retention
+            for group, (d, lo, hi) in paired_difference(answers, method, retention, dense, groups=groups).items():
+                row.update({f"{group}_vs_after_prompt": round(d, 2), f"{group}_vs_after_prompt_lo": round(lo, 2),
+                            f"{group}_vs_after_prompt_hi": round(hi, 2)})
         if pruned and not method.startswith("uniform"):
             # a method at an explicit probe point is compared with uniform at the same one, where it ran; at
             # retention auto, a named-task method with uniform named too (the same retentions, task by task)
@@ -164,6 +170,15 @@ def _named_twin(method: str, ran: set[str]) -> str | None:
         spec, _, rest = named.partition("@")
         named = spec + ("/" + rest.partition("/")[2] if "/" in rest else "")
     return named
+
+
+def _after_prompt_twin(method: str, ran: set[str]) -> str | None:
+    """An ``in_prompt`` or ``prefill`` method's twin under ``after_prompt`` semantics, where it ran; else None."""
+    for semantics in ("/in_prompt", "/prefill"):
+        if semantics in method:
+            twin = method.replace(semantics, "")
+            return twin if twin in ran else None
+    return None
 
 
 def _number(retention: float | str) -> float:
@@ -203,6 +218,24 @@ def versus_uniform(rows: list[dict]) -> str:
         cells = [r["model"], r["method"], r.get("baseline", "uniform"), _r(r["retention"])]
         for group in groups:
             d, lo, hi = (r.get(f"{group}_vs_uniform{k}", math.nan) for k in ("", "_lo", "_hi"))
+            mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
+            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def versus_after_prompt(rows: list[dict]) -> str:
+    """Markdown: each ``in_prompt`` / ``prefill`` method minus the same method under ``after_prompt`` semantics, on the
+    same questions, paired 95% intervals."""
+    groups = ["semantic", "acoustic", "mean"]
+    head = ["model", "method", "r", *groups]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "mean_vs_after_prompt" not in r:
+            continue
+        cells = [r["model"], r["method"], _r(r["retention"])]
+        for group in groups:
+            d, lo, hi = (r.get(f"{group}_vs_after_prompt{k}", math.nan) for k in ("", "_lo", "_hi"))
             mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
             cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -311,6 +344,9 @@ def write(out: Path, rows: list[dict], answers: list, meta: dict) -> None:
     named = versus_named(rows)
     named = (f"\n## Routed from the input minus the task named (same policy and retention; paired 95% intervals, "
              f"bootstrap over clips)\n\n{named}\n") if named else ""
+    dense = versus_after_prompt(rows)
+    named += (f"\n## In-prompt and prefill semantics minus after_prompt (same method and retention; paired 95% "
+              f"intervals, bootstrap over clips)\n\n{dense}\n") if dense else ""
     auto = auto_retention(rows)
     auto = (f"\n## Retention auto (the profile file's table) beside each fixed retention (minus full audio: paired "
             f"95% intervals, bootstrap over clips)\n\n{auto}\n") if auto else ""

@@ -52,7 +52,7 @@ class Method:
 
 def methods(retentions: list[float], policies: list[str], in_prompt_policies: list[str],
             per_head_policies: list[str] = (), holdout_policies: list[str] = (),
-            auto_retention_policies: list[str] = ()) -> list[Method]:
+            auto_retention_policies: list[str] = (), prefill_policies: list[str] = ()) -> list[Method]:
     """The methods of a run: full audio, then per retention each policy group's; ``auto_retention_policies`` run
     once more at retention ``auto`` (after_prompt, shared, the profile file that saw every task)."""
     for name in per_head_policies:
@@ -62,7 +62,7 @@ def methods(retentions: list[float], policies: list[str], in_prompt_policies: li
     out = [Method("uniform", 1.0)]
     groups = (("after_prompt", "shared", policies, "seen"), ("in_prompt", "shared", in_prompt_policies, "seen"),
               ("after_prompt", "per_head", per_head_policies, "seen"),
-              ("after_prompt", "shared", holdout_policies, "holdout"))
+              ("after_prompt", "shared", holdout_policies, "holdout"), ("prefill", "shared", prefill_policies, "seen"))
     at_auto = (("after_prompt", "shared", auto_retention_policies, "seen"),)
     for r in [*retentions, *([AUTO] if auto_retention_policies else [])]:
         for semantics, mode, names, profiles in (at_auto if r == AUTO else groups):
