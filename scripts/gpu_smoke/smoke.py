@@ -101,8 +101,8 @@ REFUSALS = [
      "--kv-cache-dtype fp8"),
     ("per_head with --block-size 256", {"additional_config": {"headrouter": {"mode": "per_head"}},
                                         "block_size": 256}, {}, "<= 128 on HeadRouter's attention backend"),
-    ("prefill semantics on a GPU without --attention-backend TRITON_ATTN",
-     {"additional_config": {"headrouter": {"semantics": "prefill"}}}, {}, "needs --attention-backend TRITON_ATTN"),
+    ("prefill semantics on a GPU without --enforce-eager (the smoke stack's backend is TRITON_ATTN)",
+     {"additional_config": {"headrouter": {"semantics": "prefill"}}}, {}, "add --enforce-eager"),
 ]
 IMPORTS = [
     "vllm", "vllm.platforms.cuda", "vllm.entrypoints.llm", "vllm.engine.arg_utils", "vllm.v1.engine.core",
