@@ -79,8 +79,9 @@ class HeadRouterConfig:
             (CPU: CPU_ATTN, HeadRouter's probe and compaction in torch on its pages; GPU: the backend vLLM picks or
             ``--attention-backend`` names, FLASH_ATTN, FLASHINFER or TRITON_ATTN, with HeadRouter's Triton probe and
             compaction kernels on its cache, and vLLM's CUDA graphs); ``shared`` mode only. ``triton``: HeadRouter's
-            backend (vLLM's standard paged KV layout, HeadRouter's Triton kernels; each KV head skips its own pruned
-            slots, which ``per_head`` needs; on CPU the kernels run under the Triton interpreter, slow, for tests).
+            backend (vLLM's standard paged KV layout, HeadRouter's Triton kernels; each KV head reads its own kept
+            audio, packed, which ``per_head`` needs; on CPU the kernels run under the Triton interpreter, slow, for
+            tests).
             ``torch``: HeadRouter's backend with the kernels' plain-torch references (the same semantics; the CPU
             path for ``per_head``). ``auto``: ``$HEADROUTER_ATTENTION`` if set, else ``platform`` for ``shared``
             engines and HeadRouter's backend for ``per_head`` ones (``triton`` on a GPU, ``torch`` on CPU).
@@ -149,7 +150,7 @@ class HeadRouterConfig:
             raise ConfigError("headrouter.mode 'per_head' supports semantics 'after_prompt' only")
         if self.mode == "per_head" and self.attention == "platform":
             raise ConfigError("headrouter.mode 'per_head' needs attention 'triton' or 'torch' (vLLM's own attention "
-                              "cannot skip each head's pruned slots)")
+                              "cannot read each head's own packed audio)")
         if self.profiles is not None and not isinstance(self.profiles, str):
             raise ConfigError(f"headrouter.profiles must be a path, got {self.profiles!r}")
         if self.profiles is None:  # with a profile file, its tasks count too: the routing context checks then

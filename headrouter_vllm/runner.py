@@ -217,7 +217,7 @@ class HeadRouterRunnerMixin:
         rows.span_slots[:num_reqs].copy_(span_slots, non_blocking=True)
         rows.kept[:num_reqs].copy_(kept, non_blocking=True)
         rows.offsets[:num_reqs].copy_(offsets, non_blocking=True)
-        # rows past this batch may hold a finished request's skip: a later, larger batch must not read it
+        # rows past this batch may hold a finished request's region: a later, larger batch must not read it
         rows.span_slots[num_reqs:].zero_()
         self._hr_rows_set = bool(self.hr_sparse)
 

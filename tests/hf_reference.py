@@ -163,7 +163,6 @@ def reference(model_dir: str, prompt: str, wave, retention: float, max_tokens: i
             keeps.append(keep)
             info.setdefault("margins", []).append(selection.margin)
             info.setdefault("alphas", []).append(selection.alpha)
-            info["cap"] = cap
         kept = torch.cat(kept)
         info.update(kept=kept.tolist(), keep=sum(keeps), keeps=keeps, margin=info["margins"][0],
                     alpha=info["alphas"][0])

@@ -200,6 +200,8 @@ def test_bench_per_head_holds_the_mean_budget(tiny_model, tmp_path):
     vanilla, shared, per_head = summary["runs"]
     assert [r["label"] for r in summary["runs"]] == ["vanilla", "headrouter r=0.5", "headrouter r=0.5 per_head"]
     assert (shared["mode"], per_head["mode"], vanilla["mode"]) == ("shared", "per_head", None)
+    # no --policy: each engine's default, recorded with the run
+    assert (shared["policy"], per_head["policy"], vanilla["policy"]) == ("coverage", "headrouter", None)
     assert per_head["audio_kept_mean"] == shared["audio_kept_mean"] == 125
     assert per_head["kv_blocks_per_request"] == shared["kv_blocks_per_request"] < vanilla["kv_blocks_per_request"]
     assert per_head["ideal_gain"] == shared["ideal_gain"] and summary["workload"]["modes"] == ["shared", "per_head"]
@@ -212,7 +214,8 @@ def test_bench_per_head_refuses_what_would_run_shared(tiny_model, tmp_path, caps
 
     base = ["bench", "--model", tiny_model, "--num-requests", "2", "--modes", "per_head", "--out", str(tmp_path)]
     for extra, message in ((["--policy", "fastv"], "needs a per-head policy"),
-                           (["--semantics", "in_prompt"], "after_prompt semantics only")):
+                           (["--semantics", "in_prompt"], "after_prompt semantics only"),
+                           (["--modes", "shared", "per_head", "--order", "vanilla,0.5"], "give --modes one value")):
         with pytest.raises(SystemExit) as stop:
             main([*base, *extra])
         assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -53,7 +53,7 @@ ENGINES = {  # (engine settings, cases, phases)
                            max_num_batched_tokens=192, poison=math.nan, device_buffers=True, **STOCK),
                       STOCK_NAMES[1:], ["batch"]),
     # per_head: each KV head keeps its own audio, with head profiles that give the KV heads different budgets
-    # (stale head slots NaN-poisoned); the similarity baseline in the same batch stays shared
+    # (vacated and freed slots NaN-poisoned); the similarity baseline in the same batch stays shared
     "triton_per_head": (dict(headrouter={**TRITON, "mode": "per_head", "profiles": "<per-head profiles>"},
                              poison=math.nan), PER_HEAD_NAMES, ["batch"]),
     # the kernels' torch references in HeadRouter's backend: shared mode, and HeadRouter's CPU path for per_head
@@ -279,9 +279,9 @@ def test_block_pool_returns_to_start(engine, mode):
     assert result["free_at_end"] == result["free_at_start"]
 
 
-def test_a_finished_per_head_request_leaves_no_skip_behind(tiny_model, speech, profiles_file):
+def test_a_finished_per_head_request_leaves_no_region_behind(tiny_model, speech, profiles_file):
     """A per_head request finishes while another one runs on; a request that then takes its old batch row must not
-    inherit its per-head skip (the backend reads each row's skip from the runner's persistent buffers)."""
+    inherit its region layout (the backend reads each row's layout from the runner's persistent buffers)."""
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm.options import route_args

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run exactly these engines in this order instead of vanilla then --retentions, e.g. "
                              "'vanilla,1.0,vanilla,1.0' (repeats are measured separately: how much identical engines "
                              "differ on this machine); a retention runs with the first --semantics")
-    parser.add_argument("--policy", default=None, help="selection policy (default: the engine's, coverage)")
+    parser.add_argument("--policy", default=None,
+                        help="selection policy (default: the engine's: coverage, headrouter in per_head mode)")
     parser.add_argument("--semantics", nargs="+", default=["after_prompt"],
                         choices=["after_prompt", "in_prompt", "prefill"],
                         help="HeadRouter engines to run at each retention (prefill: the prompt step skips the dropped "
@@ -84,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=["shared"], choices=["shared", "per_head"],
                         help="HeadRouter engines to run at each retention and semantics (per_head: each KV head keeps "
                              "its own audio, packed at the mean budget, on HeadRouter's backend: the kernels' torch "
-                             "references on CPU, slow; --policy must be a per-head one: coverage, headrouter)")
+                             "references on CPU, slow; only after_prompt semantics; --policy must be a per-head one: "
+                             "coverage, headrouter, oracle; unset, each engine's default: coverage shared, headrouter "
+                             "per_head; --order runs the first mode only, so it takes one)")
     parser.add_argument("--kv-blocks", type=int, default=200, help="KV pool size in blocks (fixed, for all runs)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -131,10 +134,12 @@ def main(args: argparse.Namespace) -> list[dict]:
         from headrouter_vllm.routing.policies import policy as policy_named
 
         if args.policy is not None and not policy_named(args.policy).per_head:
-            raise ValueError(f"--modes per_head needs a per-head policy (coverage, headrouter), not {args.policy!r}: "
-                             "a per_head engine would run it shared")
-        if any(s != "after_prompt" for s in args.semantics):
-            raise ValueError("--modes per_head runs after_prompt semantics only")
+            raise ValueError(f"--modes per_head needs a per-head policy (coverage, headrouter, oracle), not "
+                             f"{args.policy!r}: a per_head engine would run it shared")
+        if "after_prompt" not in args.semantics or (args.order is not None and args.semantics[0] != "after_prompt"):
+            raise ValueError("--modes per_head runs after_prompt semantics only: add it to --semantics")
+    if args.order is not None and len(args.modes) > 1:
+        raise ValueError("--order runs every retention with one mode: give --modes one value")
     if args.turns is not None and args.workload != "multi-turn":
         raise ValueError(f"--turns is for --workload multi-turn, not {args.workload}")
     if args.workload == "multi-turn" and args.turns is None:
@@ -176,7 +181,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         else:
             configs = [(None, None, None, None),
                        *((r, semantics, hr_window, mode) for mode in args.modes for semantics in args.semantics
-                         for r in args.retentions)]
+                         for r in args.retentions if mode == "shared" or semantics == "after_prompt")]
         runs = []
         with tqdm(total=(len(configs) + args.warmup_pass) * len(workload), desc="bench", unit="req") as progress:
             if args.warmup_pass:

@@ -79,7 +79,8 @@ def summarise(run: RunResult, audio_tokens: dict[int, int]) -> dict:
         kept = audio if run.retention is None else (r.kept_tokens if r.kept_tokens is not None else audio)
         kv_tokens.append(r.prompt_tokens - audio + kept + r.output_tokens)
     return {
-        "label": run.label, "retention": run.retention, "semantics": run.semantics, "mode": run.mode, "requests": n,
+        "label": run.label, "retention": run.retention, "semantics": run.semantics, "mode": run.mode,
+        "policy": run.policy, "requests": n,
         "encoder_window": run.encoder_window, "prefix_caching": run.prefix_caching,
         "duration_s": run.duration,
         "request_throughput": n / run.duration,

@@ -99,6 +99,7 @@ class RunResult:
     probe_ms: list[float] = dataclasses.field(default_factory=list)
     semantics: str | None = None  # HeadRouter runs: the engine's semantics
     mode: str | None = None  # HeadRouter runs: shared or per_head
+    policy: str | None = None  # HeadRouter runs: the selection policy its requests ran (the engine's default if unset)
     compact_ms: list[float] = dataclasses.field(default_factory=list)
     profile: StepProfile = dataclasses.field(default_factory=StepProfile)
     encoder_window: bool = False  # Qwen2-Audio's encoder ran on the real audio only (Omni's always does)
@@ -117,6 +118,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     from vllm import LLM, SamplingParams
 
     from headrouter_vllm import inprocess
+    from headrouter_vllm.config import HeadRouterConfig
     from headrouter_vllm.models import adapter_for_model_dir
     from headrouter_vllm.options import route_args
 
@@ -223,6 +225,7 @@ def run_engine(model: str, workload: list[BenchRequest], retention: float | None
     run = RunResult(label, retention, [results[k] for k in sorted(results, key=lambda k: results[k].index)],
                     duration, max_running, preemptions[0], pool_blocks, block_manager.block_size,
                     semantics=None if retention is None else semantics, mode=None if retention is None else mode,
+                    policy=None if retention is None else HeadRouterConfig(policy=policy, mode=mode).default_policy,
                     profile=profile,
                     encoder_window=encoder_window is True or (retention is not None and encoder_window is None),
                     prefix_caching=prefix_caching)

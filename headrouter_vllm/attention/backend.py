@@ -3,7 +3,7 @@
 * Cache write: ``kernels/write_kv_cache`` (slot -1 = padding, skipped).
 * Attention: ``kernels/head_sparse_paged_attention`` for every decoder layer and every batch (decode, prefill,
   mixed). Shared-mode requests are compacted and shortened by the runner, so the kernel just sees shorter
-  sequences; the per-(sequence, KV head) skip arguments are in the metadata for head-sparse requests.
+  sequences; each per_head request's region layout (each KV head's kept count and first cell) is in the metadata.
 * Probe and compaction are called by the model runner (``headrouter_vllm.runner``) on this backend's caches.
 
 On a GPU this is what HeadRouter serves with. On CPU it is selected by ``headrouter.attention = "triton"`` (or
@@ -70,7 +70,7 @@ class HeadRouterAttentionMetadataBuilder(AttentionMetadataBuilder[HeadRouterAtte
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         num_kv_heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
-        self._no_skip = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self._no_region = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self._no_kept = torch.zeros(max_seqs, num_kv_heads, dtype=torch.int32, device=device)
         self.route_rows: RouteRows | None = None  # set by HeadRouter's model runner
 
@@ -82,7 +82,7 @@ class HeadRouterAttentionMetadataBuilder(AttentionMetadataBuilder[HeadRouterAtte
         if rows is not None:
             span_start, span_slots, kept, offsets = rows.span_start, rows.span_slots, rows.kept, rows.offsets
         else:
-            span_start, span_slots, kept, offsets = self._no_skip, self._no_skip, self._no_kept, self._no_kept
+            span_start, span_slots, kept, offsets = self._no_region, self._no_region, self._no_kept, self._no_kept
         return HeadRouterAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
             query_start_loc=m.query_start_loc[:num_seqs + 1], seq_lens=m.seq_lens[:num_seqs],

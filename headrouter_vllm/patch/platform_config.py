@@ -105,6 +105,10 @@ def configure_engine(vllm_config) -> HeadRouterConfig | None:
     from headrouter_vllm.metrics import metrics
 
     metrics()  # registered now, so /metrics shows them at 0 from startup
+    if config.mode == "per_head" and tp > 1:
+        logger.warning("HeadRouter per_head with tensor_parallel_size %d: each rank packs its own KV heads into the "
+                       "mean budget, so the per-head budgets are balanced within each rank's %d KV heads (the kept "
+                       "tokens differ from a single-rank engine's)", tp, total_kv_heads // tp)
     logger.info("HeadRouter configured: %s", config)
     return config
 

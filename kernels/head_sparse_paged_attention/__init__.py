@@ -1,4 +1,4 @@
-"""Head-sparse paged attention: causal paged attention where each KV head skips the pruned part of an audio span.
+"""Head-sparse paged attention: causal paged attention where each KV head reads its own kept part of an audio span.
 
 ``reference.head_sparse_paged_attention`` is plain torch (runs anywhere); ``triton.head_sparse_paged_attention``
 is the Triton kernel (GPU, or CPU under ``TRITON_INTERPRET=1``). Import the Triton module explicitly: importing it
