@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -206,61 +207,50 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _paired_table(rows: list[dict], versus: str, lead: tuple[list[str], Callable[[dict], list[str]]],
+                  trail: tuple[list[str], Callable[[dict], list[str]]] = ([], lambda r: [])) -> str:
+    """Markdown: one line per row holding ``{group}_vs_{versus}`` differences, each group's cell
+    ``d [lo, hi]`` marked below / above when the whole interval is; ``lead`` and ``trail``: (column names, the row's
+    cells) before and after the groups."""
+    groups = ["semantic", "acoustic", "mean", *(g for g in EXTRA_GROUPS if any(f"{g}_vs_{versus}" in r for r in rows))]
+    head = [*lead[0], *groups, *trail[0]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if f"mean_vs_{versus}" not in r:
+            continue
+        cells = lead[1](r)
+        for group in groups:
+            d, lo, hi = (r.get(f"{group}_vs_{versus}{k}", math.nan) for k in ("", "_lo", "_hi"))
+            mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
+            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
+        lines.append("| " + " | ".join([*cells, *trail[1](r)]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def versus_uniform(rows: list[dict]) -> str:
     """Markdown: each pruned method minus uniform on the same questions, per group, paired 95% intervals (bootstrap
     over clips); a cell is marked below / above when the whole interval is (no correction for the many cells)."""
-    groups = ["semantic", "acoustic", "mean", *(g for g in EXTRA_GROUPS if any(f"{g}_vs_uniform" in r for r in rows))]
-    head = ["model", "method", "minus", "r", *groups]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if "mean_vs_uniform" not in r:
-            continue
-        cells = [r["model"], r["method"], r.get("baseline", "uniform"), _r(r["retention"])]
-        for group in groups:
-            d, lo, hi = (r.get(f"{group}_vs_uniform{k}", math.nan) for k in ("", "_lo", "_hi"))
-            mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
-            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    return _paired_table(rows, "uniform", (["model", "method", "minus", "r"], lambda r: [
+        r["model"], r["method"], r.get("baseline", "uniform"), _r(r["retention"])]))
 
 
 def versus_after_prompt(rows: list[dict]) -> str:
     """Markdown: each ``in_prompt`` / ``prefill`` method minus the same method under ``after_prompt`` semantics, on the
     same questions, paired 95% intervals."""
-    groups = ["semantic", "acoustic", "mean"]
-    head = ["model", "method", "r", *groups]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if "mean_vs_after_prompt" not in r:
-            continue
-        cells = [r["model"], r["method"], _r(r["retention"])]
-        for group in groups:
-            d, lo, hi = (r.get(f"{group}_vs_after_prompt{k}", math.nan) for k in ("", "_lo", "_hi"))
-            mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
-            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    return _paired_table(rows, "after_prompt", (["model", "method", "r"], lambda r: [
+        r["model"], r["method"], _r(r["retention"])]))
 
 
 def versus_named(rows: list[dict]) -> str:
     """Markdown: each method routed from the input (``[auto]``, and ``[group]``: the group named) minus the same
     policy with the task named, on the same questions, paired 95% intervals, beside the share of questions its router
     put in their own group."""
-    groups = ["semantic", "acoustic", "mean", *(g for g in EXTRA_GROUPS if any(f"{g}_vs_named" in r for r in rows))]
-    head = ["model", "method", "r", *groups, "routed to its group"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if "mean_vs_named" not in r:
-            continue
-        cells = [r["model"], r["method"], _r(r["retention"])]
-        for group in groups:
-            d, lo, hi = (r.get(f"{group}_vs_named{k}", math.nan) for k in ("", "_lo", "_hi"))
-            mark = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
-            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}")
-        routed = r.get("routed_to_group")
-        cells.append("-" if routed is None else f"{routed:.1f}%")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    def routed(r: dict) -> list[str]:
+        share = r.get("routed_to_group")
+        return ["-" if share is None else f"{share:.1f}%"]
+
+    return _paired_table(rows, "named", (["model", "method", "r"], lambda r: [
+        r["model"], r["method"], _r(r["retention"])]), (["routed to its group"], routed))
 
 
 def auto_retention(rows: list[dict]) -> str:
