@@ -47,7 +47,7 @@ def generate(llm, prompt, waves, retention, **route):
     return dict(tokens=list(out.outputs[0].token_ids), prompt_ids=list(out.prompt_token_ids), record=record, log=log)
 
 
-def make_llm(model_dir, max_model_len, clips, poison=None, **kwargs):
+def make_llm(model_dir, max_model_len, clips, poison=None, headrouter=None, **kwargs):
     import os
 
     from vllm import LLM
@@ -58,7 +58,7 @@ def make_llm(model_dir, max_model_len, clips, poison=None, **kwargs):
         return LLM(model=model_dir, dtype="float32", max_model_len=max_model_len, block_size=BLOCK,
                    enforce_eager=True, seed=0, enable_prefix_caching=False,
                    limit_mm_per_prompt={"audio": clips, "image": 0, "video": 0},
-                   additional_config={"headrouter": {"retention": 1.0}}, **kwargs)
+                   additional_config={"headrouter": {"retention": 1.0, **(headrouter or {})}}, **kwargs)
     finally:
         os.environ.pop("HEADROUTER_POISON_FREED_KV", None)
 
@@ -156,3 +156,34 @@ def test_two_clips_unrouted_equal_hf(two_clip_runs):
     ref = reference(runs["model"], runs["prompt"], runs["waves"], 1.0, NEW_TOKENS)
     for probe_point in ("prompt", "first_token"):
         assert runs[probe_point, 1.0]["tokens"] == ref["tokens"] and runs[probe_point, 1.0]["log"] is None
+
+
+def test_two_clips_per_head_pack_each_clip_and_equal_hf(tiny_models, speech, tmp_path):
+    """per_head with two clips: each KV head keeps its own tokens of each clip (budgets per clip from the skewed
+    profile), the request holds the mean budget of both clips (the heads' kept audio and the text between the clips
+    packed into one region), and greedy decoding with each head reading its own packed cells (freed slots NaN) gives
+    the HF per-head reference's tokens."""
+    import gc
+    import math
+
+    from tests.test_engine_triton import skewed_profiles
+
+    model = tiny_models("qwen2-audio")
+    profiles = skewed_profiles(model)
+    path = tmp_path / "per-head.json"
+    profiles.save(path)
+    prompt = audio_prompt("Transcribe both clips. Please answer the question.", "qwen2-audio", clips=2)
+    waves = [speech["short"], speech["long"]]
+    llm = make_llm(model, 1024, 2, poison=math.nan,
+                   headrouter={"mode": "per_head", "attention": "torch", "profiles": str(path)})
+    try:
+        got = generate(llm, prompt, waves, 0.3)
+    finally:
+        del llm
+        gc.collect()
+    ref = reference(model, prompt, waves, 0.3, NEW_TOKENS, mode="per_head", profiles=profiles)
+    assert len(ref["spans"]) == 2 and got["log"].kept_per_head == ref["kept_per_head"]
+    assert len({len(k) for k in ref["kept_per_head"]}) > 1  # unequal budgets, packed
+    removed = sum(n for _, n in ref["spans"]) - sum(ref["keeps"])
+    assert got["record"].blocks_after == cdiv(ref["length"] - removed, BLOCK)
+    assert got["tokens"] == ref["tokens"]
