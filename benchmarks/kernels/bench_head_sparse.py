@@ -185,10 +185,14 @@ def run_config(kernel, vllm_attention, layout: str, batch: int, context: int, fr
         for fraction in fractions:
             budgets = head_budgets(fraction, span, num_kv_heads)
             kept = budgets.to(torch.int32).to(device).expand(batch, num_kv_heads).contiguous()
-            def call(kept=kept, splits=splits, tile=tile):
+            # the skip layout's offsets given explicitly: the kernel variant HeadRouter's backend runs
+            own_column = (torch.arange(num_kv_heads, **as_int) * span).expand(batch, num_kv_heads).contiguous()
+
+            def call(kept=kept, splits=splits, tile=tile, own_column=own_column):
                 return kernel.head_sparse_paged_attention(
                     query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, span_start, span_slots,
-                    kept, out=out, max_query_len=1, max_seq_len=context, num_kv_splits=splits, tile_slots=tile)
+                    kept, own_column, out=out, max_query_len=1, max_seq_len=context, num_kv_splits=splits,
+                    tile_slots=tile)
 
             timed = {impl: timer(call, smoke)}
             if (tile_slots, target_programs) == (None, None):
@@ -231,7 +235,7 @@ def run_prefill_config(kernel, layout: str, batch: int, length: int, dtype: torc
     query = torch.randn(batch * length, num_heads, head_size, dtype=dtype, device=device)
     out = torch.empty_like(query)
     no_span = torch.zeros(batch, **as_int)
-    kept = torch.zeros(batch, num_kv_heads, **as_int)
+    kept = torch.zeros(batch, num_kv_heads, **as_int)  # also the offsets: HeadRouter's backend always passes them
     scale = head_size ** -0.5
     flops = 4 * batch * num_heads * head_size * length * (length + 1) / 2  # QK^T and PV over the causal half
     k_dense, v_dense = gathered_kv(cache, block_table, length)
@@ -244,7 +248,7 @@ def run_prefill_config(kernel, layout: str, batch: int, length: int, dtype: torc
         tile_slots = None if tile is None else max(tile, block_size)
         micros = timer(lambda tile_slots=tile_slots: kernel.head_sparse_paged_attention(
             query, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, no_span, no_span, kept,
-            out=out, max_query_len=length, max_seq_len=length, tile_slots=tile_slots), smoke)
+            kept, out=out, max_query_len=length, max_seq_len=length, tile_slots=tile_slots), smoke)
         rows.append({**base, "impl": f"head_sparse_prefill_tile{tile_slots or 'default'}", "time_us": micros,
                      "tflop_s": flops / micros / 1e6, "speedup_vs_sdpa_causal": sdpa / micros})
     return rows
