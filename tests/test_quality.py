@@ -72,7 +72,8 @@ def test_summary_per_task_and_group():
 
 def test_paired_difference_against_uniform(tmp_path):
     def answer(clip, task, method, correct):
-        return Answer(clip, task, method, 0.3, "", correct, 100, 30, model="m")
+        served = "prefill" if method.endswith("/prefill") and clip != "c0" else "after_prompt"  # c0 fell back
+        return Answer(clip, task, method, 0.3, "", correct, 100, 30, model="m", served_semantics=served)
 
     answers = []
     for i in range(40):  # digits: coverage right on every question, uniform on half of them
@@ -194,7 +195,8 @@ def test_prefill_methods_and_their_after_prompt_twin():
         ("coverage[named]@prompt/prefill", ("prefill", "shared", "seen"))]
 
     def answer(clip, task, method, correct):
-        return Answer(clip, task, method, 0.3, "", correct, 100, 30, model="m")
+        served = "prefill" if method.endswith("/prefill") and clip != "c0" else "after_prompt"  # c0 fell back
+        return Answer(clip, task, method, 0.3, "", correct, 100, 30, model="m", served_semantics=served)
 
     answers = []
     for i in range(40):  # beeps: prefill wrong on a quarter of the clips
@@ -206,5 +208,10 @@ def test_prefill_methods_and_their_after_prompt_twin():
     prefill = rows["coverage[named]@prompt/prefill"]
     assert prefill["acoustic_vs_after_prompt"] < 0 and prefill["semantic_vs_after_prompt"] == 0.0
     assert "mean_vs_after_prompt" not in rows["coverage[named]@prompt"]
+    assert prefill["semantics_served"] == 97.5 and rows["coverage[named]@prompt"]["semantics_served"] == 100.0
     table = report.versus_after_prompt(list(rows.values()))
-    assert "| m | coverage[named]@prompt/prefill | 0.3 |" in table
+    assert "| m | coverage[named]@prompt/prefill | 0.3 |" in table and "| 97.5% |" in table
+    with pytest.raises(ValueError, match="prompt probe point only"):
+        methods([0.3], [], [], prefill_policies=["coverage:named@first_token"])
+    with pytest.raises(ValueError, match="prompt probe point only"):
+        methods([0.3], [], ["coverage:named@routed"])

@@ -99,10 +99,14 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
     served: dict[tuple[str, float], dict[str, collections.Counter]] = collections.defaultdict(
         lambda: collections.defaultdict(collections.Counter))
     routed: dict[tuple[str, float], list[bool]] = collections.defaultdict(list)
+    as_asked: dict[tuple[str, float], list[bool]] = collections.defaultdict(list)  # served the method's semantics
     for a in answers:
         key = (a.method, a.retention)
         if a.routed_group:
             routed[key].append(a.routed_group == TASK_GROUPS[a.task])
+        if a.served_semantics:
+            asked = next((s for s in ("in_prompt", "prefill") if f"/{s}" in a.method), "after_prompt")
+            as_asked[key].append(a.served_semantics == asked)
         cells[key][a.task][0] += a.correct
         cells[key][a.task][1] += 1
         if a.audio_tokens and a.kept_tokens is not None:
@@ -119,6 +123,9 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
                         f"{task}_n": per_task.get(task, (0, 0))[1]})
         hits = routed[(method, retention)]
         row["routed_to_group"] = round(100 * sum(hits) / len(hits), 1) if hits else None
+        served_as_asked = as_asked[(method, retention)]
+        if served_as_asked:  # the share of its answers served the semantics the method names
+            row["semantics_served"] = round(100 * sum(served_as_asked) / len(served_as_asked), 1)
         for group, tasks in groups.items():
             acc, lo, hi = group_mean(per_task, tasks)
             row.update({group: round(acc, 2), f"{group}_lo": round(lo, 2), f"{group}_hi": round(hi, 2)})
@@ -236,9 +243,14 @@ def versus_uniform(rows: list[dict]) -> str:
 
 def versus_after_prompt(rows: list[dict]) -> str:
     """Markdown: each ``in_prompt`` / ``prefill`` method minus the same method under ``after_prompt`` semantics, on the
-    same questions, paired 95% intervals."""
+    same questions, paired 95% intervals, beside the share of its answers the engine served that semantics (a request
+    whose rows do not fit one step falls back to after_prompt)."""
+    def served(r: dict) -> list[str]:
+        share = r.get("semantics_served")
+        return ["-" if share is None else f"{share:.1f}%"]
+
     return _paired_table(rows, "after_prompt", (["model", "method", "r"], lambda r: [
-        r["model"], r["method"], _r(r["retention"])]))
+        r["model"], r["method"], _r(r["retention"])]), (["served that semantics"], served))
 
 
 def versus_named(rows: list[dict]) -> str:
@@ -395,7 +407,8 @@ def rerender(out: Path) -> None:
                           int(r["audio_tokens"]) if r["audio_tokens"] else None,
                           int(r["kept_tokens"]) if r["kept_tokens"] else None, r["model"],
                           r.get("routed_group") or None,
-                          float(r["served_retention"]) if r.get("served_retention") else None)
+                          float(r["served_retention"]) if r.get("served_retention") else None,
+                          r.get("served_semantics") or None)
                    for r in csv.DictReader(f)]
     models = list(dict.fromkeys(a.model for a in answers))
     holdout = tuple(meta.get("holdout_tasks", ()))

@@ -68,6 +68,9 @@ def methods(retentions: list[float], policies: list[str], in_prompt_policies: li
         for semantics, mode, names, profiles in (at_auto if r == AUTO else groups):
             for name in names:
                 spec, _, probe_point = name.partition("@")
+                if semantics != "after_prompt" and probe_point not in ("", "prompt"):
+                    raise ValueError(f"{name!r}: {semantics} applies at the prompt probe point only (a request probed "
+                                     "elsewhere runs after_prompt)")
                 policy, _, task = spec.partition(":")
                 if task not in ("", *TASK_SPECS):
                     raise ValueError(f"{name!r}: the task after ':' is one of {', '.join(TASK_SPECS)}")
@@ -97,6 +100,7 @@ class Answer:
     model: str = ""
     routed_group: str | None = None  # the group the router weighted most (``None``: not routed, or no profiles)
     served_retention: float | None = None  # the retention the engine's usage report says it served
+    served_semantics: str | None = None  # the semantics the usage report says it ran (a request may fall back)
 
 
 def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], semantics: str, profiles: str | None,
@@ -149,7 +153,8 @@ def run_methods(model: str, clips: list[suite.Clip], chosen: list[Method], seman
                 answers.append(Answer(clip.id, task, method.label, method.retention, text, text == clip.answer(task),
                                       usage.get("audio_tokens"), usage.get("kept_audio_tokens"),
                                       routed_group=groups.get(out.request_id.split("-")[0]),
-                                      served_retention=usage.get("retention")))
+                                      served_retention=usage.get("retention"),
+                                      served_semantics=usage.get("semantics")))
             if progress is not None:
                 progress.update(len(clips[first:first + clips_per_call]))
     finally:

@@ -12,7 +12,7 @@ unchanged (the dropped rows' outputs are zeros and never sampled).
 Hooks: a forward pre-hook on each decoder layer above ``l_p`` and a forward hook on the decoder's final norm
 (module hooks run only eagerly: ``prefill`` needs ``enforce_eager``), plus a wrapper on the attention metadata
 builders' ``build`` that keeps the step's ``CommonAttentionMetadata`` to rebuild from. Works with vLLM's CPU
-attention (CPU_ATTN).
+attention (CPU_ATTN) and its TRITON_ATTN (tested interpreted on CPU; the GPU's stock backend that prefill accepts).
 """
 
 from __future__ import annotations
