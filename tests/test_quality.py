@@ -208,6 +208,10 @@ def test_prefill_methods_and_their_after_prompt_twin():
     prefill = rows["coverage[named]@prompt/prefill"]
     assert prefill["acoustic_vs_after_prompt"] < 0 and prefill["semantic_vs_after_prompt"] == 0.0
     assert "mean_vs_after_prompt" not in rows["coverage[named]@prompt"]
+    assert prefill["baseline"] == "uniform"  # no uniform/prefill ran
+    both = answers + [answer(f"c{i}", t, m, True) for i in range(40) for t in ("beeps", "digits")
+                      for m in ("uniform", "uniform/prefill")]
+    assert {r["method"]: r for r in report.summarise(both, "m")}[prefill["method"]]["baseline"] == "uniform/prefill"
     assert prefill["semantics_served"] == 97.5 and rows["coverage[named]@prompt"]["semantics_served"] == 100.0
     table = report.versus_after_prompt(list(rows.values()))
     assert "| m | coverage[named]@prompt/prefill | 0.3 |" in table and "| 97.5% |" in table

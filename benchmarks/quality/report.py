@@ -158,6 +158,9 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
                 base = "uniform[named]"
             if (base, retention) not in cells:
                 base = "uniform"
+            semantics = next((f"/{s}" for s in ("in_prompt", "prefill") if f"/{s}" in method), "")
+            if semantics and (base + semantics, retention) in cells:  # uniform under the same semantics, where it ran
+                base += semantics
             row["baseline"] = base
             for group, (d, lo, hi) in paired_difference(answers, method, retention, base, groups=groups).items():
                 row.update({f"{group}_vs_uniform": round(d, 2), f"{group}_vs_uniform_lo": round(lo, 2),
