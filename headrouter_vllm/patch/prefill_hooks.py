@@ -34,6 +34,10 @@ class Reduction:
 
 class PrefillShortener:
     def __init__(self, runner, decoder, probe_layer: int, upper_layer_names: set[str]):
+        groups = getattr(getattr(runner, "kv_cache_config", None), "kv_cache_groups", ())
+        if len(groups) > 1:  # a builder skipped in some step would leave an older step's metadata to rebuild from
+            raise RuntimeError(f"headrouter.semantics 'prefill' supports models with one KV cache group, this one has "
+                               f"{len(groups)} (e.g. sliding-window layers): use after_prompt")
         self.runner = runner
         self.probe_layer = probe_layer
         self.upper_layer_names = upper_layer_names  # attention layers above the probe layer
