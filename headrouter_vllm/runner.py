@@ -299,8 +299,7 @@ class HeadRouterRunnerMixin:
         self.hr_routes.pop(item.req_id, None)
         self.hr_removed[item.req_id] = plan.removed
         if plan.mode == "per_head":
-            first = plan.spans[0].start
-            self.hr_sparse[item.req_id] = (first, plan.probe_start - first - plan.removed, compaction.counts,
+            self.hr_sparse[item.req_id] = (plan.spans[0].start, compaction.region_slots, compaction.counts,
                                            compaction.offsets)
 
     # ---- introspection (tests, via collective_rpc or in-process) ------------------------------------

@@ -105,8 +105,7 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
         if a.routed_group:
             routed[key].append(a.routed_group == TASK_GROUPS[a.task])
         if a.served_semantics:
-            asked = next((s for s in ("in_prompt", "prefill") if f"/{s}" in a.method), "after_prompt")
-            as_asked[key].append(a.served_semantics == asked)
+            as_asked[key].append(a.served_semantics == (_label_semantics(a.method) or "after_prompt"))
         cells[key][a.task][0] += a.correct
         cells[key][a.task][1] += 1
         if a.audio_tokens and a.kept_tokens is not None:
@@ -158,9 +157,9 @@ def summarise(answers: list, model: str, holdout: tuple[str, ...] = (), reworded
                 base = "uniform[named]"
             if (base, retention) not in cells:
                 base = "uniform"
-            semantics = next((f"/{s}" for s in ("in_prompt", "prefill") if f"/{s}" in method), "")
-            if semantics and (base + semantics, retention) in cells:  # uniform under the same semantics, where it ran
-                base += semantics
+            semantics = _label_semantics(method)
+            if semantics and (f"{base}/{semantics}", retention) in cells:  # uniform under the same semantics
+                base += f"/{semantics}"
             row["baseline"] = base
             for group, (d, lo, hi) in paired_difference(answers, method, retention, base, groups=groups).items():
                 row.update({f"{group}_vs_uniform": round(d, 2), f"{group}_vs_uniform_lo": round(lo, 2),
@@ -183,13 +182,18 @@ def _named_twin(method: str, ran: set[str]) -> str | None:
     return named
 
 
+def _label_semantics(method: str) -> str | None:
+    """``in_prompt`` or ``prefill`` for a method label that names one (``Method.label``), else None."""
+    return next((s for s in ("in_prompt", "prefill") if f"/{s}" in method), None)
+
+
 def _after_prompt_twin(method: str, ran: set[str]) -> str | None:
     """An ``in_prompt`` or ``prefill`` method's twin under ``after_prompt`` semantics, where it ran; else None."""
-    for semantics in ("/in_prompt", "/prefill"):
-        if semantics in method:
-            twin = method.replace(semantics, "")
-            return twin if twin in ran else None
-    return None
+    semantics = _label_semantics(method)
+    if semantics is None:
+        return None
+    twin = method.replace(f"/{semantics}", "")
+    return twin if twin in ran else None
 
 
 def _number(retention: float | str) -> float:

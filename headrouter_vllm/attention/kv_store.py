@@ -25,7 +25,7 @@ import torch
 
 from headrouter_vllm.attention.cpu_kv import CpuAttnLayer
 from headrouter_vllm.attention.kernels import split_kv_cache
-from headrouter_vllm.kernels.head_sparse_paged_attention.reference import gather_slots
+from headrouter_vllm.kernels.head_sparse_paged_attention.reference import gather_slots, region_cells
 from headrouter_vllm.kernels.probe_scores import probe_scores
 from headrouter_vllm.plan import RoutePlan, compaction_moves
 from headrouter_vllm.route_state import ProbeItem, RouteState
@@ -57,9 +57,11 @@ class ProbeMass:
 class Compaction(abc.ABC):
     """One request's compaction, prepared once and applied to every layer's cache."""
 
-    # per KV head: the region's surviving slots and its first cell (per_head requests' attention layout)
+    # per KV head: the region's surviving slots and its first cell, and the region's slots after compaction (per_head
+    # requests' attention layout)
     counts: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
+    region_slots: int | None = None
 
     @abc.abstractmethod
     def apply(self, layer, kv_cache: torch.Tensor, table: torch.Tensor) -> None:
@@ -274,8 +276,7 @@ class _PagedCompaction(Compaction):
         unused = torch.ones(num_kv_heads * slots, dtype=torch.bool)  # region cells no head was given
         for offset, count in zip(self.offsets.tolist(), self.counts.tolist(), strict=True):
             unused[offset:offset + count] = False
-        cells = torch.nonzero(unused).flatten()
-        stale, columns = first + cells % max(slots, 1), cells // max(slots, 1)
+        stale, columns = region_cells(torch.nonzero(unused).flatten(), first, slots)
         for cache in (key_cache, value_cache):
             cache[table[vacated // block_size].to(device), (vacated % block_size).to(device)] = value
             cache[table[stale // block_size].to(device), (stale % block_size).to(device), columns.to(device)] = value

@@ -21,19 +21,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compaction_moves(span_start: int, span_len: int, total_len: int, kept_slots: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source slots, destination slots) of one (sequence, KV head) in the skip layout; ``kept_slots`` is its
-    ``[b_max]`` row."""
-    b_max = kept_slots.shape[-1]
-    if span_len < b_max:
-        raise ValueError(f"b_max ({b_max}) exceeds the span length ({span_len})")
-    kept = kept_slots[kept_slots >= 0].long().cpu()
-    suffix = torch.arange(span_start + span_len, total_len)
-    src = torch.cat([kept, suffix])
-    dst = torch.cat([span_start + torch.arange(kept.numel()), suffix - span_len + b_max])
-    return src, dst
+from ..head_sparse_paged_attention.reference import region_cells
 
 
 def head_moves(span_start: int, span_len: int, total_len: int, kept_slots: torch.Tensor, kv_head: int,
@@ -43,11 +31,11 @@ def head_moves(span_start: int, span_len: int, total_len: int, kept_slots: torch
     kept = kept_slots[kept_slots >= 0].long().cpu()
     if region_slots > span_len or region_slots < 0:
         raise ValueError(f"region_slots ({region_slots}) must be in [0, span_len {span_len}]")
-    cells = offset + torch.arange(kept.numel())
+    cell_slots, cell_columns = region_cells(offset + torch.arange(kept.numel()), span_start, region_slots)
     suffix = torch.arange(span_start + span_len, total_len)
     src = torch.cat([kept, suffix])
-    dst = torch.cat([span_start + cells % max(region_slots, 1), suffix - span_len + region_slots])
-    columns = torch.cat([cells // max(region_slots, 1), torch.full_like(suffix, kv_head)])
+    dst = torch.cat([cell_slots, suffix - span_len + region_slots])
+    columns = torch.cat([cell_columns, torch.full_like(suffix, kv_head)])
     return src, dst, columns
 
 

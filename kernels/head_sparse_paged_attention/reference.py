@@ -23,13 +23,11 @@ from __future__ import annotations
 import torch
 
 
-def visible_slots(seq_len: int, span_start: int, span_slots: int, kept: int) -> torch.Tensor:
-    """Key slots ``0..seq_len-1`` that one KV head attends to in the skip layout, ascending."""
-    slots = torch.arange(seq_len)
-    if span_slots <= 0:
-        return slots
-    skipped = (slots >= span_start + kept) & (slots < span_start + span_slots)
-    return slots[~skipped]
+def region_cells(cells: torch.Tensor, span_start: int, span_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, KV-head columns) of region cells: cell c is column ``c // span_slots`` of slot
+    ``span_start + c % span_slots``."""
+    per_column = max(span_slots, 1)
+    return span_start + cells % per_column, cells // per_column
 
 
 def head_cells(seq_len: int, span_start: int, span_slots: int, kv_head: int, kept: int,
@@ -43,9 +41,9 @@ def head_cells(seq_len: int, span_start: int, span_slots: int, kv_head: int, kep
         return slots, columns
     if offset is None:
         offset = kv_head * span_slots
-    cells = torch.arange(offset, offset + kept)
-    slots = torch.cat([slots[:span_start], span_start + cells % span_slots, slots[span_start + span_slots:]])
-    columns = torch.cat([columns[:span_start], cells // span_slots, columns[span_start + span_slots:]])
+    cell_slots, cell_columns = region_cells(torch.arange(offset, offset + kept), span_start, span_slots)
+    slots = torch.cat([slots[:span_start], cell_slots, slots[span_start + span_slots:]])
+    columns = torch.cat([columns[:span_start], cell_columns, columns[span_start + span_slots:]])
     inside = slots < seq_len
     return slots[inside], columns[inside]
 
